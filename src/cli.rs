@@ -1,0 +1,414 @@
+//! The command line: subcommands, logging set-up, exit codes. Each command
+//! is a thin call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EXAMPLE_CONFIG};
+use crate::model::DocType;
+use crate::reconcile::{Kind, RunError};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "skillsync",
+    version,
+    about = "Keeps a local SQLite mirror of Skills Workflow Jobs and Projects",
+    long_about = "skillsync receives Skills Workflow webhooks, records each event durably before answering, \
+fetches the document from the Skills Workflow API and upserts it into SQLite tables that reporting tools read. \
+Scheduled reconciliation catches every change whose webhook was lost.\n\n\
+Start with `skillsync demo` (no account needed), then `skillsync print-config > skillsync.toml`."
+)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "SKILLSYNC_CONFIG",
+        default_value = "/etc/skillsync/skillsync.toml"
+    )]
+    config: PathBuf,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SKILLSYNC_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TypeArg {
+    Job,
+    Project,
+}
+
+impl From<TypeArg> for DocType {
+    fn from(t: TypeArg) -> DocType {
+        match t {
+            TypeArg::Job => DocType::Job,
+            TypeArg::Project => DocType::Project,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: webhook listener, fetch workers, scheduled reconciliation. Stops cleanly on SIGTERM/SIGINT.
+    Serve,
+    /// Run the whole pipeline against a built-in simulator on loopback, print what was mirrored, exit.
+    Demo(crate::demo::DemoArgs),
+    /// Run the Skills Workflow simulator alone (for trying a setup, tests, benchmarks).
+    Simulate(crate::simulator::SimulateArgs),
+    /// Validate the config; exits non-zero with a message naming the key at fault.
+    CheckConfig,
+    /// Print a commented example config with every key (reads no config, prints no secret).
+    PrintConfig,
+    /// Report per tenant and type: mirrored, deleted, pending, retrying, dead, last reconciliation.
+    /// Exit 0 healthy, 1 degraded, 2 database unreadable.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Database file to read (default: database.path from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Run one reconciliation now, including the fetches it queues, then exit (safe while `serve` runs).
+    Reconcile {
+        /// Only this tenant (default: all).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this type (default: both).
+        #[arg(long, value_enum)]
+        r#type: Option<TypeArg>,
+        /// A full sweep: list every id and mark documents gone upstream as deleted.
+        #[arg(long)]
+        full: bool,
+        /// With --full: mark deletions even beyond max_delete_fraction.
+        #[arg(long, requires = "full")]
+        force: bool,
+    },
+    /// Put dead events back in the queue (a running `serve` picks them up within seconds).
+    Retry {
+        /// One event by id.
+        #[arg(long, conflicts_with = "dead")]
+        event: Option<i64>,
+        /// Every dead event.
+        #[arg(long)]
+        dead: bool,
+    },
+}
+
+/// Sets up tracing: readable text by default, JSON with `--log-format json`;
+/// level from `RUST_LOG` (default info, the cron scheduler's chatter at warn).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,tokio_cron_scheduler=warn,hyper=warn,reqwest=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("skillsync: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("skillsync: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+        token.cancel();
+    });
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format == LogFormat::Json);
+    crate::upstream::install_crypto();
+    match run(cli) {
+        Ok(code) => code,
+        Err(code) => code,
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
+    match cli.command {
+        Command::PrintConfig => {
+            print!("{EXAMPLE_CONFIG}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let c = load(&cli.config)?;
+            println!(
+                "{}: ok ({} tenant{}: {})",
+                cli.config.display(),
+                c.tenants.len(),
+                if c.tenants.len() == 1 { "" } else { "s" },
+                c.tenants
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            let config = load(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(config.server.listen)
+                    .await
+                    .map_err(|e| {
+                        eprintln!(
+                            "skillsync: config error at `server.listen`: cannot listen on {}: {e}",
+                            config.server.listen
+                        );
+                        ExitCode::from(2)
+                    })?;
+                let token = CancellationToken::new();
+                cancel_on_signals(token.clone());
+                crate::run(config, listener, token).await.map_err(|e| {
+                    eprintln!("skillsync: {e:#}");
+                    ExitCode::FAILURE
+                })?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Status { json, db } => {
+            let config = if db.is_some() {
+                Config::load(&cli.config).ok()
+            } else {
+                Some(load(&cli.config)?)
+            };
+            let path = match (db, &config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => c.database.path.clone(),
+                (None, None) => return Err(ExitCode::from(2)),
+            };
+            Ok(crate::status::print_status(&path, config.as_ref(), json))
+        }
+        Command::Retry { event, dead } => {
+            if event.is_none() && !dead {
+                eprintln!("skillsync: say which: --event ID or --dead");
+                return Err(ExitCode::from(2));
+            }
+            let config = load(&cli.config)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let store = crate::app::open_store(&config).await.map_err(|e| {
+                    eprintln!("skillsync: {e:#}");
+                    ExitCode::FAILURE
+                })?;
+                match store.retry_dead(event, chrono::Utc::now()).await {
+                    Ok(n) => {
+                        println!(
+                            "{n} event{} put back in the queue",
+                            if n == 1 { "" } else { "s" }
+                        );
+                        if n == 0 && event.is_some() {
+                            eprintln!(
+                                "skillsync: event {} is not dead (or does not exist)",
+                                event.unwrap_or_default()
+                            );
+                            return Err(ExitCode::FAILURE);
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        eprintln!("skillsync: {e}");
+                        Err(ExitCode::FAILURE)
+                    }
+                }
+            })
+        }
+        Command::Reconcile {
+            tenant,
+            r#type,
+            full,
+            force,
+        } => {
+            let config = load(&cli.config)?;
+            if let Some(t) = &tenant {
+                if config.tenant(t).is_none() {
+                    eprintln!(
+                        "skillsync: no tenant named `{t}` in {}",
+                        cli.config.display()
+                    );
+                    return Err(ExitCode::from(2));
+                }
+            }
+            let rt = runtime()?;
+            rt.block_on(async move {
+                let token = CancellationToken::new();
+                cancel_on_signals(token.clone());
+                let types: Vec<DocType> = match r#type {
+                    Some(t) => vec![t.into()],
+                    None => DocType::ALL.to_vec(),
+                };
+                let kind = if full { Kind::Full } else { Kind::Incremental };
+                match reconcile_now(Arc::new(config), tenant, types, kind, force, token).await {
+                    Ok(true) => Ok(ExitCode::SUCCESS),
+                    Ok(false) => Err(ExitCode::FAILURE),
+                    Err(e) => {
+                        eprintln!("skillsync: {e:#}");
+                        Err(ExitCode::FAILURE)
+                    }
+                }
+            })
+        }
+        Command::Demo(args) => {
+            let rt = runtime()?;
+            rt.block_on(crate::demo::run(args)).map_err(|e| {
+                eprintln!("skillsync demo: {e:#}");
+                ExitCode::FAILURE
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate(args) => {
+            let rt = runtime()?;
+            rt.block_on(crate::simulator::run_cli(args)).map_err(|e| {
+                eprintln!("skillsync simulate: {e:#}");
+                ExitCode::FAILURE
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// One reconciliation of the chosen tenants and types, then the fetches it
+/// queued (worked here, beside any running `serve`: claims go through the
+/// database). Returns whether every run succeeded.
+pub async fn reconcile_now(
+    config: Arc<Config>,
+    tenant: Option<String>,
+    types: Vec<DocType>,
+    kind: Kind,
+    force: bool,
+    token: CancellationToken,
+) -> anyhow::Result<bool> {
+    let store = crate::app::open_store(&config).await?;
+    let metrics = crate::metrics::Metrics::install();
+    let upstream = crate::upstream::Upstream::new(&config)?;
+    let fetcher =
+        crate::fetcher::Fetcher::new(store.clone(), upstream.clone(), config.clone(), metrics);
+    let wake: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>> = Arc::new(
+        config
+            .tenants
+            .iter()
+            .map(|t| (t.name.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect(),
+    );
+    let rec = crate::reconcile::Reconciler::new(
+        store.clone(),
+        upstream,
+        config.clone(),
+        wake.clone(),
+        fetcher.owner().to_string(),
+    );
+    let tenants: Vec<String> = match tenant {
+        Some(t) => vec![t],
+        None => config.tenants.iter().map(|t| t.name.clone()).collect(),
+    };
+    let mut all_ok = true;
+    for t in &tenants {
+        for ty in &types {
+            match rec.run(t, *ty, kind, force, &token).await {
+                Ok(s) => {
+                    println!(
+                        "{} {} {}: {} (listed {}, enqueued {}, missed {}, marked deleted {}){}",
+                        s.tenant,
+                        s.doc_type,
+                        s.kind,
+                        s.status,
+                        s.counts.listed,
+                        s.counts.enqueued,
+                        s.counts.missed,
+                        s.counts.marked_deleted,
+                        s.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                    all_ok &= s.status == "ok";
+                }
+                Err(e @ RunError::Busy(..)) => {
+                    println!("{t} {ty}: skipped: {e}");
+                    all_ok = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    // Work the queue of these tenants until nothing is due within a minute.
+    let mut handles = Vec::new();
+    for t in &tenants {
+        let notify = wake.get(t).cloned().unwrap_or_default();
+        handles.push(tokio::spawn(fetcher.clone().run_tenant(
+            t.clone(),
+            notify,
+            token.clone(),
+            Some(Duration::from_secs(60)),
+        )));
+    }
+    for h in handles {
+        let _ = h.await;
+    }
+    fetcher.release().await;
+    for t in &tenants {
+        let counts = store.event_counts(t.clone()).await?;
+        let status = store.status().await?;
+        let queued: i64 = status
+            .iter()
+            .filter(|r| &r.tenant == t)
+            .map(|r| r.queued_fetches)
+            .sum();
+        let dead: i64 = status
+            .iter()
+            .filter(|r| &r.tenant == t)
+            .map(|r| r.dead_documents)
+            .sum();
+        println!("{t}: fetches still queued {queued}, dead documents {dead}; events {counts:?}");
+    }
+    let _ = store.checkpoint().await;
+    Ok(all_ok)
+}

@@ -1,0 +1,840 @@
+//! Typed configuration: parsing the TOML file, validating every key at load,
+//! resolving secrets from inline values, files (systemd credentials) or the
+//! environment, and keeping them out of `Debug` output.
+//!
+//! Nothing else in the crate reads the config file or the environment for
+//! settings; every other module receives the validated [`Config`].
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use reqwest::Url;
+use serde::Deserialize;
+
+/// The commented example configuration, printed by `skillsync print-config`
+/// and checked by a test to load (with its placeholder secrets) cleanly.
+pub const EXAMPLE_CONFIG: &str = include_str!("../systemd/skillsync.example.toml");
+
+/// A config error that names the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config error at `{key}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `tenant[0].api_base`.
+    pub key: String,
+    /// What is wrong with it, never including a secret value.
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A secret value: redacted in `Debug` and `Display`, readable only through
+/// [`Secret::expose`], which names every place that sends it somewhere.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value read from config, a file or the environment.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    /// The secret itself, for the one place that must send or hash it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub fetch: FetchConfig,
+    pub upstream: UpstreamConfig,
+    pub retention: RetentionConfig,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Always starts with `/` and never ends with one.
+    pub webhook_path: String,
+    pub max_body_bytes: usize,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Networks whose `X-Forwarded-For` is believed, as (address, prefix length).
+    pub trusted_proxies: Vec<(IpAddr, u8)>,
+    /// Connections served at once; further ones wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (slow-loris guard).
+    pub header_read_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    /// How long a write waits for another writer before the webhook answers 503.
+    pub busy_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    pub concurrency: usize,
+    pub timeout_secs: u64,
+    pub max_attempts: u32,
+    pub retry_initial_secs: u64,
+    pub retry_max_secs: u64,
+    /// A 2xx body larger than this is an error, never a stored document.
+    pub max_document_bytes: usize,
+}
+
+/// Everything SPEC calls "a config default, not a constant": paths, query
+/// names, field names and the document type names the sender uses.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub job_path: String,
+    pub project_path: String,
+    pub listing_path: String,
+    pub jobs_query: String,
+    pub projects_query: String,
+    pub job_id_field: String,
+    pub project_id_field: String,
+    pub modified_field: String,
+    pub page_size: u32,
+    pub overlap_secs: u64,
+    pub job_types: Vec<String>,
+    pub project_types: Vec<String>,
+    pub number_fields: Vec<String>,
+    pub name_fields: Vec<String>,
+    pub modified_fields: Vec<String>,
+    pub version_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// `done` and `ignored` events older than this are pruned; 0 keeps them.
+    pub events_days: u32,
+    /// `document_history` rows older than this are pruned (never a
+    /// document's latest revision); 0 keeps them.
+    pub history_days: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub name: String,
+    pub webhook_secrets: Vec<Secret>,
+    pub api_base: Url,
+    pub extraction_base: Url,
+    pub app_tenant: String,
+    pub app_id: String,
+    pub app_secret: Secret,
+    pub app_user: Option<String>,
+    /// `None` when the schedule is `"off"`.
+    pub reconcile_schedule: Option<String>,
+    pub full_sweep_schedule: Option<String>,
+    pub max_delete_fraction: f64,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "--config",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        Config::from_toml(&text, path.parent())
+    }
+
+    /// Parses and validates TOML text; relative secret files resolve against
+    /// `$CREDENTIALS_DIRECTORY` when set, else against `base_dir`.
+    pub fn from_toml(text: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let key = unknown_field_name(&msg).unwrap_or_else(|| "(file)".to_string());
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            err(key, format!("{msg}{at}"))
+        })?;
+        raw.validate(base_dir)
+    }
+
+    /// The tenant with this name.
+    pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split('`').next().map(str::to_string)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    fetch: RawFetch,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    retention: RawRetention,
+    #[serde(default, rename = "tenant")]
+    tenants: Vec<RawTenant>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    webhook_path: Option<String>,
+    max_body_bytes: Option<i64>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    trusted_proxies: Option<Vec<String>>,
+    max_connections: Option<i64>,
+    header_read_timeout_secs: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    path: Option<PathBuf>,
+    busy_timeout_ms: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFetch {
+    concurrency: Option<i64>,
+    timeout_secs: Option<i64>,
+    max_attempts: Option<i64>,
+    retry_initial_secs: Option<i64>,
+    retry_max_secs: Option<i64>,
+    max_document_bytes: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    job_path: Option<String>,
+    project_path: Option<String>,
+    listing_path: Option<String>,
+    jobs_query: Option<String>,
+    projects_query: Option<String>,
+    job_id_field: Option<String>,
+    project_id_field: Option<String>,
+    modified_field: Option<String>,
+    page_size: Option<i64>,
+    overlap_secs: Option<i64>,
+    job_types: Option<Vec<String>>,
+    project_types: Option<Vec<String>>,
+    number_fields: Option<Vec<String>>,
+    name_fields: Option<Vec<String>>,
+    modified_fields: Option<Vec<String>>,
+    version_fields: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    events_days: Option<i64>,
+    history_days: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: Option<String>,
+    webhook_secrets: Option<Vec<String>>,
+    webhook_secret_file: Option<PathBuf>,
+    webhook_secret_env: Option<String>,
+    api_base: Option<String>,
+    extraction_base: Option<String>,
+    app_tenant: Option<String>,
+    app_id: Option<String>,
+    app_user: Option<String>,
+    app_secret: Option<String>,
+    app_secret_file: Option<PathBuf>,
+    app_secret_env: Option<String>,
+    reconcile_schedule: Option<String>,
+    full_sweep_schedule: Option<String>,
+    max_delete_fraction: Option<f64>,
+}
+
+fn int_in(key: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
+    let v = v.unwrap_or(default);
+    if v < min || v > max {
+        return Err(err(
+            key,
+            format!("must be between {min} and {max}, got {v}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn non_empty_list(
+    key: &str,
+    v: Option<Vec<String>>,
+    default: &[&str],
+) -> Result<Vec<String>, ConfigError> {
+    let v = v.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+    if v.is_empty() || v.iter().any(|s| s.trim().is_empty()) {
+        return Err(err(key, "must be a non-empty list of non-empty names"));
+    }
+    Ok(v)
+}
+
+fn path_template(
+    key: &str,
+    v: Option<String>,
+    default: &str,
+    placeholder: &str,
+) -> Result<String, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_string());
+    if !v.starts_with('/') || !v.contains(placeholder) {
+        return Err(err(
+            key,
+            format!("must start with `/` and contain `{placeholder}`"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Validates a six-field cron string (seconds first, UTC) the same way the
+/// scheduler will parse it, or the word `off`.
+pub fn parse_schedule(
+    key: &str,
+    v: Option<String>,
+    default: &str,
+) -> Result<Option<String>, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_string());
+    if v.trim() == "off" {
+        return Ok(None);
+    }
+    cron_parser()
+        .parse(&v)
+        .map_err(|e| err(key, format!("not a valid cron schedule with seconds (\"sec min hour dom mon dow\") or \"off\": {e}")))?;
+    if v.split_whitespace().count() != 6 {
+        return Err(err(
+            key,
+            "a schedule has six fields, seconds first, e.g. \"0 */15 * * * *\"",
+        ));
+    }
+    Ok(Some(v))
+}
+
+/// The cron dialect tokio-cron-scheduler uses: seconds required, day-of-month
+/// and day-of-week combined with AND.
+pub fn cron_parser() -> croner::parser::CronParser {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+}
+
+fn parse_cidr(key: &str, s: &str) -> Result<(IpAddr, u8), ConfigError> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip
+        .trim()
+        .parse()
+        .map_err(|_| err(key, format!("`{s}` is not an IP address or CIDR network")))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| err(key, format!("`{s}` has a bad prefix length")))?,
+        None => max,
+    };
+    Ok((ip, len))
+}
+
+/// Reads secret lines from a file: whitespace trimmed, blank and `#` lines ignored.
+fn secrets_from_file(
+    key: &str,
+    path: &Path,
+    base_dir: Option<&Path>,
+) -> Result<Vec<Secret>, ConfigError> {
+    let resolved = resolve_secret_path(path, base_dir);
+    let text = std::fs::read_to_string(&resolved)
+        .map_err(|e| err(key, format!("cannot read {}: {e}", resolved.display())))?;
+    let secrets: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(Secret::new)
+        .collect();
+    if secrets.is_empty() {
+        return Err(err(key, format!("{} holds no secret", resolved.display())));
+    }
+    Ok(secrets)
+}
+
+fn resolve_secret_path(path: &Path, base_dir: Option<&Path>) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        return PathBuf::from(dir).join(path);
+    }
+    match base_dir {
+        Some(b) => b.join(path),
+        None => path.to_path_buf(),
+    }
+}
+
+fn secret_from_env(key: &str, var: &str) -> Result<Secret, ConfigError> {
+    let v = std::env::var(var)
+        .map_err(|_| err(key, format!("environment variable `{var}` is not set")))?;
+    let v = v.trim();
+    if v.is_empty() {
+        return Err(err(key, format!("environment variable `{var}` is empty")));
+    }
+    Ok(Secret::new(v))
+}
+
+fn base_url(key: &str, v: Option<String>) -> Result<Url, ConfigError> {
+    let v = v.ok_or_else(|| err(key, "is required"))?;
+    let url = Url::parse(&v).map_err(|e| err(key, format!("not a valid URL: {e}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(err(key, "must be an http:// or https:// URL"));
+    }
+    if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
+        return Err(err(key, "must name a host and carry no user or password"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(err(key, "must not have a query or fragment"));
+    }
+    Ok(url)
+}
+
+fn required_text(key: &str, v: Option<String>) -> Result<String, ConfigError> {
+    match v {
+        Some(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => Err(err(key, "is required")),
+    }
+}
+
+impl RawConfig {
+    fn validate(self, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            err(
+                "server.listen",
+                format!("`{listen_text}` is not an address:port"),
+            )
+        })?;
+        let webhook_path = s.webhook_path.unwrap_or_else(|| "/skillsevent".to_string());
+        let webhook_path = webhook_path.trim_end_matches('/').to_string();
+        if !webhook_path.starts_with('/')
+            || webhook_path.len() < 2
+            || webhook_path.contains("//")
+            || !webhook_path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/-_.~".contains(c))
+            || webhook_path == "/healthz"
+            || webhook_path == "/metrics"
+        {
+            return Err(err(
+                "server.webhook_path",
+                "must be a path like \"/skillsevent\" (letters, digits, -_.~/), not /healthz or /metrics",
+            ));
+        }
+        if s.tls_cert_file.is_some() != s.tls_key_file.is_some() {
+            let key = if s.tls_cert_file.is_some() {
+                "server.tls_key_file"
+            } else {
+                "server.tls_cert_file"
+            };
+            return Err(err(key, "tls_cert_file and tls_key_file go together"));
+        }
+        if s.tls_cert_file.is_some() {
+            return Err(err(
+                "server.tls_cert_file",
+                "built-in TLS is not available in this version; terminate TLS in a reverse proxy (see README)",
+            ));
+        }
+        let trusted_proxies = s
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|p| parse_cidr("server.trusted_proxies", p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let server = ServerConfig {
+            listen,
+            webhook_path,
+            max_body_bytes: int_in(
+                "server.max_body_bytes",
+                s.max_body_bytes,
+                65536,
+                256,
+                16 << 20,
+            )? as usize,
+            tls_cert_file: s.tls_cert_file,
+            tls_key_file: s.tls_key_file,
+            trusted_proxies,
+            max_connections: int_in(
+                "server.max_connections",
+                s.max_connections,
+                1024,
+                1,
+                100_000,
+            )? as usize,
+            header_read_timeout_secs: int_in(
+                "server.header_read_timeout_secs",
+                s.header_read_timeout_secs,
+                10,
+                1,
+                300,
+            )? as u64,
+        };
+
+        let database = DatabaseConfig {
+            path: self
+                .database
+                .path
+                .unwrap_or_else(|| PathBuf::from("/var/lib/skillsync/skillsync.db")),
+            busy_timeout_ms: int_in(
+                "database.busy_timeout_ms",
+                self.database.busy_timeout_ms,
+                5000,
+                0,
+                600_000,
+            )? as u64,
+        };
+        if database.path.as_os_str().is_empty() {
+            return Err(err("database.path", "must not be empty"));
+        }
+
+        let f = self.fetch;
+        let fetch = FetchConfig {
+            concurrency: int_in("fetch.concurrency", f.concurrency, 8, 1, 256)? as usize,
+            timeout_secs: int_in("fetch.timeout_secs", f.timeout_secs, 35, 1, 600)? as u64,
+            max_attempts: int_in("fetch.max_attempts", f.max_attempts, 10, 1, 1000)? as u32,
+            retry_initial_secs: int_in(
+                "fetch.retry_initial_secs",
+                f.retry_initial_secs,
+                2,
+                0,
+                86_400,
+            )? as u64,
+            retry_max_secs: int_in("fetch.retry_max_secs", f.retry_max_secs, 3600, 1, 86_400)?
+                as u64,
+            max_document_bytes: int_in(
+                "fetch.max_document_bytes",
+                f.max_document_bytes,
+                4 << 20,
+                1024,
+                256 << 20,
+            )? as usize,
+        };
+        if fetch.retry_initial_secs > fetch.retry_max_secs {
+            return Err(err(
+                "fetch.retry_initial_secs",
+                "must not exceed fetch.retry_max_secs",
+            ));
+        }
+
+        let u = self.upstream;
+        let upstream = UpstreamConfig {
+            job_path: path_template("upstream.job_path", u.job_path, "/api/jobs/{id}", "{id}")?,
+            project_path: path_template(
+                "upstream.project_path",
+                u.project_path,
+                "/api/projects/{id}",
+                "{id}",
+            )?,
+            listing_path: path_template(
+                "upstream.listing_path",
+                u.listing_path,
+                "/api/v3/analytics/named-query/{query}/dynamic-execute",
+                "{query}",
+            )?,
+            jobs_query: required_text(
+                "upstream.jobs_query",
+                Some(u.jobs_query.unwrap_or_else(|| "DE-Jobs".into())),
+            )?,
+            projects_query: required_text(
+                "upstream.projects_query",
+                Some(u.projects_query.unwrap_or_else(|| "DE-Projects".into())),
+            )?,
+            job_id_field: required_text(
+                "upstream.job_id_field",
+                Some(u.job_id_field.unwrap_or_else(|| "JobId".into())),
+            )?,
+            project_id_field: required_text(
+                "upstream.project_id_field",
+                Some(u.project_id_field.unwrap_or_else(|| "ProjectId".into())),
+            )?,
+            modified_field: required_text(
+                "upstream.modified_field",
+                Some(u.modified_field.unwrap_or_else(|| "ModifiedOn".into())),
+            )?,
+            page_size: int_in("upstream.page_size", u.page_size, 500, 1, 10_000)? as u32,
+            overlap_secs: int_in("upstream.overlap_secs", u.overlap_secs, 300, 0, 86_400)? as u64,
+            job_types: non_empty_list(
+                "upstream.job_types",
+                u.job_types,
+                &["SkillsWorkflow.Job", "Job"],
+            )?,
+            project_types: non_empty_list(
+                "upstream.project_types",
+                u.project_types,
+                &["SkillsWorkflow.Project", "Project"],
+            )?,
+            number_fields: non_empty_list(
+                "upstream.number_fields",
+                u.number_fields,
+                &["Number", "JobNumber", "ProjectNumber"],
+            )?,
+            name_fields: non_empty_list(
+                "upstream.name_fields",
+                u.name_fields,
+                &["Name", "Subject", "Job", "Project"],
+            )?,
+            modified_fields: non_empty_list(
+                "upstream.modified_fields",
+                u.modified_fields,
+                &["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"],
+            )?,
+            version_fields: non_empty_list(
+                "upstream.version_fields",
+                u.version_fields,
+                &["Version"],
+            )?,
+        };
+
+        let retention = RetentionConfig {
+            events_days: int_in(
+                "retention.events_days",
+                self.retention.events_days,
+                30,
+                0,
+                36_500,
+            )? as u32,
+            history_days: int_in(
+                "retention.history_days",
+                self.retention.history_days,
+                0,
+                0,
+                36_500,
+            )? as u32,
+        };
+
+        if self.tenants.is_empty() {
+            return Err(err("tenant", "at least one [[tenant]] is required"));
+        }
+        let mut tenants = Vec::new();
+        let mut names = HashSet::new();
+        let mut all_secrets: Vec<(String, Secret)> = Vec::new();
+        for (i, t) in self.tenants.into_iter().enumerate() {
+            let k = |f: &str| format!("tenant[{i}].{f}");
+            let name = required_text(&k("name"), t.name)?;
+            if name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err(err(
+                    k("name"),
+                    format!("`{name}` must be 1-64 characters of [a-z0-9_-]"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err(k("name"), format!("tenant `{name}` is defined twice")));
+            }
+            let sources = [
+                t.webhook_secrets.is_some(),
+                t.webhook_secret_file.is_some(),
+                t.webhook_secret_env.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if sources != 1 {
+                return Err(err(
+                    k("webhook_secrets"),
+                    "give exactly one of webhook_secrets, webhook_secret_file, webhook_secret_env",
+                ));
+            }
+            let webhook_secrets = if let Some(list) = t.webhook_secrets {
+                let list: Vec<Secret> = list.iter().map(|s| Secret::new(s.trim())).collect();
+                if list.is_empty() || list.iter().any(|s| s.expose().is_empty()) {
+                    return Err(err(
+                        k("webhook_secrets"),
+                        "must hold at least one non-empty secret",
+                    ));
+                }
+                list
+            } else if let Some(path) = &t.webhook_secret_file {
+                secrets_from_file(&k("webhook_secret_file"), path, base_dir)?
+            } else if let Some(var) = &t.webhook_secret_env {
+                vec![secret_from_env(&k("webhook_secret_env"), var)?]
+            } else {
+                Vec::new()
+            };
+            for s in &webhook_secrets {
+                if s.expose().len() < 8 {
+                    return Err(err(
+                        k("webhook_secrets"),
+                        "a webhook secret must be at least 8 characters",
+                    ));
+                }
+                if let Some((other, _)) = all_secrets.iter().find(|(_, o)| o == s) {
+                    return Err(err(
+                        k("webhook_secrets"),
+                        format!(
+                            "the same webhook secret is configured for tenant `{other}`; each tenant needs its own"
+                        ),
+                    ));
+                }
+            }
+            for s in &webhook_secrets {
+                all_secrets.push((name.clone(), s.clone()));
+            }
+            let app_sources = [
+                t.app_secret.is_some(),
+                t.app_secret_file.is_some(),
+                t.app_secret_env.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if app_sources != 1 {
+                return Err(err(
+                    k("app_secret"),
+                    "give exactly one of app_secret, app_secret_file, app_secret_env",
+                ));
+            }
+            let app_secret = if let Some(v) = t.app_secret {
+                if v.trim().is_empty() {
+                    return Err(err(k("app_secret"), "must not be empty"));
+                }
+                Secret::new(v.trim())
+            } else if let Some(path) = &t.app_secret_file {
+                let mut list = secrets_from_file(&k("app_secret_file"), path, base_dir)?;
+                if list.len() != 1 {
+                    return Err(err(k("app_secret_file"), "must hold exactly one secret"));
+                }
+                list.remove(0)
+            } else if let Some(var) = &t.app_secret_env {
+                secret_from_env(&k("app_secret_env"), var)?
+            } else {
+                return Err(err(k("app_secret"), "is required"));
+            };
+            let max_delete_fraction = t.max_delete_fraction.unwrap_or(0.1);
+            if !(0.0..=1.0).contains(&max_delete_fraction) || max_delete_fraction.is_nan() {
+                return Err(err(k("max_delete_fraction"), "must be between 0.0 and 1.0"));
+            }
+            tenants.push(TenantConfig {
+                webhook_secrets,
+                api_base: base_url(&k("api_base"), t.api_base)?,
+                extraction_base: base_url(&k("extraction_base"), t.extraction_base)?,
+                app_tenant: required_text(&k("app_tenant"), t.app_tenant)?,
+                app_id: required_text(&k("app_id"), t.app_id)?,
+                app_secret,
+                app_user: t.app_user.filter(|u| !u.trim().is_empty()),
+                reconcile_schedule: parse_schedule(
+                    &k("reconcile_schedule"),
+                    t.reconcile_schedule,
+                    "0 */15 * * * *",
+                )?,
+                full_sweep_schedule: parse_schedule(
+                    &k("full_sweep_schedule"),
+                    t.full_sweep_schedule,
+                    "0 30 2 * * *",
+                )?,
+                max_delete_fraction,
+                name,
+            });
+        }
+        Ok(Config {
+            server,
+            database,
+            fetch,
+            upstream,
+            retention,
+            tenants,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(extra: &str) -> String {
+        format!(
+            "[database]\npath = \"/tmp/x.db\"\n[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"s3cret-acme-1\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://apiv2-acme.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"app-s3cret\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn minimal_config_gets_spec_defaults() {
+        let c = Config::from_toml(&tenant(""), None).unwrap();
+        assert_eq!(c.server.webhook_path, "/skillsevent");
+        assert_eq!(c.server.max_body_bytes, 65536);
+        assert_eq!(c.fetch.concurrency, 8);
+        assert_eq!(c.fetch.max_attempts, 10);
+        assert_eq!(
+            c.tenants[0].reconcile_schedule.as_deref(),
+            Some("0 */15 * * * *")
+        );
+        assert_eq!(
+            c.tenants[0].full_sweep_schedule.as_deref(),
+            Some("0 30 2 * * *")
+        );
+        assert!((c.tenants[0].max_delete_fraction - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config::from_toml(&tenant(""), None).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret-acme-1"));
+        assert!(!dbg.contains("app-s3cret"));
+        assert!(dbg.contains("[redacted]"));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let c = Config::from_toml(EXAMPLE_CONFIG, None).unwrap();
+        assert!(!c.tenants.is_empty());
+    }
+
+    #[test]
+    fn schedule_off_disables() {
+        let c = Config::from_toml(&tenant("reconcile_schedule = \"off\""), None).unwrap();
+        assert!(c.tenants[0].reconcile_schedule.is_none());
+    }
+}

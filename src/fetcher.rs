@@ -1,0 +1,350 @@
+//! Fetch workers: for each tenant, lease due documents from the queue (never
+//! more than `fetch.concurrency` in flight, never one document twice), GET
+//! them upstream, and settle the outcome in one write: store the document,
+//! mark it gone, back off, or declare it dead.
+//!
+//! Webhook events and reconciliation share this path, so one tenant has one
+//! rate budget. A 429 pauses the whole tenant until its `Retry-After`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, FetchConfig, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::model::{Claim, ErrorClass, normalize_ts, parse_upstream_ts};
+use crate::store::Store;
+use crate::store::mirror::{FetchedDoc, StoreOutcome};
+use crate::store::queue::{Failure, FailureResult};
+use crate::upstream::{Fetched, Upstream, get_ci};
+
+/// How long fetches in flight may take to finish after a stop signal before
+/// they are abandoned (their leases are released, so nothing is lost).
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+/// The longest a `Retry-After` is honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Pulls the mirror's columns out of a fetched document.
+pub fn extract(doc: &Map<String, Value>, u: &UpstreamConfig) -> FetchedDoc {
+    let text = |fields: &[String]| {
+        fields.iter().find_map(|f| match get_ci(doc, f) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let version = u.version_fields.iter().find_map(|f| match get_ci(doc, f) {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    });
+    FetchedDoc {
+        // serde_json's map is ordered by key, so equal content is equal text.
+        document: Value::Object(doc.clone()).to_string(),
+        number: text(&u.number_fields),
+        name: text(&u.name_fields),
+        modified_on: text(&u.modified_fields).map(|s| normalize_ts(&s)),
+        version,
+    }
+}
+
+/// The delay before attempt `attempts + 1`: exponential from
+/// `retry_initial_secs`, capped at `retry_max_secs`, with "equal jitter"
+/// (half fixed, half random) so a burst of failures does not retry in step.
+pub fn backoff(f: &FetchConfig, attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(30);
+    let base = (f.retry_initial_secs.max(1) as f64) * 2f64.powi(exp as i32);
+    let capped = base.min(f.retry_max_secs as f64);
+    Duration::from_secs_f64(capped * (0.5 + 0.5 * fastrand::f64()))
+}
+
+/// Runs fetches for every tenant of one process; shared by `serve`, `reconcile` and the demo.
+pub struct Fetcher {
+    store: Store,
+    upstream: Upstream,
+    config: Arc<Config>,
+    metrics: Metrics,
+    /// This process's lease owner name: leases it holds are released at stop.
+    owner: String,
+    /// Per tenant: no new fetch before this instant (set by a 429).
+    paused_until: Mutex<HashMap<String, Instant>>,
+}
+
+impl Fetcher {
+    pub fn new(
+        store: Store,
+        upstream: Upstream,
+        config: Arc<Config>,
+        metrics: Metrics,
+    ) -> Arc<Fetcher> {
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        Arc::new(Fetcher {
+            store,
+            upstream,
+            config,
+            metrics,
+            owner,
+            paused_until: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn pause(&self, tenant: &str, until: Instant) {
+        if let Ok(mut m) = self.paused_until.lock() {
+            let e = m.entry(tenant.to_string()).or_insert(until);
+            if *e < until {
+                *e = until;
+            }
+        }
+    }
+
+    fn paused(&self, tenant: &str) -> Option<Duration> {
+        let m = self.paused_until.lock().ok()?;
+        let until = *m.get(tenant)?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Works the tenant's queue until `shutdown`; with `until_idle`, returns
+    /// as soon as nothing is in flight and nothing is due within `idle_horizon`.
+    pub async fn run_tenant(
+        self: Arc<Self>,
+        tenant: String,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+        until_idle: Option<Duration>,
+    ) {
+        let concurrency = self.config.fetch.concurrency;
+        let lease = Duration::from_secs(self.config.fetch.timeout_secs + 30);
+        let mut inflight: JoinSet<()> = JoinSet::new();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let mut claimed_any = false;
+            if self.paused(&tenant).is_none() && inflight.len() < concurrency {
+                let now = Utc::now();
+                let lease_until = now
+                    + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(65));
+                match self
+                    .store
+                    .claim(
+                        tenant.clone(),
+                        self.owner.clone(),
+                        concurrency - inflight.len(),
+                        now,
+                        lease_until,
+                    )
+                    .await
+                {
+                    Ok(claims) => {
+                        claimed_any = !claims.is_empty();
+                        for claim in claims {
+                            let me = self.clone();
+                            inflight.spawn(async move { me.fetch_one(claim).await });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %tenant, error = %e, "cannot claim queued documents")
+                    }
+                }
+            }
+            if claimed_any && inflight.len() < concurrency {
+                continue; // more may be due right now
+            }
+            let wait = self.idle_wait(&tenant).await;
+            if let Some(horizon) = until_idle {
+                if inflight.is_empty()
+                    && wait.is_none_or(|w| w > horizon)
+                    && self.paused(&tenant).is_none()
+                {
+                    break;
+                }
+            }
+            let wait = wait
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let wait = self
+                .paused(&tenant)
+                .map_or(wait, |p| p.min(Duration::from_secs(5)));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = wake.notified() => {}
+                Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Stop: let fetches in flight settle, within a deadline.
+        let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+            while inflight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(tenant = %tenant, left = inflight.len(), "fetches still in flight at the drain deadline; they will resume on next start");
+            inflight.abort_all();
+            while inflight.join_next().await.is_some() {}
+        }
+    }
+
+    /// How long until the next queued document of the tenant is due
+    /// (`None`: nothing queued).
+    async fn idle_wait(&self, tenant: &str) -> Option<Duration> {
+        match self.store.next_due(tenant.to_string()).await {
+            Ok(Some(t)) => {
+                let due = parse_upstream_ts(&t)?;
+                Some((due - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            }
+            Ok(None) => None,
+            Err(_) => Some(Duration::from_secs(1)),
+        }
+    }
+
+    /// Releases this process's leases (at stop) so another can take them at once.
+    pub async fn release(&self) {
+        match self.store.release_leases(self.owner.clone()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "released leases of unfinished fetches"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release leases; they expire on their own")
+            }
+        }
+    }
+
+    async fn fetch_one(&self, claim: Claim) {
+        let Some(tenant) = self.config.tenant(&claim.tenant) else {
+            return;
+        };
+        let started = Instant::now();
+        let result = self
+            .upstream
+            .get_document(&self.config, tenant, claim.doc_type, &claim.doc_id)
+            .await;
+        let elapsed = started.elapsed();
+        let now = Utc::now();
+        let t = claim.tenant.clone();
+        let ty = claim.doc_type.as_str();
+        match result {
+            Fetched::Document(doc) => {
+                self.metrics.fetch(&t, ty, "ok", elapsed);
+                let doc = extract(&doc, &self.config.upstream);
+                match self
+                    .store
+                    .finish_stored(claim.clone(), self.owner.clone(), doc, now)
+                    .await
+                {
+                    Ok(outcome) => {
+                        let label = match outcome {
+                            StoreOutcome::Inserted => "inserted",
+                            StoreOutcome::Changed { .. } => "changed",
+                            StoreOutcome::Unchanged => "unchanged",
+                            StoreOutcome::Stale => "stale",
+                        };
+                        self.metrics.stored(&t, ty, label);
+                        tracing::debug!(tenant = %t, doc_type = ty, id = %claim.doc_id, outcome = label, "document stored");
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, error = %e, "fetched document not stored; it will be fetched again")
+                    }
+                }
+            }
+            Fetched::Gone(code) => {
+                self.metrics.fetch(&t, ty, "gone", elapsed);
+                match self
+                    .store
+                    .finish_gone(claim.clone(), self.owner.clone(), now)
+                    .await
+                {
+                    Ok(marked) => {
+                        tracing::info!(tenant = %t, doc_type = ty, id = %claim.doc_id, status = code, marked, "document gone upstream")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, error = %e, "deletion not recorded; it will be fetched again")
+                    }
+                }
+            }
+            Fetched::Failed(err) => {
+                self.metrics.fetch(&t, ty, err.class.as_str(), elapsed);
+                let rate_limited = err.class == ErrorClass::RateLimited;
+                let delay = match err.retry_after {
+                    Some(d) => d.min(MAX_RETRY_AFTER),
+                    None if rate_limited => backoff(&self.config.fetch, claim.attempts + 1),
+                    None => backoff(&self.config.fetch, claim.attempts + 1),
+                };
+                if rate_limited {
+                    self.pause(&t, Instant::now() + delay);
+                }
+                let retry_at: DateTime<Utc> =
+                    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+                let failure = Failure {
+                    class: err.class,
+                    message: err.message.clone(),
+                    retry_at,
+                    counts: !rate_limited,
+                    max_attempts: self.config.fetch.max_attempts,
+                };
+                match self
+                    .store
+                    .finish_failed(claim.clone(), self.owner.clone(), failure, now)
+                    .await
+                {
+                    Ok(FailureResult::Dead { attempts }) => {
+                        self.metrics.dead(&t, ty);
+                        tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "event dead: giving up on document (skillsync retry --dead puts it back)");
+                    }
+                    Ok(FailureResult::WillRetry { attempts }) => {
+                        if err.class == ErrorClass::Auth {
+                            tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "upstream authentication failing: check app_tenant, app_id and app_secret");
+                        } else {
+                            tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, retry_in_secs = delay.as_secs(), error = %err, "fetch failed; will retry");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %t, error = %e, "failure not recorded; the lease will expire and the fetch repeat")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extraction_is_case_insensitive_and_first_wins() {
+        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None).unwrap();
+        let doc: Map<String, Value> = serde_json::from_str(
+            r#"{"jobnumber": "J-1", "subject": "Brochure", "Job": "ignored", "MODIFIEDON": "2026-11-01T10:00:00", "Version": 7}"#,
+        )
+        .unwrap();
+        let d = extract(&doc, &cfg.upstream);
+        assert_eq!(d.number.as_deref(), Some("J-1"));
+        assert_eq!(d.name.as_deref(), Some("Brochure"));
+        assert_eq!(d.modified_on.as_deref(), Some("2026-11-01T10:00:00.000Z"));
+        assert_eq!(d.version, Some(7));
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None).unwrap();
+        let f = &cfg.fetch;
+        for _ in 0..50 {
+            let d1 = backoff(f, 1).as_secs_f64();
+            assert!((1.0..=2.0).contains(&d1), "{d1}");
+            let d5 = backoff(f, 5).as_secs_f64();
+            assert!((16.0..=32.0).contains(&d5), "{d5}");
+            let d30 = backoff(f, 30).as_secs_f64();
+            assert!((1800.0..=3600.0).contains(&d30), "{d30}");
+        }
+    }
+}

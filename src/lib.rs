@@ -1,0 +1,34 @@
+//! skillsync keeps a local SQLite mirror of Skills Workflow Jobs and Projects.
+//!
+//! Module map:
+//! - [`config`]: the TOML config, validated at load; secrets redacted.
+//! - [`store`]: the only place with SQL: pool, single group-committing writer,
+//!   schema and migrations; events, fetch queue, mirror, reconciliation state.
+//! - [`webhook`]: warp filters and handlers for the webhook, `/healthz`, `/metrics`.
+//! - [`server`]: the accept loop with connection limits and graceful stop.
+//! - [`upstream`]: the Skills Workflow API client (single documents, listing).
+//! - [`fetcher`]: workers that turn queued documents into mirror rows.
+//! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
+//! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
+//! - [`retention`]: pruning old events and history in small batches.
+//! - [`metrics`]: the Prometheus recorder and counters.
+//! - [`model`]: shared domain types and the timestamp format.
+//! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod fetcher;
+pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod retention;
+pub mod server;
+pub mod simulator;
+pub mod status;
+pub mod store;
+pub mod upstream;
+pub mod webhook;
+
+pub use app::run;

@@ -1,0 +1,137 @@
+//! Prometheus metrics: the recorder (installed once per process), the
+//! counters and histograms the other modules bump through [`Metrics`], and
+//! the gauges read from the database when `/metrics` is scraped (queue depth,
+//! last reconciliation, drift, database size), so they are true across
+//! processes (`serve` and `reconcile` share the database, not memory).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::store::Store;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// A handle to the process's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    handle: Option<PrometheusHandle>,
+}
+
+impl Metrics {
+    /// Installs the recorder on first use (later calls share it).
+    pub fn install() -> Metrics {
+        let handle = HANDLE.get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        });
+        Metrics {
+            handle: handle.clone(),
+        }
+    }
+
+    /// One webhook request and how it ended (accepted, ignored, unauthorized, …).
+    pub fn webhook(&self, tenant: &str, outcome: &'static str) {
+        counter!("skillsync_webhook_requests_total", "tenant" => tenant.to_string(), "outcome" => outcome).increment(1);
+    }
+
+    /// One upstream fetch: its outcome class and how long it took.
+    pub fn fetch(
+        &self,
+        tenant: &str,
+        doc_type: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
+        counter!("skillsync_fetches_total", "tenant" => tenant.to_string(), "type" => doc_type, "outcome" => outcome)
+            .increment(1);
+        histogram!("skillsync_fetch_duration_seconds", "tenant" => tenant.to_string(), "type" => doc_type)
+            .record(elapsed.as_secs_f64());
+    }
+
+    /// One document stored, by what it did to the mirror.
+    pub fn stored(&self, tenant: &str, doc_type: &'static str, outcome: &'static str) {
+        counter!("skillsync_documents_stored_total", "tenant" => tenant.to_string(), "type" => doc_type, "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// One event that went dead.
+    pub fn dead(&self, tenant: &str, doc_type: &'static str) {
+        counter!("skillsync_dead_documents_total", "tenant" => tenant.to_string(), "type" => doc_type).increment(1);
+    }
+
+    /// Prometheus text, with the database-derived gauges refreshed first.
+    pub async fn render(&self, store: &Store) -> String {
+        match store.metrics_snapshot().await {
+            Ok(snap) => {
+                for r in snap.rows {
+                    let l = |extra: &'static str, v: &str| {
+                        [
+                            ("tenant", r.tenant.clone()),
+                            ("type", r.doc_type.clone()),
+                            (extra, v.to_string()),
+                        ]
+                    };
+                    gauge!("skillsync_queue_depth", &l("status", "pending_events"))
+                        .set(r.pending_events as f64);
+                    gauge!("skillsync_queue_depth", &l("status", "queued_fetches"))
+                        .set(r.queued_fetches as f64);
+                    gauge!("skillsync_queue_depth", &l("status", "retrying_fetches"))
+                        .set(r.retrying_fetches as f64);
+                    gauge!("skillsync_queue_depth", &l("status", "dead_events"))
+                        .set(r.dead_events as f64);
+                    let base = [("tenant", r.tenant.clone()), ("type", r.doc_type.clone())];
+                    gauge!("skillsync_mirrored_documents", &base).set(r.mirrored as f64);
+                    gauge!("skillsync_deleted_documents", &base).set(r.deleted as f64);
+                    gauge!("skillsync_upstream_auth_failing_documents", &base)
+                        .set(r.auth_failing as f64);
+                    gauge!("skillsync_reconcile_missed_total", &base).set(r.missed_total as f64);
+                    if let Some(m) = r.last_run_missed {
+                        gauge!("skillsync_reconcile_last_run_missed", &base).set(m as f64);
+                    }
+                    if let Some(t) = r
+                        .last_ok_finished_at
+                        .as_deref()
+                        .and_then(crate::model::parse_upstream_ts)
+                    {
+                        gauge!("skillsync_reconcile_last_success_timestamp_seconds", &base)
+                            .set(t.timestamp_millis() as f64 / 1000.0);
+                    }
+                    if let Some(t) = r
+                        .oldest_pending_at
+                        .as_deref()
+                        .and_then(crate::model::parse_upstream_ts)
+                    {
+                        let age =
+                            (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+                        gauge!("skillsync_oldest_pending_age_seconds", &base).set(age);
+                    } else {
+                        gauge!("skillsync_oldest_pending_age_seconds", &base).set(0.0);
+                    }
+                }
+                gauge!("skillsync_database_size_bytes").set(snap.db_bytes as f64);
+                gauge!("skillsync_database_up").set(1.0);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: database not readable");
+                gauge!("skillsync_database_up").set(0.0);
+            }
+        }
+        self.handle.as_ref().map(|h| h.render()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,157 @@
+//! Domain types shared by the modules: document types, timestamps in the one
+//! text format every table uses, and the queue's claim and outcome types.
+//! No I/O here.
+
+use std::fmt;
+
+use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+
+/// The document types skillsync mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DocType {
+    Job,
+    Project,
+}
+
+impl DocType {
+    pub const ALL: [DocType; 2] = [DocType::Job, DocType::Project];
+
+    /// The name used in every table: `job` or `project`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocType::Job => "job",
+            DocType::Project => "project",
+        }
+    }
+
+    /// The mirror table holding this type.
+    pub fn table(self) -> &'static str {
+        match self {
+            DocType::Job => "jobs",
+            DocType::Project => "projects",
+        }
+    }
+
+    /// Parses the table name (`job`/`project`).
+    pub fn parse(s: &str) -> Option<DocType> {
+        match s {
+            "job" => Some(DocType::Job),
+            "project" => Some(DocType::Project),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DocType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Formats a time as every table stores it: RFC 3339 UTC, milliseconds, `Z`.
+pub fn fmt_ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The current time in table format.
+pub fn now_ts() -> String {
+    fmt_ts(Utc::now())
+}
+
+/// Parses an upstream timestamp: RFC 3339 with any offset, or a naive
+/// date-time taken as UTC (Skills Workflow omits the zone in places).
+pub fn parse_upstream_ts(s: &str) -> Option<DateTime<Utc>> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    for f in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+/// Normalises an upstream timestamp to table format so text order is time
+/// order; a value that does not parse is kept as it came.
+pub fn normalize_ts(s: &str) -> String {
+    parse_upstream_ts(s)
+        .map(fmt_ts)
+        .unwrap_or_else(|| s.to_string())
+}
+
+/// Why a fetch failed, as counted in metrics and shown in `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// 401/403: credentials are wrong or revoked.
+    Auth,
+    /// 429.
+    RateLimited,
+    /// 5xx.
+    Server,
+    /// No answer within the timeout.
+    Timeout,
+    /// Connection refused, reset, DNS.
+    Network,
+    /// A 2xx body that is not a JSON object, or too large.
+    Malformed,
+    /// Any other 4xx.
+    Client,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Auth => "auth",
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Server => "server",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Network => "network",
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::Client => "client",
+        }
+    }
+}
+
+/// A document leased to one fetcher.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub tenant: String,
+    pub doc_type: DocType,
+    pub doc_id: String,
+    /// The queue row's generation when claimed; a newer one means another
+    /// request arrived during the fetch and the document must be fetched again.
+    pub generation: i64,
+    /// Events up to this id were received before the fetch began.
+    pub max_event: i64,
+    pub attempts: u32,
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_normalise_to_millis_z() {
+        assert_eq!(
+            normalize_ts("2026-11-28T12:00:00Z"),
+            "2026-11-28T12:00:00.000Z"
+        );
+        assert_eq!(
+            normalize_ts("2026-11-28T13:00:00.5+01:00"),
+            "2026-11-28T12:00:00.500Z"
+        );
+        assert_eq!(
+            normalize_ts("2026-11-28T12:00:00.1234567"),
+            "2026-11-28T12:00:00.123Z"
+        );
+        assert_eq!(normalize_ts("yesterday"), "yesterday");
+    }
+}

@@ -1,0 +1,896 @@
+//! A Skills Workflow simulator on loopback, used by `demo`, `simulate`, the
+//! tests and the benchmarks. It serves single documents
+//! (`GET {job_path}`/`{project_path}`) and the Data Extraction listing
+//! (`POST {listing_path}` with skip/take/fields/filters, ordered by
+//! ModifiedOn then id), checks the `X-App*` headers, can create, change and
+//! delete documents without telling anyone, can send webhooks at a given
+//! concurrency and rate, and injects faults: latency, a 5xx fraction, 429
+//! bursts with `Retry-After`, hangs, malformed or oversized bodies, and
+//! connections cut mid-body. It counts the GETs per document.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use crate::model::{DocType, fmt_ts, normalize_ts};
+use crate::server::{self, Limits};
+
+/// Faults to inject; all off by default.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Added to every answer.
+    pub latency: Duration,
+    /// Fraction of document GETs answered 500/503.
+    pub error_rate: f64,
+    /// The next N requests (GET or listing) get 429 with this Retry-After.
+    pub rate_limit_next: u32,
+    pub retry_after_secs: u64,
+    /// Fraction of GETs that hang for `hang_for` before answering.
+    pub hang_rate: f64,
+    pub hang_for: Duration,
+    /// Fraction of GETs answered 200 with a body that is not JSON.
+    pub malformed_rate: f64,
+    /// Fraction of GETs answered 200 with a body of `oversize_bytes`.
+    pub oversize_rate: f64,
+    pub oversize_bytes: usize,
+    /// Fraction of GETs whose connection is cut mid-body.
+    pub reset_rate: f64,
+    /// After this many listing pages answered (counted from `set_faults`),
+    /// every listing request gets 500: "fails on page N+1".
+    pub listing_fail_after: Option<u64>,
+    /// Answer every request 401 (credentials revoked).
+    pub auth_broken: bool,
+}
+
+/// One simulated document.
+#[derive(Debug, Clone)]
+pub struct SimDoc {
+    pub doc: Map<String, Value>,
+    pub modified_on: String,
+    pub deleted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    docs: HashMap<(DocType, String), SimDoc>,
+    /// Live documents ordered as the listing orders them.
+    index: BTreeSet<(DocType, String, String)>,
+    faults: Faults,
+    gets: HashMap<(DocType, String), u64>,
+    total_gets: u64,
+    listing_calls: u64,
+    /// Listing pages answered since the faults were last set.
+    listing_pages_since_faults: u64,
+    auth_failures: u64,
+    seen_users: Vec<String>,
+    last_modified: Option<chrono::DateTime<Utc>>,
+    counter: u64,
+}
+
+impl State {
+    fn next_modified(&mut self) -> String {
+        // Strictly increasing so every change is visible to a watermark.
+        let now = Utc::now();
+        let t = match self.last_modified {
+            Some(last) if now <= last => last + chrono::Duration::milliseconds(1),
+            _ => now,
+        };
+        self.last_modified = Some(t);
+        fmt_ts(t)
+    }
+
+    fn put(&mut self, ty: DocType, id: String, doc: SimDoc) {
+        if let Some(old) = self.docs.get(&(ty, id.clone())) {
+            self.index
+                .remove(&(ty, old.modified_on.clone(), id.clone()));
+        }
+        if !doc.deleted {
+            self.index.insert((ty, doc.modified_on.clone(), id.clone()));
+        }
+        self.docs.insert((ty, id), doc);
+    }
+}
+
+/// The credentials the simulator accepts.
+#[derive(Debug, Clone)]
+pub struct SimCredentials {
+    pub app_tenant: String,
+    pub app_id: String,
+    pub app_secret: String,
+}
+
+/// Paths the simulator serves (the same defaults as the config).
+#[derive(Debug, Clone)]
+pub struct SimPaths {
+    pub job_prefix: String,
+    pub project_prefix: String,
+    pub listing_prefix: String,
+    pub listing_suffix: String,
+    pub jobs_query: String,
+    pub projects_query: String,
+}
+
+impl Default for SimPaths {
+    fn default() -> Self {
+        SimPaths {
+            job_prefix: "/api/jobs/".into(),
+            project_prefix: "/api/projects/".into(),
+            listing_prefix: "/api/v3/analytics/named-query/".into(),
+            listing_suffix: "/dynamic-execute".into(),
+            jobs_query: "DE-Jobs".into(),
+            projects_query: "DE-Projects".into(),
+        }
+    }
+}
+
+/// A running simulator; cheap to clone. Stops when its token is cancelled.
+#[derive(Clone)]
+pub struct Simulator {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+    creds: Arc<SimCredentials>,
+}
+
+const STAGES: [&str; 5] = ["Briefing", "In Progress", "Review", "Approved", "Closed"];
+const CLIENTS: [&str; 4] = ["Northwind", "Contoso", "Fabrikam", "Tailspin"];
+
+impl Simulator {
+    /// Starts serving on `listener` until `shutdown`.
+    pub fn start(
+        listener: TcpListener,
+        creds: SimCredentials,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Simulator> {
+        let addr = listener.local_addr()?;
+        let sim = Simulator {
+            state: Arc::new(Mutex::new(State::default())),
+            addr,
+            creds: Arc::new(creds),
+        };
+        let routes = sim.routes(SimPaths::default());
+        let limits = Limits {
+            max_connections: 4096,
+            drain_deadline: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        tokio::spawn(server::serve(listener, routes, limits, shutdown));
+        Ok(sim)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `http://127.0.0.1:PORT` — the api_base and extraction_base to configure.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        let mut s = self.lock();
+        s.faults = f;
+        s.listing_pages_since_faults = 0;
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
+    }
+
+    /// Creates a document with realistic fields; returns its id.
+    pub fn create(&self, ty: DocType) -> String {
+        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let mut s = self.lock();
+        s.counter += 1;
+        let n = s.counter;
+        let modified = s.next_modified();
+        let client = CLIENTS[(n as usize) % CLIENTS.len()];
+        let doc = match ty {
+            DocType::Job => json!({
+                "Id": id, "JobId": id, "JobNumber": format!("J{n:06}"), "Subject": format!("Job {n} for {client}"),
+                "ProjectId": null, "Client": client, "Stage": STAGES[0], "StageType": "Open",
+                "StartDate": "2026-11-01T00:00:00Z", "EndDate": "2026-12-31T00:00:00Z",
+                "ModifiedOn": modified, "Version": 1
+            }),
+            DocType::Project => json!({
+                "Id": id, "ProjectId": id, "ProjectNumber": format!("P{n:05}"), "Name": format!("Project {n} for {client}"),
+                "Client": client, "Stage": STAGES[0], "StartDate": "2026-11-01T00:00:00Z", "EndDate": "2027-03-31T00:00:00Z",
+                "ModifiedOn": modified
+            }),
+        };
+        let doc = match doc {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        s.put(
+            ty,
+            id.clone(),
+            SimDoc {
+                doc,
+                modified_on: modified,
+                deleted: false,
+            },
+        );
+        id
+    }
+
+    /// Creates `n` documents of a type; returns their ids.
+    pub fn seed(&self, ty: DocType, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.create(ty)).collect()
+    }
+
+    /// Moves a document to its next stage (new ModifiedOn, Version + 1).
+    /// Returns false if there is no such live document.
+    pub fn update(&self, ty: DocType, id: &str) -> bool {
+        let mut s = self.lock();
+        let Some(mut d) = s.docs.get(&(ty, id.to_string())).cloned() else {
+            return false;
+        };
+        if d.deleted {
+            return false;
+        }
+        let modified = s.next_modified();
+        let stage = d
+            .doc
+            .get("Stage")
+            .and_then(Value::as_str)
+            .unwrap_or(STAGES[0]);
+        let next = STAGES
+            .iter()
+            .position(|x| *x == stage)
+            .map_or(0, |i| (i + 1) % STAGES.len());
+        d.doc.insert("Stage".into(), json!(STAGES[next]));
+        d.doc.insert("ModifiedOn".into(), json!(modified));
+        if let Some(v) = d.doc.get("Version").and_then(Value::as_i64) {
+            d.doc.insert("Version".into(), json!(v + 1));
+        }
+        d.modified_on = modified;
+        s.put(ty, id.to_string(), d);
+        true
+    }
+
+    /// Replaces a document's fields as given (tests craft odd cases with it);
+    /// `ModifiedOn` in `doc` sets the listing time.
+    pub fn put_raw(&self, ty: DocType, id: &str, doc: Map<String, Value>) {
+        let modified = doc
+            .get("ModifiedOn")
+            .and_then(Value::as_str)
+            .map(normalize_ts)
+            .unwrap_or_else(|| fmt_ts(Utc::now()));
+        self.lock().put(
+            ty,
+            id.to_string(),
+            SimDoc {
+                doc,
+                modified_on: modified,
+                deleted: false,
+            },
+        );
+    }
+
+    /// Deletes a document upstream (GET answers 404; the listing omits it).
+    pub fn delete(&self, ty: DocType, id: &str) -> bool {
+        let mut s = self.lock();
+        let Some(mut d) = s.docs.get(&(ty, id.to_string())).cloned() else {
+            return false;
+        };
+        d.deleted = true;
+        s.put(ty, id.to_string(), d);
+        true
+    }
+
+    /// Brings a deleted document back.
+    pub fn undelete(&self, ty: DocType, id: &str) -> bool {
+        let mut s = self.lock();
+        let Some(mut d) = s.docs.get(&(ty, id.to_string())).cloned() else {
+            return false;
+        };
+        d.deleted = false;
+        s.put(ty, id.to_string(), d);
+        true
+    }
+
+    /// Live documents of a type, by id (for comparing with the mirror).
+    pub fn documents(&self, ty: DocType) -> HashMap<String, Map<String, Value>> {
+        self.lock()
+            .docs
+            .iter()
+            .filter(|((t, _), d)| *t == ty && !d.deleted)
+            .map(|((_, id), d)| (id.clone(), d.doc.clone()))
+            .collect()
+    }
+
+    /// Ids of live documents of a type.
+    pub fn ids(&self, ty: DocType) -> Vec<String> {
+        let mut v: Vec<String> = self.documents(ty).into_keys().collect();
+        v.sort();
+        v
+    }
+
+    /// GETs answered for one document (any status).
+    pub fn gets(&self, ty: DocType, id: &str) -> u64 {
+        self.lock()
+            .gets
+            .get(&(ty, id.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn total_gets(&self) -> u64 {
+        self.lock().total_gets
+    }
+
+    pub fn listing_calls(&self) -> u64 {
+        self.lock().listing_calls
+    }
+
+    pub fn auth_failures(&self) -> u64 {
+        self.lock().auth_failures
+    }
+
+    /// `X-AppUser` values seen, in order.
+    pub fn seen_users(&self) -> Vec<String> {
+        self.lock().seen_users.clone()
+    }
+
+    /// The webhook body Skills Workflow would send for this document.
+    pub fn webhook_payload(&self, ty: DocType, id: &str, action: &str) -> Value {
+        let (t, path) = match ty {
+            DocType::Job => ("SkillsWorkflow.Job", "jobs"),
+            DocType::Project => ("SkillsWorkflow.Project", "projects"),
+        };
+        json!({"action": action, "document": {"type": t, "id": id, "url": format!("{}/api/{path}/{id}", self.base_url())}})
+    }
+
+    fn check_auth(&self, headers: &warp::http::HeaderMap) -> bool {
+        let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ok = h("x-apptenant") == self.creds.app_tenant
+            && h("x-appid") == self.creds.app_id
+            && h("x-appsecret") == self.creds.app_secret;
+        let mut s = self.lock();
+        if let Some(u) = headers.get("x-appuser").and_then(|v| v.to_str().ok()) {
+            s.seen_users.push(u.to_string());
+        }
+        if !ok || s.faults.auth_broken {
+            s.auth_failures += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Takes one 429 from the burst, if any is left.
+    fn take_rate_limit(&self) -> Option<u64> {
+        let mut s = self.lock();
+        if s.faults.rate_limit_next > 0 {
+            s.faults.rate_limit_next -= 1;
+            return Some(s.faults.retry_after_secs);
+        }
+        None
+    }
+
+    async fn get_document(
+        self,
+        ty: DocType,
+        id: String,
+        headers: warp::http::HeaderMap,
+    ) -> Response {
+        let faults = {
+            let mut s = self.lock();
+            s.total_gets += 1;
+            *s.gets.entry((ty, id.to_ascii_lowercase())).or_default() += 1;
+            s.faults.clone()
+        };
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if !self.check_auth(&headers) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid credentials"}),
+            );
+        }
+        if let Some(after) = self.take_rate_limit() {
+            let mut r = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "rate limited"}),
+            );
+            if let Ok(v) = after.to_string().parse() {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return r;
+        }
+        if faults.hang_rate > 0.0 && fastrand::f64() < faults.hang_rate {
+            tokio::time::sleep(faults.hang_for).await;
+        }
+        if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
+            let code = if fastrand::bool() {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return reply(code, json!({"error": "simulated failure"}));
+        }
+        if faults.malformed_rate > 0.0 && fastrand::f64() < faults.malformed_rate {
+            return warp::reply::with_status("<html>upstream proxy error</html>", StatusCode::OK)
+                .into_response_fix();
+        }
+        if faults.oversize_rate > 0.0 && fastrand::f64() < faults.oversize_rate {
+            let big = json!({"Id": id, "Blob": "x".repeat(faults.oversize_bytes)});
+            return reply(StatusCode::OK, big);
+        }
+        if faults.reset_rate > 0.0 && fastrand::f64() < faults.reset_rate {
+            // Promise more bytes than we send: the connection is cut mid-body.
+            let mut r = warp::reply::with_status("{\"Id\":", StatusCode::OK).into_response_fix();
+            if let Ok(v) = "4096".parse() {
+                r.headers_mut().insert("content-length", v);
+            }
+            return r;
+        }
+        let doc = self
+            .lock()
+            .docs
+            .get(&(ty, id.to_ascii_lowercase()))
+            .cloned();
+        match doc {
+            Some(d) if !d.deleted => reply(StatusCode::OK, Value::Object(d.doc)),
+            _ => reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+        }
+    }
+
+    async fn listing(self, ty: DocType, headers: warp::http::HeaderMap, body: Value) -> Response {
+        let faults = {
+            let mut s = self.lock();
+            s.listing_calls += 1;
+            s.faults.clone()
+        };
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if !self.check_auth(&headers) {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid credentials"}),
+            );
+        }
+        if let Some(after) = self.take_rate_limit() {
+            let mut r = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"error": "rate limited"}),
+            );
+            if let Ok(v) = after.to_string().parse() {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return r;
+        }
+        let q = &body["queryBuilder"];
+        let skip = q["skip"].as_u64().unwrap_or(0);
+        let take = q["take"].as_u64().unwrap_or(500).min(10_000);
+        if let Some(fail) = faults.listing_fail_after {
+            if self.lock().listing_pages_since_faults >= fail {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "simulated listing failure"}),
+                );
+            }
+        }
+        let fields: Vec<String> = q["fields"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let id_field = match ty {
+            DocType::Job => "JobId",
+            DocType::Project => "ProjectId",
+        };
+        // Known columns only, as the real named queries have.
+        for f in &fields {
+            let known: &[&str] = match ty {
+                DocType::Job => &[
+                    "JobId",
+                    "JobNumber",
+                    "Job",
+                    "ProjectId",
+                    "Client",
+                    "Stage",
+                    "StageType",
+                    "StartDate",
+                    "EndDate",
+                    "ModifiedOn",
+                    "Version",
+                ],
+                DocType::Project => &[
+                    "ProjectId",
+                    "ProjectNumber",
+                    "Project",
+                    "Client",
+                    "Stage",
+                    "StartDate",
+                    "EndDate",
+                    "ModifiedOn",
+                ],
+            };
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(f)) {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("unknown field {f}")}),
+                );
+            }
+        }
+        let since: Option<String> = q["filters"].as_array().and_then(|fs| {
+            fs.iter().find_map(|f| {
+                let f = f.as_array()?;
+                if f.len() == 3
+                    && f[0].as_str()?.eq_ignore_ascii_case("ModifiedOn")
+                    && f[1].as_str()? == ">="
+                {
+                    f[2].as_str().map(normalize_ts)
+                } else {
+                    None
+                }
+            })
+        });
+        let mut s = self.lock();
+        s.listing_pages_since_faults += 1;
+        let lower = (ty, since.clone().unwrap_or_default(), String::new());
+        let total = s
+            .index
+            .range(lower.clone()..)
+            .take_while(|(t, _, _)| *t == ty)
+            .count();
+        let data: Vec<Value> = s
+            .index
+            .range(lower..)
+            .take_while(|(t, _, _)| *t == ty)
+            .skip(skip as usize)
+            .take(take as usize)
+            .filter_map(|(_, _, id)| s.docs.get(&(ty, id.clone())))
+            .map(|d| {
+                let mut row = Map::new();
+                for f in &fields {
+                    let v = if f.eq_ignore_ascii_case(id_field) {
+                        d.doc.get(id_field).or_else(|| d.doc.get("Id")).cloned()
+                    } else if f.eq_ignore_ascii_case("Job") {
+                        d.doc.get("Subject").cloned()
+                    } else if f.eq_ignore_ascii_case("Project") {
+                        d.doc.get("Name").cloned()
+                    } else {
+                        d.doc.get(f.as_str()).cloned()
+                    };
+                    row.insert(f.clone(), v.unwrap_or(Value::Null));
+                }
+                Value::Object(row)
+            })
+            .collect();
+        drop(s);
+        reply(StatusCode::OK, json!({"data": data, "totalCount": total}))
+    }
+
+    fn routes(
+        &self,
+        paths: SimPaths,
+    ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + use<> {
+        let me = self.clone();
+        let p = Arc::new(paths);
+        warp::path::full()
+            .and(warp::method())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::bytes())
+            .then(
+                move |path: warp::path::FullPath,
+                      method: warp::http::Method,
+                      headers,
+                      body: bytes::Bytes| {
+                    let me = me.clone();
+                    let p = p.clone();
+                    async move {
+                        let path = path.as_str();
+                        if method == warp::http::Method::GET {
+                            if let Some(id) = path.strip_prefix(&p.job_prefix) {
+                                return me
+                                    .get_document(DocType::Job, id.to_string(), headers)
+                                    .await;
+                            }
+                            if let Some(id) = path.strip_prefix(&p.project_prefix) {
+                                return me
+                                    .get_document(DocType::Project, id.to_string(), headers)
+                                    .await;
+                            }
+                        }
+                        if method == warp::http::Method::POST {
+                            if let Some(q) = path
+                                .strip_prefix(&p.listing_prefix)
+                                .and_then(|r| r.strip_suffix(&p.listing_suffix))
+                            {
+                                let ty = if q == p.jobs_query {
+                                    DocType::Job
+                                } else if q == p.projects_query {
+                                    DocType::Project
+                                } else {
+                                    return reply(
+                                        StatusCode::NOT_FOUND,
+                                        json!({"error": "unknown query"}),
+                                    );
+                                };
+                                let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+                                    return reply(
+                                        StatusCode::BAD_REQUEST,
+                                        json!({"error": "body is not JSON"}),
+                                    );
+                                };
+                                return me.listing(ty, headers, body).await;
+                            }
+                        }
+                        reply(StatusCode::NOT_FOUND, json!({"error": "not found"}))
+                    }
+                },
+            )
+    }
+}
+
+trait IntoResponseFix {
+    fn into_response_fix(self) -> Response;
+}
+impl<T: warp::Reply> IntoResponseFix for T {
+    fn into_response_fix(self) -> Response {
+        warp::Reply::into_response(self)
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    warp::reply::with_status(warp::reply::json(&body), status).into_response_fix()
+}
+
+/// What sending a batch of webhooks produced.
+#[derive(Debug, Clone, Default)]
+pub struct SendReport {
+    /// Event ids from 200 answers.
+    pub acked: Vec<i64>,
+    /// Answers by status (0: no answer).
+    pub statuses: HashMap<u16, u64>,
+    /// Time to each answer.
+    pub latencies: Vec<Duration>,
+    pub elapsed: Duration,
+}
+
+impl SendReport {
+    /// The q-quantile of latencies (q in 0..=1).
+    pub fn latency_quantile(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let mut v = self.latencies.clone();
+        v.sort();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        v[i.min(v.len() - 1)]
+    }
+}
+
+/// Sends `payloads` as webhooks to `url` with `concurrency` senders, at most
+/// `rate` per second overall when given. Each sender keeps one connection alive.
+pub async fn send_webhooks(
+    url: &str,
+    secret: &str,
+    payloads: Vec<Value>,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> SendReport {
+    crate::upstream::install_crypto();
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return SendReport::default(),
+    };
+    let bodies: Vec<bytes::Bytes> = payloads
+        .iter()
+        .map(|p| bytes::Bytes::from(p.to_string()))
+        .collect();
+    let queue = Arc::new(Mutex::new(
+        bodies
+            .into_iter()
+            .enumerate()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>(),
+    ));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let client = client.clone();
+        let queue = queue.clone();
+        let url = url.to_string();
+        let secret = secret.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut report = SendReport::default();
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop());
+                let Some((i, body)) = next else { break };
+                if let Some(r) = rate {
+                    let due = start + Duration::from_secs_f64(i as f64 / r);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let t = Instant::now();
+                let resp = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .header("x-webhook-secret", &secret)
+                    .body(body)
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let v: Value = r.json().await.unwrap_or(Value::Null);
+                        report.latencies.push(t.elapsed());
+                        *report.statuses.entry(status).or_default() += 1;
+                        if status == 200 {
+                            if let Some(id) = v["event_id"].as_i64() {
+                                report.acked.push(id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "webhook not answered");
+                        *report.statuses.entry(0).or_default() += 1;
+                    }
+                }
+            }
+            report
+        }));
+    }
+    let mut total = SendReport::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            total.acked.extend(r.acked);
+            total.latencies.extend(r.latencies);
+            for (k, v) in r.statuses {
+                *total.statuses.entry(k).or_default() += v;
+            }
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// `skillsync simulate` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// X-AppTenant the simulator accepts.
+    #[arg(long, default_value = "demo-tenant")]
+    pub app_tenant: String,
+    /// X-AppId the simulator accepts.
+    #[arg(long, default_value = "demo-app")]
+    pub app_id: String,
+    /// X-AppSecret the simulator accepts.
+    #[arg(
+        long,
+        env = "SKILLSYNC_SIM_APP_SECRET",
+        default_value = "demo-app-secret"
+    )]
+    pub app_secret: String,
+    /// Jobs to generate at start.
+    #[arg(long, default_value_t = 50)]
+    pub jobs: usize,
+    /// Projects to generate at start.
+    #[arg(long, default_value_t = 10)]
+    pub projects: usize,
+    /// Latency added to every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Fraction of document GETs answered 5xx (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Fraction of GETs that hang for --hang-secs first.
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+    #[arg(long, default_value_t = 60)]
+    pub hang_secs: u64,
+    /// Answer the first N requests 429 with Retry-After: --retry-after-secs.
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_next: u32,
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Send a webhook for every generated document to this URL (e.g. http://127.0.0.1:8080/skillsevent).
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// The X-Webhook-Secret to send.
+    #[arg(
+        long,
+        env = "SKILLSYNC_SIM_WEBHOOK_SECRET",
+        default_value = "demo-webhook-secret"
+    )]
+    pub webhook_secret: String,
+    /// Concurrent webhook senders.
+    #[arg(long, default_value_t = 4)]
+    pub webhook_concurrency: usize,
+    /// Webhooks per second (default: as fast as answered).
+    #[arg(long)]
+    pub webhook_rate: Option<f64>,
+}
+
+/// Runs `skillsync simulate` until SIGINT/SIGTERM.
+pub async fn run_cli(a: SimulateArgs) -> anyhow::Result<()> {
+    let token = CancellationToken::new();
+    crate::cli::cancel_on_signals(token.clone());
+    let listener = TcpListener::bind(a.listen).await?;
+    let sim = Simulator::start(
+        listener,
+        SimCredentials {
+            app_tenant: a.app_tenant.clone(),
+            app_id: a.app_id.clone(),
+            app_secret: a.app_secret.clone(),
+        },
+        token.clone(),
+    )?;
+    let jobs = sim.seed(DocType::Job, a.jobs);
+    let projects = sim.seed(DocType::Project, a.projects);
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(a.latency_ms),
+        error_rate: a.error_rate,
+        hang_rate: a.hang_rate,
+        hang_for: Duration::from_secs(a.hang_secs),
+        rate_limit_next: a.rate_limit_next,
+        retry_after_secs: a.retry_after_secs,
+        ..Faults::default()
+    });
+    println!(
+        "simulator serving on {} with {} jobs and {} projects; api_base = extraction_base = \"{}\", app_tenant = \"{}\", app_id = \"{}\"",
+        sim.addr(),
+        jobs.len(),
+        projects.len(),
+        sim.base_url(),
+        a.app_tenant,
+        a.app_id
+    );
+    if let Some(url) = &a.webhook_url {
+        let payloads: Vec<Value> = jobs
+            .iter()
+            .map(|id| sim.webhook_payload(DocType::Job, id, "created"))
+            .chain(
+                projects
+                    .iter()
+                    .map(|id| sim.webhook_payload(DocType::Project, id, "created")),
+            )
+            .collect();
+        let n = payloads.len();
+        let r = send_webhooks(
+            url,
+            &a.webhook_secret,
+            payloads,
+            a.webhook_concurrency,
+            a.webhook_rate,
+        )
+        .await;
+        println!(
+            "sent {n} webhooks in {:.2}s: answers {:?}, p50 {:?}, p99 {:?}",
+            r.elapsed.as_secs_f64(),
+            r.statuses,
+            r.latency_quantile(0.5),
+            r.latency_quantile(0.99)
+        );
+    }
+    println!("press Ctrl-C to stop");
+    token.cancelled().await;
+    Ok(())
+}

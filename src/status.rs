@@ -1,0 +1,163 @@
+//! `skillsync status`: reads the database read-only and tells a person or a
+//! monitor the truth. Health rules (exit 1 when any holds): dead events,
+//! upstream auth failing, the last reconciliation failed, or the last
+//! successful one is older than two schedule periods. Exit 2 when the
+//! database cannot be read.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::config::{Config, cron_parser};
+use crate::model::parse_upstream_ts;
+use crate::store::Store;
+use crate::store::status::{StatusRow, status_rows};
+
+/// Two periods of a cron schedule, measured at `now` (the gap between the
+/// next two occurrences, doubled).
+fn two_periods(schedule: &str, now: DateTime<Utc>) -> Option<chrono::Duration> {
+    let cron = cron_parser().parse(schedule).ok()?;
+    let a = cron.find_next_occurrence(&now, false).ok()?;
+    let b = cron.find_next_occurrence(&a, false).ok()?;
+    Some((b - a) * 2)
+}
+
+/// Why a row is unhealthy, if it is.
+pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) -> Vec<String> {
+    let mut p = Vec::new();
+    if row.dead_events > 0 || row.dead_documents > 0 {
+        p.push(format!(
+            "{} dead event(s) for {} document(s) (see: skillsync retry --dead)",
+            row.dead_events, row.dead_documents
+        ));
+    }
+    if row.auth_failing > 0 {
+        p.push("upstream authentication failing (check app_tenant, app_id, app_secret)".into());
+    }
+    if row.last_run_status.as_deref() == Some("failed") {
+        p.push(format!(
+            "last reconciliation failed: {}",
+            row.last_run_error.as_deref().unwrap_or("unknown error")
+        ));
+    }
+    if let Some(tenant) = config.and_then(|c| c.tenant(&row.tenant)) {
+        if let Some(schedule) = &tenant.reconcile_schedule {
+            if let Some(limit) = two_periods(schedule, now) {
+                let last = row
+                    .last_ok_finished_at
+                    .as_deref()
+                    .and_then(parse_upstream_ts);
+                match last {
+                    Some(t) if now - t > limit => p.push(format!(
+                        "last successful reconciliation was at {}, more than two schedule periods ago",
+                        row.last_ok_finished_at.as_deref().unwrap_or("")
+                    )),
+                    _ => {}
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Prints the status and returns the exit code (0 healthy, 1 degraded, 2 unreadable).
+pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> ExitCode {
+    let rows = Store::open_read_only(path).and_then(|c| status_rows(&c));
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            if as_json {
+                println!(
+                    "{}",
+                    json!({"healthy": false, "error": e.to_string(), "tenants": []})
+                );
+            } else {
+                eprintln!("skillsync status: cannot read {}: {e}", path.display());
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let now = Utc::now();
+    let mut healthy = true;
+    let mut out = Vec::new();
+    for r in &rows {
+        let problems = problems(r, config, now);
+        healthy &= problems.is_empty();
+        let oldest = r
+            .oldest_pending_at
+            .as_deref()
+            .and_then(parse_upstream_ts)
+            .map(|t| (now - t).num_seconds().max(0));
+        out.push(json!({
+            "tenant": r.tenant,
+            "type": r.doc_type,
+            "mirrored": r.mirrored,
+            "deleted": r.deleted,
+            "pending": r.pending_events,
+            "queued_fetches": r.queued_fetches,
+            "retrying": r.retrying_fetches,
+            "dead": r.dead_events,
+            "oldest_pending_secs": oldest,
+            "last_reconcile": r.last_run_status.as_ref().map(|s| json!({
+                "kind": r.last_run_kind,
+                "status": s,
+                "finished_at": r.last_run_finished_at,
+                "error": r.last_run_error,
+            })),
+            "last_success_at": r.last_ok_finished_at,
+            "complete_as_of": r.complete_as_of,
+            "drift": json!({"last_run_missed": r.last_run_missed, "missed_total": r.missed_total}),
+            "upstream_auth_failing": r.auth_failing > 0,
+            "problems": problems,
+        }));
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({"healthy": healthy, "database": path.display().to_string(), "tenants": out})
+        );
+    } else {
+        println!("database: {}", path.display());
+        println!(
+            "{:<16} {:<8} {:>9} {:>8} {:>8} {:>9} {:>6} {:>12}  last reconciliation",
+            "tenant", "type", "mirrored", "deleted", "pending", "retrying", "dead", "drift(total)"
+        );
+        for (r, o) in rows.iter().zip(&out) {
+            let last = match (&r.last_run_kind, &r.last_run_status) {
+                (Some(k), Some(s)) => format!(
+                    "{k} {s} at {}",
+                    r.last_run_finished_at.as_deref().unwrap_or("-")
+                ),
+                _ => "never".to_string(),
+            };
+            println!(
+                "{:<16} {:<8} {:>9} {:>8} {:>8} {:>9} {:>6} {:>12}  {}",
+                r.tenant,
+                r.doc_type,
+                r.mirrored,
+                r.deleted,
+                r.pending_events,
+                r.retrying_fetches,
+                r.dead_events,
+                r.missed_total,
+                last
+            );
+            if let Some(ps) = o["problems"].as_array() {
+                for p in ps {
+                    println!("  ! {}", p.as_str().unwrap_or_default());
+                }
+            }
+        }
+        if rows.is_empty() {
+            println!("(nothing mirrored yet)");
+        }
+        println!("{}", if healthy { "healthy" } else { "DEGRADED" });
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,259 @@
+//! The mirror tables (`jobs`, `projects`) and `document_history`: storing a
+//! fetched document with its revision, the stale-write guard, and marking
+//! documents deleted or back upstream.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::queue::settle_success;
+use super::{Store, StoreError};
+use crate::model::{Claim, DocType, fmt_ts};
+
+/// A document as fetched, with the columns extracted from it.
+#[derive(Debug, Clone)]
+pub struct FetchedDoc {
+    /// The JSON text to store (canonical: keys sorted, so equal content is equal text).
+    pub document: String,
+    pub number: Option<String>,
+    pub name: Option<String>,
+    /// Normalised to table format when it parses.
+    pub modified_on: Option<String>,
+    pub version: Option<i64>,
+}
+
+/// What storing a fetched document did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// First time seen: revision 1.
+    Inserted,
+    /// Content changed: a new revision and a history row.
+    Changed { revision: i64 },
+    /// Same content as stored: revision and history untouched.
+    Unchanged,
+    /// Older than the stored version (ModifiedOn/Version): not written.
+    Stale,
+}
+
+/// True when `new` is older than `old` by ModifiedOn, then by Version.
+fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i64>) -> bool {
+    match (new.modified_on.as_deref(), old_modified) {
+        (Some(n), Some(o)) if n < o => return true,
+        (Some(n), Some(o)) if n > o => return false,
+        _ => {}
+    }
+    matches!((new.version, old_version), (Some(n), Some(o)) if n < o)
+}
+
+/// Upserts one document; the heart of the mirror. Runs inside a write.
+pub(crate) fn upsert_document(
+    c: &Connection,
+    tenant: &str,
+    doc_type: DocType,
+    id: &str,
+    doc: &FetchedDoc,
+    now: &str,
+) -> Result<StoreOutcome, StoreError> {
+    let table = doc_type.table();
+    let existing: Option<(Option<String>, Option<i64>, String, i64)> = c
+        .prepare_cached(&format!(
+            "SELECT modified_on, version, document, revision FROM {table} WHERE tenant = ?1 AND id = ?2"
+        ))?
+        .query_row(params![tenant, id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    let revision = match existing {
+        None => {
+            c.prepare_cached(&format!(
+                "INSERT INTO {table} (tenant, id, document, number, name, modified_on, version, revision, first_seen_at, fetched_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?8)"
+            ))?
+            .execute(params![tenant, id, doc.document, doc.number, doc.name, doc.modified_on, doc.version, now])?;
+            1
+        }
+        Some((old_modified, old_version, old_doc, old_revision)) => {
+            if is_stale(doc, old_modified.as_deref(), old_version) {
+                // The document exists upstream, so it is not deleted.
+                c.prepare_cached(&format!(
+                    "UPDATE {table} SET deleted_at = NULL WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NOT NULL"
+                ))?
+                .execute(params![tenant, id])?;
+                return Ok(StoreOutcome::Stale);
+            }
+            if old_doc == doc.document {
+                c.prepare_cached(&format!(
+                    "UPDATE {table} SET fetched_at = ?3, deleted_at = NULL WHERE tenant = ?1 AND id = ?2"
+                ))?
+                .execute(params![tenant, id, now])?;
+                return Ok(StoreOutcome::Unchanged);
+            }
+            let revision = old_revision + 1;
+            c.prepare_cached(&format!(
+                "UPDATE {table} SET document = ?3, number = ?4, name = ?5, modified_on = ?6, version = ?7,
+                        revision = ?8, fetched_at = ?9, deleted_at = NULL
+                 WHERE tenant = ?1 AND id = ?2"
+            ))?
+            .execute(params![tenant, id, doc.document, doc.number, doc.name, doc.modified_on, doc.version, revision, now])?;
+            revision
+        }
+    };
+    c.prepare_cached(
+        "INSERT INTO document_history (tenant, doc_type, id, revision, document, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![tenant, doc_type.as_str(), id, revision, doc.document, now])?;
+    Ok(if revision == 1 {
+        StoreOutcome::Inserted
+    } else {
+        StoreOutcome::Changed { revision }
+    })
+}
+
+impl Store {
+    /// Stores a fetched document and settles the claim's events and queue row
+    /// in the same transaction.
+    pub async fn finish_stored(
+        &self,
+        claim: Claim,
+        owner: String,
+        doc: FetchedDoc,
+        now: DateTime<Utc>,
+    ) -> Result<StoreOutcome, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let outcome =
+                upsert_document(c, &claim.tenant, claim.doc_type, &claim.doc_id, &doc, &now)?;
+            settle_success(c, &claim, &owner, &now)?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Records that upstream answered 404/410: sets `deleted_at` (row kept)
+    /// and settles the claim. Returns whether a live row was marked.
+    pub async fn finish_gone(
+        &self,
+        claim: Claim,
+        owner: String,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let marked = c
+                .prepare_cached(&format!(
+                    "UPDATE {} SET deleted_at = ?3 WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL",
+                    claim.doc_type.table()
+                ))?
+                .execute(params![claim.tenant, claim.doc_id, now])?;
+            settle_success(c, &claim, &owner, &now)?;
+            Ok(marked > 0)
+        })
+        .await
+    }
+
+    /// Reads one mirrored row's document (tests, demo, tools).
+    pub async fn document(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        id: String,
+    ) -> Result<Option<MirrorRow>, StoreError> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                &format!(
+                    "SELECT document, number, name, modified_on, revision, deleted_at FROM {} WHERE tenant = ?1 AND id = ?2",
+                    doc_type.table()
+                ),
+                params![tenant, id],
+                |r| {
+                    Ok(MirrorRow {
+                        document: r.get(0)?,
+                        number: r.get(1)?,
+                        name: r.get(2)?,
+                        modified_on: r.get(3)?,
+                        revision: r.get(4)?,
+                        deleted_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+}
+
+/// A few rows of a mirror table for display (the demo).
+#[derive(Debug, Clone)]
+pub struct SampleRow {
+    pub id: String,
+    pub number: Option<String>,
+    pub name: Option<String>,
+    pub stage: Option<String>,
+    pub revision: i64,
+    pub deleted_at: Option<String>,
+}
+
+impl Store {
+    /// Up to `limit` rows of a tenant and type, most recently changed first.
+    pub async fn sample(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        limit: usize,
+    ) -> Result<Vec<SampleRow>, StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare(&format!(
+                "SELECT id, number, name, json_extract(document, '$.Stage'), revision, deleted_at FROM {}
+                 WHERE tenant = ?1 ORDER BY deleted_at IS NULL, revision DESC, modified_on DESC LIMIT ?2",
+                doc_type.table()
+            ))?;
+            let rows = s.query_map(params![tenant, limit as i64], |r| {
+                Ok(SampleRow {
+                    id: r.get(0)?,
+                    number: r.get(1)?,
+                    name: r.get(2)?,
+                    stage: r.get(3)?,
+                    revision: r.get(4)?,
+                    deleted_at: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}
+
+/// One mirrored row as reporting sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MirrorRow {
+    pub document: String,
+    pub number: Option<String>,
+    pub name: Option<String>,
+    pub modified_on: Option<String>,
+    pub revision: i64,
+    pub deleted_at: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(m: Option<&str>, v: Option<i64>) -> FetchedDoc {
+        FetchedDoc {
+            document: "{}".into(),
+            number: None,
+            name: None,
+            modified_on: m.map(str::to_string),
+            version: v,
+        }
+    }
+
+    #[test]
+    fn staleness_by_modified_then_version() {
+        let t1 = "2026-11-01T00:00:00.000Z";
+        let t2 = "2026-11-02T00:00:00.000Z";
+        assert!(is_stale(&doc(Some(t1), None), Some(t2), None));
+        assert!(!is_stale(&doc(Some(t2), None), Some(t1), None));
+        assert!(is_stale(&doc(Some(t1), Some(3)), Some(t1), Some(4)));
+        assert!(!is_stale(&doc(Some(t1), Some(4)), Some(t1), Some(4)));
+        assert!(!is_stale(&doc(None, None), Some(t1), Some(4)));
+        assert!(!is_stale(&doc(Some(t2), Some(1)), Some(t1), Some(9)));
+    }
+}

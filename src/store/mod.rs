@@ -1,0 +1,394 @@
+//! The store: the only place with SQL. Owns the SQLite file, its pragmas, the
+//! schema and its migrations, the pool of read connections and the single
+//! writer thread.
+//!
+//! Every write goes through one writer thread that groups whatever writes
+//! arrived while the previous commit ran into one transaction (each write in
+//! its own savepoint, so one failing write does not undo the others), then
+//! commits once with `synchronous=FULL`. A caller's future resolves only after
+//! that commit: when the webhook answers 200, the event is on disk. Reads use
+//! the r2d2 pool on blocking threads, so no SQLite call runs on an async
+//! worker thread.
+//!
+//! Submodules hold the statements by concern: `queue` (events and the fetch
+//! queue), `mirror` (documents and history), `sync` (reconciliation runs and
+//! locks), `status` (what `status`, `/metrics` and health read).
+
+pub mod mirror;
+pub mod queue;
+pub mod status;
+pub mod sync;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+/// Schema versions in order: entry `i` brings the database to version `i + 1`.
+const MIGRATIONS: &[&str] = &[include_str!("../../schema.sql")];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How many writes one commit may carry. Bounded so one batch cannot hold the
+/// write lock for long while readers and other processes wait.
+const MAX_BATCH: usize = 1024;
+
+/// Writes waiting for the writer beyond this are refused at once (503), so a
+/// stalled disk turns into back-pressure instead of unbounded memory.
+const WRITE_QUEUE: usize = 16_384;
+
+/// A store failure, classified for the one place that maps it to HTTP.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot take the write now (locked past `busy_timeout`,
+    /// disk full, read-only, I/O error, writer overloaded): try again later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database file carries a schema newer than this binary.
+    #[error(
+        "database schema version {found} is newer than this skillsync understands (version {known}); upgrade skillsync or use the matching database"
+    )]
+    TooNew { found: i64, known: i64 },
+    /// Anything else (a bug or a corrupt file).
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(
+                C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::DiskFull
+                | C::ReadOnly
+                | C::SystemIoFailure
+                | C::CannotOpen
+                | C::OutOfMemory
+                | C::FileLockingProtocolFailed,
+            ) => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Other(e.to_string()),
+        }
+    }
+}
+
+impl From<r2d2::Error> for StoreError {
+    fn from(e: r2d2::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// What the writer runs: the write itself, returning what to do once the
+/// batch's commit succeeded or failed.
+type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// Given the connection, or why the batch's transaction could not begin.
+type WriteJob = Box<dyn FnOnce(Result<&Connection, StoreError>) -> Completion + Send>;
+
+enum WriterMsg {
+    Write(WriteJob),
+    /// Checkpoint and truncate the WAL (at shutdown), outside any transaction.
+    Checkpoint(oneshot::Sender<Result<(), StoreError>>),
+}
+
+struct Inner {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+    writer: mpsc::Sender<WriterMsg>,
+    path: PathBuf,
+}
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn apply_pragmas(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    conn.busy_timeout(busy_timeout)?;
+    // WAL lets reporting tools read while we write; FULL makes a commit
+    // durable across power loss, not only across a process crash.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, applies the schema
+    /// and starts the writer thread. The directory must exist and be writable.
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(StoreError::Unavailable(format!(
+                    "database directory {} does not exist (create it, or set database.path)",
+                    dir.display()
+                )));
+            }
+        }
+        let writer_conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
+        })?;
+        apply_pragmas(&writer_conn, busy_timeout).map_err(|e| {
+            StoreError::Unavailable(format!("cannot set up database {}: {e}", path.display()))
+        })?;
+        migrate(&writer_conn)?;
+
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(move |c| {
+                c.busy_timeout(busy_timeout)?;
+                c.pragma_update(None, "foreign_keys", "ON")
+            });
+        let pool = r2d2::Pool::builder()
+            .max_size(8)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(30))
+            .build(manager)?;
+
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("skillsync-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                pool,
+                writer: tx,
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// Opens an existing database for reading only (used by `status`); never
+    /// creates the file or runs migrations, and refuses a too-new schema.
+    pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
+        })?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                known: SCHEMA_VERSION,
+            });
+        }
+        if version == 0 {
+            return Err(StoreError::Other(format!(
+                "{} is not a skillsync database (no schema)",
+                path.display()
+            )));
+        }
+        Ok(conn)
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the writer inside the current batch's transaction (in a
+    /// savepoint of its own) and resolves once the batch is committed.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
+        let job: WriteJob = Box::new(move |conn: Result<&Connection, StoreError>| {
+            let result = conn.and_then(|conn| in_savepoint(conn, f));
+            Box::new(move |committed: Result<(), StoreError>| {
+                let _ = tx.send(committed.and(result));
+            }) as Completion
+        });
+        self.inner
+            .writer
+            .try_send(WriterMsg::Write(job))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    StoreError::Unavailable("write queue is full".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    StoreError::Unavailable("database writer has stopped".into())
+                }
+            })?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// Runs `f` with a pooled connection on a blocking thread.
+    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let pool = self.inner.pool.clone();
+        run_blocking(move || {
+            let conn = pool.get()?;
+            f(&conn)
+        })
+        .await
+    }
+
+    /// Checkpoints the WAL into the main file and truncates it (at shutdown),
+    /// so a copied database file is complete on its own.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(WriterMsg::Checkpoint(tx))
+            .await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// Proves the database takes a durable write now (for `/healthz`).
+    pub async fn probe_write(&self, now: String) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO daemon_state(key, value) VALUES ('healthz', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Runs blocking work on tokio's blocking pool, re-raising a panic in the
+/// caller instead of turning it into an error nobody reads.
+pub async fn run_blocking<R, F>(f: F) -> R
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("blocking task cancelled: {e}"),
+    }
+}
+
+fn in_savepoint<R>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    conn.execute_batch("SAVEPOINT w")?;
+    match f(conn) {
+        Ok(r) => {
+            conn.execute_batch("RELEASE w")?;
+            Ok(r)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO w; RELEASE w")?;
+            Err(e)
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            WriterMsg::Checkpoint(reply) => {
+                let r = conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    .map_err(StoreError::from);
+                let _ = reply.send(r);
+                continue;
+            }
+            WriterMsg::Write(job) => batch.push(job),
+        }
+        let mut checkpoint = None;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(WriterMsg::Write(job)) => batch.push(job),
+                Ok(WriterMsg::Checkpoint(reply)) => {
+                    checkpoint = Some(reply);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        commit_batch(&conn, &mut batch);
+        if let Some(reply) = checkpoint {
+            let r = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(StoreError::from);
+            let _ = reply.send(r);
+        }
+    }
+}
+
+fn commit_batch(conn: &Connection, batch: &mut Vec<WriteJob>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let e = StoreError::from(e);
+        for job in batch.drain(..) {
+            // The job does not run: its caller learns why the write did not happen.
+            job(Err(e.clone()))(Err(e.clone()));
+        }
+        return;
+    }
+    let completions: Vec<Completion> = batch.drain(..).map(|job| job(Ok(conn))).collect();
+    let committed = conn.execute_batch("COMMIT").map_err(StoreError::from);
+    if committed.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for c in completions {
+        c(committed.clone());
+    }
+}
+
+/// Applies the migrations this database has not had yet, in order. Each
+/// runs in a write transaction that re-reads the version first, so two
+/// processes starting at once do not both apply it.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let read_version = |c: &Connection| -> Result<i64, StoreError> {
+        Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    };
+    let version = read_version(conn)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let target = i as i64 + 1;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let applied = read_version(conn).and_then(|v| {
+            if v >= target {
+                return Ok(());
+            }
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", target)?;
+            Ok(())
+        });
+        match applied {
+            Ok(()) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(StoreError::Other(format!(
+                    "migration to schema version {target} failed: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

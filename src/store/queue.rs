@@ -1,0 +1,350 @@
+//! Events and the fetch queue: recording a delivery, enqueueing documents,
+//! leasing them to fetchers, and settling events once a fetch ends.
+//!
+//! The rule that makes coalescing correct: a fetch settles exactly the
+//! events whose id is at most `claimed_max_event` (received before the fetch
+//! began); a request that arrives during the fetch bumps `generation`, so the
+//! queue row stays and the document is fetched once more.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::model::{Claim, DocType, ErrorClass, fmt_ts};
+
+/// A delivery to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub tenant: String,
+    pub received_at: DateTime<Utc>,
+    pub action: String,
+    /// `job`/`project`, or the sender's own string for an unknown type.
+    pub doc_type: Option<String>,
+    pub doc_id: Option<String>,
+    /// `test` actions and unknown types are recorded but not fetched.
+    pub ignored: bool,
+    pub payload: String,
+}
+
+/// How a failed fetch is to be settled.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub message: String,
+    /// When to try again if the document is not dead.
+    pub retry_at: DateTime<Utc>,
+    /// Whether this failure counts towards `max_attempts` (429 does not).
+    pub counts: bool,
+    pub max_attempts: u32,
+}
+
+/// What a failed fetch led to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureResult {
+    WillRetry { attempts: u32 },
+    Dead { attempts: u32 },
+}
+
+fn enqueue(
+    c: &Connection,
+    tenant: &str,
+    doc_type: &str,
+    doc_id: &str,
+    reason: &str,
+    now: &str,
+) -> rusqlite::Result<()> {
+    // A new request revives a dead document; one in back-off keeps its
+    // schedule (the upstream failure it waits out is likely the same).
+    c.prepare_cached(
+        "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, 'queued', 0, ?5)
+         ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET
+             generation = generation + 1,
+             attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END,
+             next_attempt_at = CASE WHEN status = 'dead' THEN excluded.next_attempt_at ELSE next_attempt_at END,
+             status = 'queued'",
+    )?
+    .execute(params![tenant, doc_type, doc_id, reason, now])?;
+    Ok(())
+}
+
+impl Store {
+    /// Records a delivery and, unless ignored, queues its document; resolves
+    /// once both are committed durably. Returns the event id.
+    pub async fn insert_event(&self, ev: NewEvent) -> Result<i64, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(ev.received_at);
+            let status = if ev.ignored { "ignored" } else { "pending" };
+            let id: i64 = c
+                .prepare_cached(
+                    "INSERT INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9) RETURNING id",
+                )?
+                .query_row(
+                    params![
+                        ev.tenant,
+                        now,
+                        ev.action,
+                        ev.doc_type,
+                        ev.doc_id,
+                        status,
+                        if ev.ignored { None } else { Some(&now) },
+                        if ev.ignored { Some(&now) } else { None },
+                        ev.payload
+                    ],
+                    |r| r.get(0),
+                )?;
+            if let (false, Some(t), Some(d)) = (ev.ignored, &ev.doc_type, &ev.doc_id) {
+                enqueue(c, &ev.tenant, t, d, "webhook", &now)?;
+            }
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Queues fetches for documents a reconciliation found missing or newer.
+    pub async fn enqueue_fetches(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        ids: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            for id in &ids {
+                enqueue(c, &tenant, doc_type.as_str(), id, "reconcile", &now)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Leases up to `limit` due documents of `tenant` to `owner` until
+    /// `lease_until`. A document leased by anyone else is never returned.
+    pub async fn claim(
+        &self,
+        tenant: String,
+        owner: String,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Claim>, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let max_event: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
+                 WHERE rowid IN (
+                     SELECT rowid FROM fetch_queue
+                     WHERE tenant = ?4 AND status = 'queued' AND next_attempt_at <= ?5
+                       AND (lease_until IS NULL OR lease_until < ?5)
+                     ORDER BY next_attempt_at LIMIT ?6)
+                 RETURNING doc_type, doc_id, generation, attempts, reason",
+            )?;
+            let rows = stmt.query_map(
+                params![owner, fmt_ts(lease_until), max_event, tenant, now, limit as i64],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, u32>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                },
+            )?;
+            let mut claims = Vec::new();
+            for row in rows {
+                let (t, id, generation, attempts, reason) = row?;
+                // Only `job`/`project` rows are ever queued.
+                if let Some(doc_type) = DocType::parse(&t) {
+                    claims.push(Claim {
+                        tenant: tenant.clone(),
+                        doc_type,
+                        doc_id: id,
+                        generation,
+                        max_event,
+                        attempts,
+                        reason,
+                    });
+                }
+            }
+            Ok(claims)
+        })
+        .await
+    }
+
+    /// The earliest time a queued document of `tenant` becomes due, if any.
+    pub async fn next_due(&self, tenant: String) -> Result<Option<String>, StoreError> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT min(max(next_attempt_at, coalesce(lease_until, ''))) FROM fetch_queue WHERE tenant = ?1 AND status = 'queued'",
+                [tenant],
+                |r| r.get::<_, Option<String>>(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Ends a lease without a result (shutdown): the document is due again at once.
+    pub async fn release_leases(&self, owner: String) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "UPDATE fetch_queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
+                [owner],
+            )?)
+        })
+        .await
+    }
+
+    /// Settles a failed fetch: back-off, or dead after `max_attempts`.
+    pub async fn finish_failed(
+        &self,
+        claim: Claim,
+        owner: String,
+        f: Failure,
+        now: DateTime<Utc>,
+    ) -> Result<FailureResult, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let attempts = claim.attempts + u32::from(f.counts);
+            let dead = f.counts && attempts >= f.max_attempts;
+            let message = format!("{}: {}", f.class.as_str(), f.message);
+            let retry_at = fmt_ts(f.retry_at);
+            let updated = c.execute(
+                "UPDATE fetch_queue SET attempts = ?1, status = ?2, next_attempt_at = ?3, last_error = ?4,
+                        last_error_class = ?5, lease_owner = NULL, lease_until = NULL
+                 WHERE tenant = ?6 AND doc_type = ?7 AND doc_id = ?8 AND lease_owner = ?9",
+                params![
+                    attempts,
+                    if dead { "dead" } else { "queued" },
+                    retry_at,
+                    message,
+                    f.class.as_str(),
+                    claim.tenant,
+                    claim.doc_type.as_str(),
+                    claim.doc_id,
+                    owner
+                ],
+            )?;
+            if updated == 0 {
+                // The lease ran out and someone else took the document over.
+                return Ok(FailureResult::WillRetry { attempts });
+            }
+            if dead {
+                // Every pending event of the document waits on this fetch.
+                c.execute(
+                    "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending'",
+                    params![attempts, message, now, claim.tenant, claim.doc_type.as_str(), claim.doc_id],
+                )?;
+                Ok(FailureResult::Dead { attempts })
+            } else {
+                c.execute(
+                    "UPDATE events SET attempts = ?1, last_error = ?2, next_attempt_at = ?3
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND id <= ?7",
+                    params![attempts, message, retry_at, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event],
+                )?;
+                Ok(FailureResult::WillRetry { attempts })
+            }
+        })
+        .await
+    }
+
+    /// Puts dead work back in the queue: one event (and its document), or all
+    /// dead events. Returns how many events were revived.
+    pub async fn retry_dead(
+        &self,
+        event: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let docs: Vec<(String, String, String)> = match event {
+                Some(id) => c
+                    .query_row(
+                        "SELECT tenant, doc_type, doc_id FROM events WHERE id = ?1 AND doc_id IS NOT NULL AND status = 'dead'",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?
+                    .into_iter()
+                    .collect(),
+                None => {
+                    let mut s = c.prepare(
+                        "SELECT DISTINCT tenant, doc_type, doc_id FROM events WHERE status = 'dead' AND doc_id IS NOT NULL
+                         UNION SELECT tenant, doc_type, doc_id FROM fetch_queue WHERE status = 'dead'",
+                    )?;
+                    let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    rows.collect::<Result<_, _>>()?
+                }
+            };
+            let mut revived = 0;
+            for (tenant, doc_type, doc_id) in docs {
+                revived += match event {
+                    Some(id) => c.execute(
+                        "UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL, processed_at = NULL
+                         WHERE id = ?2 AND status = 'dead'",
+                        params![now, id],
+                    )?,
+                    None => c.execute(
+                        "UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL, processed_at = NULL
+                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status = 'dead'",
+                        params![now, tenant, doc_type, doc_id],
+                    )?,
+                };
+                c.execute(
+                    "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at)
+                     VALUES (?1, ?2, ?3, 'retry', 1, ?4, 'queued', 0, ?4)
+                     ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET
+                         generation = generation + 1, status = 'queued', attempts = 0, next_attempt_at = excluded.next_attempt_at,
+                         last_error = NULL, last_error_class = NULL",
+                    params![tenant, doc_type, doc_id, now],
+                )?;
+            }
+            Ok(revived)
+        })
+        .await
+    }
+}
+
+/// Settles the events and the queue row after a fetch that stored the
+/// document or found it gone. Runs inside the caller's write.
+pub(crate) fn settle_success(
+    c: &Connection,
+    claim: &Claim,
+    owner: &str,
+    now: &str,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
+         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND id <= ?5",
+    )?
+    .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
+    let generation: Option<i64> = c
+        .prepare_cached(
+            "SELECT generation FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",
+        )?
+        .query_row(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner], |r| r.get(0))
+        .optional()?;
+    match generation {
+        Some(g) if g == claim.generation => {
+            c.prepare_cached(
+                "DELETE FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
+            )?
+            .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id])?;
+        }
+        Some(_) => {
+            // Requested again while we fetched: due again now, fresh attempts.
+            c.prepare_cached(
+                "UPDATE fetch_queue SET lease_owner = NULL, lease_until = NULL, attempts = 0, next_attempt_at = ?1,
+                        requested_at = ?1, last_error = NULL, last_error_class = NULL
+                 WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4",
+            )?
+            .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id])?;
+        }
+        None => {} // lease lost to another fetcher; it will settle the row
+    }
+    Ok(())
+}

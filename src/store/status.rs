@@ -1,0 +1,116 @@
+//! What `skillsync status`, `/metrics` and the demo read: one row per tenant
+//! and type from the `sync_status` view (the same numbers a report sees),
+//! plus upstream-auth failures and the drift totals.
+
+use rusqlite::Connection;
+
+use super::{Store, StoreError};
+
+/// Per tenant and type, as `status` and `/metrics` report it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatusRow {
+    pub tenant: String,
+    pub doc_type: String,
+    pub mirrored: i64,
+    pub deleted: i64,
+    pub pending_events: i64,
+    pub queued_fetches: i64,
+    pub retrying_fetches: i64,
+    pub dead_events: i64,
+    pub dead_documents: i64,
+    pub oldest_pending_at: Option<String>,
+    pub last_ok_started_at: Option<String>,
+    pub last_ok_finished_at: Option<String>,
+    pub last_run_kind: Option<String>,
+    pub last_run_status: Option<String>,
+    pub last_run_finished_at: Option<String>,
+    pub last_run_missed: Option<i64>,
+    pub last_run_error: Option<String>,
+    pub complete_as_of: Option<String>,
+    /// Documents whose last fetch failed with 401/403.
+    pub auth_failing: i64,
+    /// `missed` summed over every run: changes no webhook announced.
+    pub missed_total: i64,
+}
+
+/// Everything `/metrics` derives from the database.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsSnapshot {
+    pub rows: Vec<StatusRow>,
+    pub db_bytes: u64,
+}
+
+/// Reads the status rows on any connection (the pool, or a read-only one).
+pub fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT s.tenant, s.doc_type, s.mirrored, s.deleted, s.pending_events, s.queued_fetches, s.retrying_fetches,
+                s.dead_events, s.dead_documents, s.oldest_pending_at, s.last_ok_started_at, s.last_ok_finished_at,
+                s.last_run_kind, s.last_run_status, s.last_run_finished_at, s.last_run_missed, s.last_run_error,
+                s.complete_as_of,
+                (SELECT count(*) FROM fetch_queue q WHERE q.tenant = s.tenant AND q.doc_type = s.doc_type AND q.last_error_class = 'auth'),
+                (SELECT coalesce(sum(missed), 0) FROM sync_runs r WHERE r.tenant = s.tenant AND r.doc_type = s.doc_type)
+         FROM sync_status s ORDER BY s.tenant, s.doc_type",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(StatusRow {
+            tenant: r.get(0)?,
+            doc_type: r.get(1)?,
+            mirrored: r.get(2)?,
+            deleted: r.get(3)?,
+            pending_events: r.get(4)?,
+            queued_fetches: r.get(5)?,
+            retrying_fetches: r.get(6)?,
+            dead_events: r.get(7)?,
+            dead_documents: r.get(8)?,
+            oldest_pending_at: r.get(9)?,
+            last_ok_started_at: r.get(10)?,
+            last_ok_finished_at: r.get(11)?,
+            last_run_kind: r.get(12)?,
+            last_run_status: r.get(13)?,
+            last_run_finished_at: r.get(14)?,
+            last_run_missed: r.get(15)?,
+            last_run_error: r.get(16)?,
+            complete_as_of: r.get(17)?,
+            auth_failing: r.get(18)?,
+            missed_total: r.get(19)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl Store {
+    /// The status rows through the pool.
+    pub async fn status(&self) -> Result<Vec<StatusRow>, StoreError> {
+        self.read(status_rows).await
+    }
+
+    /// What `/metrics` needs from the database.
+    pub async fn metrics_snapshot(&self) -> Result<MetricsSnapshot, StoreError> {
+        let wal = {
+            let mut p = self.path().as_os_str().to_owned();
+            p.push("-wal");
+            std::path::PathBuf::from(p)
+        };
+        self.read(move |c| {
+            let rows = status_rows(c)?;
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            Ok(MetricsSnapshot {
+                rows,
+                db_bytes: (pages.max(0) as u64) * (size.max(0) as u64) + wal_bytes,
+            })
+        })
+        .await
+    }
+
+    /// Counts of events by status for one tenant (tests and the demo).
+    pub async fn event_counts(&self, tenant: String) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare("SELECT status, count(*) FROM events WHERE tenant = ?1 GROUP BY status ORDER BY status")?;
+            let rows = s.query_map([tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}

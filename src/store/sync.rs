@@ -1,0 +1,308 @@
+//! Reconciliation state: run locks (one run per tenant and type, across
+//! processes), `sync_runs` rows, the incremental watermark, the mirror state
+//! a listing page is compared with, deletion marks, and retention pruning.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::model::{DocType, fmt_ts};
+
+/// How one reconciliation run ended, as written to `sync_runs`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RunCounts {
+    pub listed: u64,
+    pub enqueued: u64,
+    pub marked_deleted: u64,
+    pub missed: u64,
+}
+
+/// A mirrored document as a listing compares with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorState {
+    pub modified_on: Option<String>,
+    pub deleted: bool,
+}
+
+/// The mirror's view of one listing page.
+#[derive(Debug, Clone, Default)]
+pub struct PageState {
+    pub mirror: HashMap<String, MirrorState>,
+    /// Ids with a fetch already queued (announced by a webhook or an earlier run).
+    pub queued: HashSet<String>,
+}
+
+impl Store {
+    /// Takes the run lock of a tenant and type until `until`, unless another
+    /// owner holds an unexpired one. Marks runs left `running` by a process
+    /// that died as `interrupted`.
+    pub async fn acquire_sync_lock(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        owner: String,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            c.execute(
+                "INSERT OR IGNORE INTO sync_state (tenant, doc_type) VALUES (?1, ?2)",
+                params![tenant, doc_type.as_str()],
+            )?;
+            let got = c.execute(
+                "UPDATE sync_state SET lock_owner = ?3, lock_until = ?4
+                 WHERE tenant = ?1 AND doc_type = ?2 AND (lock_owner IS NULL OR lock_until < ?5 OR lock_owner = ?3)",
+                params![tenant, doc_type.as_str(), owner, fmt_ts(until), now],
+            )?;
+            if got == 1 {
+                c.execute(
+                    "UPDATE sync_runs SET status = 'interrupted', finished_at = ?3, error = 'the process running it stopped'
+                     WHERE tenant = ?1 AND doc_type = ?2 AND status = 'running'",
+                    params![tenant, doc_type.as_str(), now],
+                )?;
+            }
+            Ok(got == 1)
+        })
+        .await
+    }
+
+    /// Extends a held run lock.
+    pub async fn renew_sync_lock(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        owner: String,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "UPDATE sync_state SET lock_until = ?4 WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
+                params![tenant, doc_type.as_str(), owner, fmt_ts(until)],
+            )? == 1)
+        })
+        .await
+    }
+
+    /// Releases every run lock `owner` holds.
+    pub async fn release_sync_locks(&self, owner: String) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE sync_state SET lock_owner = NULL, lock_until = NULL WHERE lock_owner = ?1",
+                [owner],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The incremental watermark of a tenant and type.
+    pub async fn watermark(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+    ) -> Result<Option<String>, StoreError> {
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT watermark FROM sync_state WHERE tenant = ?1 AND doc_type = ?2",
+                params![tenant, doc_type.as_str()],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+        })
+        .await
+    }
+
+    /// Records the start of a run; returns its id.
+    pub async fn start_run(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        kind: &'static str,
+        owner: String,
+        now: DateTime<Utc>,
+    ) -> Result<i64, StoreError> {
+        self.write(move |c| {
+            Ok(c.query_row(
+                "INSERT INTO sync_runs (tenant, doc_type, kind, started_at, status, owner) VALUES (?1, ?2, ?3, ?4, 'running', ?5) RETURNING id",
+                params![tenant, doc_type.as_str(), kind, fmt_ts(now), owner],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    /// Records the end of a run, releases its lock and, for a successful
+    /// incremental run, advances the watermark (never backwards).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_run(
+        &self,
+        run_id: i64,
+        tenant: String,
+        doc_type: DocType,
+        owner: String,
+        status: &'static str,
+        counts: RunCounts,
+        error: Option<String>,
+        watermark: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE sync_runs SET finished_at = ?2, status = ?3, listed = ?4, enqueued = ?5, marked_deleted = ?6, missed = ?7, error = ?8
+                 WHERE id = ?1",
+                params![
+                    run_id,
+                    fmt_ts(now),
+                    status,
+                    counts.listed as i64,
+                    counts.enqueued as i64,
+                    counts.marked_deleted as i64,
+                    counts.missed as i64,
+                    error
+                ],
+            )?;
+            if let Some(w) = watermark {
+                c.execute(
+                    "UPDATE sync_state SET watermark = ?3 WHERE tenant = ?1 AND doc_type = ?2 AND (watermark IS NULL OR watermark < ?3)",
+                    params![tenant, doc_type.as_str(), w],
+                )?;
+            }
+            c.execute(
+                "UPDATE sync_state SET lock_owner = NULL, lock_until = NULL WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
+                params![tenant, doc_type.as_str(), owner],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The mirror state and queued fetches for the ids of one listing page.
+    pub async fn page_state(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        ids: Vec<String>,
+    ) -> Result<PageState, StoreError> {
+        self.read(move |c| {
+            let mut state = PageState::default();
+            let mut m = c.prepare_cached(&format!(
+                "SELECT modified_on, deleted_at IS NOT NULL FROM {} WHERE tenant = ?1 AND id = ?2",
+                doc_type.table()
+            ))?;
+            let mut q = c.prepare_cached(
+                "SELECT 1 FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND status = 'queued'",
+            )?;
+            for id in ids {
+                if let Some(s) = m
+                    .query_row(params![tenant, id], |r| {
+                        Ok(MirrorState {
+                            modified_on: r.get(0)?,
+                            deleted: r.get(1)?,
+                        })
+                    })
+                    .optional()?
+                {
+                    state.mirror.insert(id.clone(), s);
+                }
+                if q.exists(params![tenant, doc_type.as_str(), id])? {
+                    state.queued.insert(id);
+                }
+            }
+            Ok(state)
+        })
+        .await
+    }
+
+    /// Live (not deleted) ids first seen before `before`: the candidates a
+    /// full sweep may mark deleted.
+    pub async fn live_ids(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        before: DateTime<Utc>,
+    ) -> Result<(Vec<String>, u64), StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare(&format!(
+                "SELECT id FROM {} WHERE tenant = ?1 AND deleted_at IS NULL AND first_seen_at < ?2",
+                doc_type.table()
+            ))?;
+            let ids = s
+                .query_map(params![tenant, fmt_ts(before)], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            let live: i64 = c.query_row(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE tenant = ?1 AND deleted_at IS NULL",
+                    doc_type.table()
+                ),
+                [&tenant],
+                |r| r.get(0),
+            )?;
+            Ok((ids, live.max(0) as u64))
+        })
+        .await
+    }
+
+    /// Sets `deleted_at` on these live documents; returns how many changed.
+    pub async fn mark_deleted(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        ids: Vec<String>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        self.write(move |c| {
+            let now = fmt_ts(now);
+            let mut s = c.prepare_cached(&format!(
+                "UPDATE {} SET deleted_at = ?3 WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL",
+                doc_type.table()
+            ))?;
+            let mut n = 0u64;
+            for id in ids {
+                n += s.execute(params![tenant, id, now])? as u64;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` `done`/`ignored` events received before `before`.
+    pub async fn prune_events(
+        &self,
+        before: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM events WHERE id IN (
+                     SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)",
+                params![fmt_ts(before), batch as i64],
+            )?)
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` history rows fetched before `before`, never a
+    /// document's latest revision.
+    pub async fn prune_history(
+        &self,
+        before: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM document_history WHERE rowid IN (
+                     SELECT h.rowid FROM document_history h
+                     WHERE h.fetched_at < ?1
+                       AND h.revision < (SELECT max(revision) FROM document_history x
+                                         WHERE x.tenant = h.tenant AND x.doc_type = h.doc_type AND x.id = h.id)
+                     LIMIT ?2)",
+                params![fmt_ts(before), batch as i64],
+            )?)
+        })
+        .await
+    }
+}
