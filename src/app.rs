@@ -31,7 +31,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let path = config.database.path.clone();
     let busy = Duration::from_millis(config.database.busy_timeout_ms);
     let shown = path.display().to_string();
-    run_blocking(move || Store::open(&path, busy))
+    let group = config.database.group_commit;
+    run_blocking(move || Store::open_with(&path, busy, group))
         .await
         .with_context(|| format!("cannot use database {shown}"))
 }

@@ -88,6 +88,9 @@ pub struct DatabaseConfig {
     pub path: PathBuf,
     /// How long a write waits for another writer before the webhook answers 503.
     pub busy_timeout_ms: u64,
+    /// Whether concurrent writes share one durable commit (default true;
+    /// false only to measure what grouping buys).
+    pub group_commit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +227,7 @@ struct RawServer {
 struct RawDatabase {
     path: Option<PathBuf>,
     busy_timeout_ms: Option<i64>,
+    group_commit: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -531,6 +535,7 @@ impl RawConfig {
                 0,
                 600_000,
             )? as u64,
+            group_commit: self.database.group_commit.unwrap_or(true),
         };
         if database.path.as_os_str().is_empty() {
             return Err(err("database.path", "must not be empty"));

@@ -121,6 +121,17 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, applies the schema
     /// and starts the writer thread. The directory must exist and be writable.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Store, StoreError> {
+        Store::open_with(path, busy_timeout, true)
+    }
+
+    /// [`Store::open`], choosing whether concurrent writes share a commit.
+    /// `group_commit = false` commits every write alone: only for measuring
+    /// what grouping buys (`[database] group_commit` in the config).
+    pub fn open_with(
+        path: &Path,
+        busy_timeout: Duration,
+        group_commit: bool,
+    ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.is_dir() {
                 return Err(StoreError::Unavailable(format!(
@@ -158,7 +169,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
             .name("skillsync-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx))
+            .spawn(move || writer_loop(writer_conn, rx, if group_commit { MAX_BATCH } else { 1 }))
             .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -302,8 +313,8 @@ fn in_savepoint<R>(
     }
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
     while let Some(msg) = rx.blocking_recv() {
         match msg {
             WriterMsg::Checkpoint(reply) => {
@@ -316,7 +327,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>) {
             WriterMsg::Write(job) => batch.push(job),
         }
         let mut checkpoint = None;
-        while batch.len() < MAX_BATCH {
+        while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(WriterMsg::Write(job)) => batch.push(job),
                 Ok(WriterMsg::Checkpoint(reply)) => {

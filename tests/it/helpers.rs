@@ -1,0 +1,215 @@
+//! Shared test harness: a simulator as the upstream, a real SQLite file in a
+//! temp dir, the real daemon (`skillsync::run`) on a loopback port, and
+//! helpers to post webhooks and wait for the mirror.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skillsync::config::Config;
+use skillsync::model::DocType;
+use skillsync::simulator::{SimCredentials, Simulator};
+use skillsync::store::Store;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET_ACME: &str = "acme-webhook-secret-1";
+pub const SECRET_BETA: &str = "beta-webhook-secret-1";
+pub const APP_SECRET: &str = "acme-app-secret-XYZ";
+
+/// Credentials the test simulators accept.
+pub fn creds() -> SimCredentials {
+    SimCredentials {
+        app_tenant: "acme-tenant".into(),
+        app_id: "acme-app".into(),
+        app_secret: APP_SECRET.into(),
+    }
+}
+
+/// Starts a simulator on a fresh loopback port; it stops with `token`.
+pub async fn start_sim(token: &CancellationToken) -> Simulator {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind simulator");
+    Simulator::start(l, creds(), token.clone()).expect("start simulator")
+}
+
+/// The TOML of a test config: tenant `acme` on `sim_base`; `extra_tenant`
+/// text is appended (e.g. a second `[[tenant]]`), `fetch` replaces the fetch section.
+pub fn config_toml(db: &std::path::Path, sim_base: &str, fetch: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[database]
+path = "{db}"
+busy_timeout_ms = 1000
+[fetch]
+{fetch}
+[[tenant]]
+name = "acme"
+webhook_secrets = ["{SECRET_ACME}"]
+api_base = "{sim_base}"
+extraction_base = "{sim_base}"
+app_tenant = "acme-tenant"
+app_id = "acme-app"
+app_secret = "{APP_SECRET}"
+reconcile_schedule = "off"
+full_sweep_schedule = "off"
+{extra}
+"#,
+        db = db.display()
+    )
+}
+
+/// Fetch settings that make retries quick in tests.
+pub const FAST_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1";
+
+/// A daemon under test with its simulator.
+pub struct TestApp {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub sim: Simulator,
+    pub webhook_url: String,
+    pub base_url: String,
+    pub token: CancellationToken,
+    pub sim_token: CancellationToken,
+    pub handle: Option<JoinHandle<anyhow::Result<()>>>,
+    pub store: Store,
+    pub client: reqwest::Client,
+}
+
+/// Spawns the daemon with the default fast-fetch config.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(FAST_FETCH, "").await
+}
+
+/// Spawns the daemon with a custom `[fetch]` body and extra config text.
+pub async fn spawn_app_with(fetch: &str, extra: &str) -> TestApp {
+    skillsync::upstream::install_crypto();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    let sim_token = CancellationToken::new();
+    let sim = start_sim(&sim_token).await;
+    let toml = config_toml(&db, &sim.base_url(), fetch, extra);
+    let config_path = dir.path().join("skillsync.toml");
+    std::fs::write(&config_path, &toml).expect("write config");
+    let config = Config::from_toml(&toml, None).expect("valid test config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind daemon");
+    let addr = listener.local_addr().expect("addr");
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(skillsync::run(config.clone(), listener, token.clone()));
+    let store = skillsync::app::open_store(&config)
+        .await
+        .expect("open store");
+    TestApp {
+        dir,
+        db,
+        config,
+        config_path,
+        sim,
+        webhook_url: format!("http://{addr}/skillsevent"),
+        base_url: format!("http://{addr}"),
+        token,
+        sim_token,
+        handle: Some(handle),
+        store,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl TestApp {
+    /// Posts a JSON webhook with a secret; returns status and body.
+    pub async fn post(
+        &self,
+        path_suffix: &str,
+        secret: Option<&str>,
+        body: &Value,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .post(format!("{}{}", self.webhook_url, path_suffix))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(s) = secret {
+            req = req.header("x-webhook-secret", s);
+        }
+        let resp = req.send().await.expect("webhook answered");
+        let status = resp.status().as_u16();
+        let v = resp.json().await.unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// A `created` webhook for a new simulator document; returns its id and the answer.
+    pub async fn create_and_notify(&self, ty: DocType) -> (String, u16, Value) {
+        let id = self.sim.create(ty);
+        let (s, v) = self
+            .post(
+                "",
+                Some(SECRET_ACME),
+                &self.sim.webhook_payload(ty, &id, "created"),
+            )
+            .await;
+        (id, s, v)
+    }
+
+    /// Stops the daemon and waits for it to return.
+    pub async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("daemon task").expect("daemon returned ok");
+        }
+    }
+
+    /// Event rows by status for tenant acme.
+    pub async fn event_counts(&self) -> std::collections::HashMap<String, i64> {
+        self.store
+            .event_counts("acme".into())
+            .await
+            .expect("counts")
+            .into_iter()
+            .collect()
+    }
+
+    /// A read-only connection for assertions in SQL.
+    pub fn sql(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.token.cancel();
+        self.sim_token.cancel();
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes; panics with `what`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counts rows matching a SQL query returning one integer.
+pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).expect("count query")
+}

@@ -1,0 +1,5 @@
+//! All integration tests in one binary: real HTTP on loopback, real SQLite
+//! files in temp dirs, the simulator as the upstream, and the real binary
+//! where a process boundary matters (kill -9, CLI exit codes).
+
+mod helpers;
