@@ -600,6 +600,9 @@ impl Simulator {
                     let p = p.clone();
                     async move {
                         let path = path.as_str();
+                        if let Some(cmd) = path.strip_prefix("/_sim/") {
+                            return me.control(cmd, &body);
+                        }
                         if method == warp::http::Method::GET {
                             if let Some(id) = path.strip_prefix(&p.job_prefix) {
                                 return me
