@@ -107,6 +107,8 @@ pub enum WebhookError {
     Timeout,
     #[error("not found")]
     NotFound,
+    #[error("method not allowed: POST the event")]
+    MethodNotAllowed,
     #[error("database unavailable, retry later")]
     Unavailable(StoreError),
     #[error("internal error")]
@@ -130,6 +132,7 @@ impl WebhookError {
             WebhookError::UnsupportedMediaType => "unsupported_media_type",
             WebhookError::Timeout => "timeout",
             WebhookError::NotFound => "not_found",
+            WebhookError::MethodNotAllowed => "method_not_allowed",
             WebhookError::Unavailable(_) => "unavailable",
             WebhookError::Internal(_) => "error",
         }
@@ -158,6 +161,10 @@ impl WebhookError {
                 json!({"error": self.to_string()}),
             ),
             WebhookError::NotFound => (StatusCode::NOT_FOUND, json!({"error": "not found"})),
+            WebhookError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": self.to_string()}),
+            ),
             WebhookError::Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": self.to_string()}),
@@ -484,6 +491,7 @@ fn ip_in(ip: IpAddr, net: IpAddr, len: u8) -> bool {
 
 async fn handle_webhook<S, B>(
     state: WebhookState,
+    method: warp::http::Method,
     path: String,
     headers: HeaderMap,
     body: S,
@@ -504,6 +512,9 @@ where
     } else {
         return Err((None, WebhookError::NotFound));
     };
+    if method != warp::http::Method::POST {
+        return Err((None, WebhookError::MethodNotAllowed));
+    }
     let provided = headers
         .get("x-webhook-secret")
         .map(|v| v.as_bytes().trim_ascii())
@@ -593,16 +604,16 @@ pub fn routes(
             warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response_inner()
         });
-    let webhook = warp::post()
+    let webhook = warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(warp::ext::optional::<ClientAddr>())
         .and(with_state)
         .then(
-            |path: warp::path::FullPath, headers: HeaderMap, body, peer: Option<ClientAddr>, s: WebhookState| async move {
+            |method, path: warp::path::FullPath, headers: HeaderMap, body, peer: Option<ClientAddr>, s: WebhookState| async move {
                 let ip = client_ip(&s.config, peer, &headers);
-                match handle_webhook(s.clone(), path.as_str().to_string(), headers, Box::pin(body)).await {
+                match handle_webhook(s.clone(), method, path.as_str().to_string(), headers, Box::pin(body)).await {
                     Ok((tenant, id, ignored)) => {
                         let status = if ignored { "ignored" } else { "accepted" };
                         s.metrics.webhook(&tenant, status);

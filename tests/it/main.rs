@@ -2,4 +2,6 @@
 //! files in temp dirs, the simulator as the upstream, and the real binary
 //! where a process boundary matters (kill -9, CLI exit codes).
 
+mod fetch;
 mod helpers;
+mod webhook;
