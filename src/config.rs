@@ -168,13 +168,12 @@ impl Config {
     pub fn from_toml(text: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
-            let key = unknown_field_name(&msg).unwrap_or_else(|| "(file)".to_string());
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!(" (line {line})")
-                })
+            let start = e.span().map(|s| s.start.min(text.len()));
+            let key = unknown_field_name(&msg)
+                .or_else(|| start.and_then(|o| key_at(text, o)))
+                .unwrap_or_else(|| "(file)".to_string());
+            let at = start
+                .map(|o| format!(" (line {})", text[..o].matches('\n').count() + 1))
                 .unwrap_or_default();
             err(key, format!("{msg}{at}"))
         })?;
@@ -185,6 +184,27 @@ impl Config {
     pub fn tenant(&self, name: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.name == name)
     }
+}
+
+/// The dotted key written on the line holding `offset` (`table.key`), for
+/// parse errors that only carry a position.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    if key.is_empty() || key.starts_with('[') || !line.contains('=') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 fn unknown_field_name(msg: &str) -> Option<String> {
