@@ -5,4 +5,5 @@
 mod cli;
 mod fetch;
 mod helpers;
+mod readme;
 mod webhook;
