@@ -5,5 +5,6 @@
 mod cli;
 mod fetch;
 mod helpers;
+mod hostile;
 mod readme;
 mod webhook;
