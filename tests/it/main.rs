@@ -6,5 +6,6 @@ mod cli;
 mod fetch;
 mod helpers;
 mod hostile;
+mod ops;
 mod readme;
 mod webhook;
