@@ -90,6 +90,7 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(
         listen = ?addr,
+        tls = config.server.tls_cert_file.is_some(),
         webhook_path = %config.server.webhook_path,
         database = %config.database.path.display(),
         tenants = ?config.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
@@ -115,9 +116,19 @@ pub async fn run(
         });
     }
 
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::Tls::new(cert, key)
+                .context("config error at `server.tls_cert_file`")?;
+            tasks.spawn(tls.clone().watch(shutdown.clone()));
+            Some(tls.acceptor())
+        }
+        _ => None,
+    };
     let limits = Limits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
+        tls,
         ..Limits::default()
     };
     let state = WebhookState::new(config.clone(), store.clone(), wake, metrics);

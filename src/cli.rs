@@ -196,20 +196,23 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(config.server.listen)
-                    .await
-                    .map_err(|e| {
-                        eprintln!(
-                            "skillsync: config error at `server.listen`: cannot listen on {}: {e}",
-                            config.server.listen
-                        );
-                        ExitCode::from(2)
-                    })?;
+                let listener = listener(&config).await?;
                 let token = CancellationToken::new();
                 cancel_on_signals(token.clone());
                 crate::run(config, listener, token).await.map_err(|e| {
                     eprintln!("skillsync: {e:#}");
-                    ExitCode::FAILURE
+                    // A database newer than this binary: exit 2 so systemd does not restart in a loop.
+                    let too_new = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<crate::store::StoreError>(),
+                            Some(crate::store::StoreError::TooNew { .. })
+                        )
+                    });
+                    if too_new {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 })?;
                 Ok(ExitCode::SUCCESS)
             })
@@ -313,6 +316,40 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The listening socket: the one systemd passed (socket activation,
+/// `LISTEN_FDS`), else a fresh bind of `server.listen`.
+async fn listener(config: &Config) -> Result<tokio::net::TcpListener, ExitCode> {
+    let mut fds = listenfd::ListenFd::from_env();
+    match fds.take_tcp_listener(0) {
+        Ok(Some(std_listener)) => {
+            let addr = std_listener.local_addr().ok();
+            let l = std_listener
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::TcpListener::from_std(std_listener))
+                .map_err(|e| {
+                    eprintln!("skillsync: cannot use the socket passed by systemd: {e}");
+                    ExitCode::FAILURE
+                })?;
+            tracing::info!(address = ?addr, "using the socket passed by systemd (socket activation); server.listen is ignored");
+            return Ok(l);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("skillsync: LISTEN_FDS is set but fd 3 is not a TCP socket: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    }
+    tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| {
+            eprintln!(
+                "skillsync: config error at `server.listen`: cannot listen on {}: {e}",
+                config.server.listen
+            );
+            ExitCode::from(2)
+        })
 }
 
 /// One reconciliation of the chosen tenants and types, then the fetches it

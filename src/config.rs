@@ -502,11 +502,11 @@ impl RawConfig {
             };
             return Err(err(key, "tls_cert_file and tls_key_file go together"));
         }
-        if s.tls_cert_file.is_some() {
-            return Err(err(
-                "server.tls_cert_file",
-                "built-in TLS is not available in this version; terminate TLS in a reverse proxy (see README)",
-            ));
+        if let (Some(cert), Some(key)) = (&s.tls_cert_file, &s.tls_key_file) {
+            crate::tls::load_certified_key(cert, key).map_err(|e| match e {
+                crate::tls::TlsError::Cert { .. } => err("server.tls_cert_file", e.to_string()),
+                crate::tls::TlsError::Key { .. } => err("server.tls_key_file", e.to_string()),
+            })?;
         }
         let trusted_proxies = s
             .trusted_proxies

@@ -5,7 +5,8 @@
 //! - [`store`]: the only place with SQL: pool, single group-committing writer,
 //!   schema and migrations; events, fetch queue, mirror, reconciliation state.
 //! - [`webhook`]: warp filters and handlers for the webhook, `/healthz`, `/metrics`.
-//! - [`server`]: the accept loop with connection limits and graceful stop.
+//! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
+//! - [`tls`]: built-in TLS (rustls) and certificate rotation without a restart.
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
 //! - [`fetcher`]: workers that turn queued documents into mirror rows.
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
@@ -28,6 +29,7 @@ pub mod server;
 pub mod simulator;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 pub mod webhook;
 

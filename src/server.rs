@@ -24,7 +24,7 @@ use warp::Filter;
 pub struct ClientAddr(pub SocketAddr);
 
 /// Limits applied to every connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
@@ -32,6 +32,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// How long in-flight requests may take to finish after the stop signal.
     pub drain_deadline: Duration,
+    /// Terminate TLS on every connection (built-in HTTPS), when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Default for Limits {
@@ -41,6 +43,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             drain_deadline: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -91,12 +94,38 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), hyper_svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let tls = limits.tls.clone();
+        let handshake_deadline = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), hyper_svc)
+                        .into_owned();
+                    watcher.watch(conn).await
+                }
+                Some(acceptor) => {
+                    // The handshake shares the header deadline: a silent client is dropped.
+                    match tokio::time::timeout(handshake_deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let conn = builder
+                                .serve_connection(TokioIo::new(tls_stream), hyper_svc)
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, peer = %peer, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
             }
             drop(permit);

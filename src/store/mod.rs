@@ -111,7 +111,21 @@ fn apply_pragmas(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<
     conn.busy_timeout(busy_timeout)?;
     // WAL lets reporting tools read while we write; FULL makes a commit
     // durable across power loss, not only across a process crash.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Switching a new file to WAL answers SQLITE_BUSY at once, without the
+    // busy handler, while another connection switches it too (`serve` and
+    // `reconcile` starting on a fresh database): retry within busy_timeout.
+    let deadline = std::time::Instant::now() + busy_timeout;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r?,
+        }
+    }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(())

@@ -9,3 +9,4 @@ mod hostile;
 mod ops;
 mod readme;
 mod webhook;
+mod tls;

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Checks systemd/skillsync.service:
+#   1. `systemd-analyze verify` prints nothing (any warning is a failure);
+#   2. `systemd-analyze security --offline=yes` reports an overall exposure of
+#      at most MAX_EXPOSURE (default 2.0);
+#   3. systemd/skillsync.sysusers.conf parses (systemd-sysusers --dry-run into
+#      a scratch root; nothing on this machine changes).
+#
+# Run from anywhere after `cargo build`: verify insists that ExecStart names
+# an existing executable, so it checks a temporary copy of the unit whose
+# ExecStart points at the freshly built binary (target/debug/skillsync, or
+# $SKILLSYNC_BIN). The copy differs from the unit in that one line only, so
+# line numbers in any message match systemd/skillsync.service.
+#
+# Installs Debian's `systemd` package first if systemd-analyze is missing
+# (needs root, as on CI). Changes nothing else; safe to run again.
+set -euo pipefail
+
+MAX_EXPOSURE="${MAX_EXPOSURE:-2.0}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+UNIT="$ROOT/systemd/skillsync.service"
+SYSUSERS="$ROOT/systemd/skillsync.sysusers.conf"
+INSTALLED_BIN=/usr/local/bin/skillsync
+BIN="${SKILLSYNC_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/skillsync}"
+
+fail() {
+    echo "check-systemd: FAIL: $*" >&2
+    exit 1
+}
+
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        fail "systemd-analyze is missing; install the 'systemd' package (or run this script as root to have it installed)"
+    fi
+    echo "check-systemd: systemd-analyze not found; installing the systemd package"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends systemd
+    command -v systemd-analyze >/dev/null 2>&1 \
+        || fail "systemd-analyze is still missing after installing the systemd package"
+fi
+
+[ -f "$UNIT" ] || fail "$UNIT not found"
+[ -f "$SYSUSERS" ] || fail "$SYSUSERS not found"
+[ -x "$BIN" ] || fail "$BIN is not an executable; run 'cargo build' first (or set SKILLSYNC_BIN)"
+case "$BIN" in
+/*) ;;
+*) BIN="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")" ;;
+esac
+
+echo "check-systemd: $(systemd-analyze --version | head -n 1)"
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+
+# --- 1. verify --------------------------------------------------------------
+exec_lines="$(grep -c '^ExecStart=' "$UNIT" || true)"
+[ "$exec_lines" = 1 ] || fail "expected exactly one ExecStart= line in $UNIT, found $exec_lines"
+grep -q "^ExecStart=$INSTALLED_BIN " "$UNIT" \
+    || fail "ExecStart= in $UNIT must start with $INSTALLED_BIN (the documented install path)"
+
+# The copy must keep the unit's name: verify derives the unit name from it.
+COPY="$TMP/skillsync.service"
+sed "s|^ExecStart=$INSTALLED_BIN |ExecStart=$BIN |" "$UNIT" >"$COPY"
+changed="$(diff "$UNIT" "$COPY" | grep -c '^>' || true)"
+[ "$changed" = 1 ] || fail "could not point the temporary copy's ExecStart at $BIN"
+
+echo "check-systemd: systemd-analyze verify systemd/skillsync.service (ExecStart=$BIN)"
+set +e
+verify_out="$(systemd-analyze verify "$COPY" 2>&1)"
+verify_rc=$?
+set -e
+verify_out="${verify_out//$COPY/systemd/skillsync.service}"
+if [ "$verify_rc" -ne 0 ] || [ -n "$verify_out" ]; then
+    printf '%s\n' "$verify_out" >&2
+    fail "systemd-analyze verify is not clean (exit $verify_rc)"
+fi
+echo "check-systemd: verify: clean (no output, exit 0)"
+
+# The socket unit (socket activation) is verified beside the service copy.
+SOCKET="$(dirname "$UNIT")/skillsync.socket"
+if [ -f "$SOCKET" ]; then
+    cp "$SOCKET" "$TMP/skillsync.socket"
+    echo "check-systemd: systemd-analyze verify systemd/skillsync.socket"
+    set +e
+    socket_out="$(cd "$TMP" && systemd-analyze verify "$TMP/skillsync.socket" 2>&1)"
+    socket_rc=$?
+    set -e
+    socket_out="${socket_out//$TMP\//systemd/}"
+    if [ "$socket_rc" -ne 0 ] || [ -n "$socket_out" ]; then
+        printf '%s\n' "$socket_out" >&2
+        fail "systemd-analyze verify of skillsync.socket is not clean (exit $socket_rc)"
+    fi
+    echo "check-systemd: socket verify: clean"
+fi
+
+# --- 2. security exposure ----------------------------------------------------
+echo "check-systemd: systemd-analyze security --offline=yes systemd/skillsync.service"
+set +e
+security_out="$(systemd-analyze security --offline=yes --no-pager "$UNIT" 2>&1)"
+security_rc=$?
+set -e
+# Print the items that still carry exposure, then the summary line.
+printf '%s\n' "$security_out" | grep -E '^✗' || true
+summary="$(printf '%s\n' "$security_out" | grep -E 'Overall exposure level for' || true)"
+exposure="$(printf '%s\n' "$summary" | sed -nE 's/.*Overall exposure level for [^:]+: ([0-9]+(\.[0-9]+)?).*/\1/p')"
+if [ "$security_rc" -ne 0 ] || [ -z "$exposure" ]; then
+    printf '%s\n' "$security_out" >&2
+    fail "could not read the overall exposure from systemd-analyze security (exit $security_rc)"
+fi
+echo "check-systemd: ${summary}"
+if ! awk -v e="$exposure" -v max="$MAX_EXPOSURE" 'BEGIN { exit !(e + 0 <= max + 0) }'; then
+    fail "overall exposure $exposure is above $MAX_EXPOSURE: harden systemd/skillsync.service (items marked ✗ above)"
+fi
+echo "check-systemd: exposure $exposure <= $MAX_EXPOSURE"
+
+# --- 3. sysusers -------------------------------------------------------------
+mkdir -p "$TMP/root"
+set +e
+sysusers_out="$(systemd-sysusers --dry-run --root="$TMP/root" - <"$SYSUSERS" 2>&1)"
+sysusers_rc=$?
+set -e
+unit_user="$(sed -n 's/^User=//p' "$UNIT")"
+[ -n "$unit_user" ] || fail "$UNIT has no User= line"
+if [ "$sysusers_rc" -ne 0 ] || ! printf '%s\n' "$sysusers_out" | grep -q "Creating user '$unit_user'"; then
+    printf '%s\n' "$sysusers_out" >&2
+    fail "systemd/skillsync.sysusers.conf does not create User=$unit_user of the unit (exit $sysusers_rc)"
+fi
+echo "check-systemd: sysusers: creates User=$unit_user"
+
+echo "check-systemd: OK"
