@@ -218,10 +218,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })
         }
         Command::Status { json, db } => {
-            let config = if db.is_some() {
-                Config::load(&cli.config).ok()
-            } else {
-                Some(load(&cli.config)?)
+            // Status reads no secret: a monitoring user needs no credentials.
+            let config = match &db {
+                Some(_) => Config::load_without_secrets(&cli.config).ok(),
+                None => Some(Config::load_without_secrets(&cli.config).map_err(|e| {
+                    eprintln!("skillsync: {e}");
+                    ExitCode::from(2)
+                })?),
             };
             let path = match (db, &config) {
                 (Some(p), _) => p,

@@ -166,6 +166,23 @@ impl Config {
     /// Parses and validates TOML text; relative secret files resolve against
     /// `$CREDENTIALS_DIRECTORY` when set, else against `base_dir`.
     pub fn from_toml(text: &str, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::parse(text, base_dir, true)
+    }
+
+    /// Reads and validates the file without reading any secret (every secret
+    /// is left empty): for `status`, which a monitoring user without access
+    /// to the credentials must be able to run.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "--config",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        Config::parse(&text, path.parent(), false)
+    }
+
+    fn parse(text: &str, base_dir: Option<&Path>, secrets: bool) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
             let start = e.span().map(|s| s.start.min(text.len()));
@@ -177,7 +194,7 @@ impl Config {
                 .unwrap_or_default();
             err(key, format!("{msg}{at}"))
         })?;
-        raw.validate(base_dir)
+        raw.validate(base_dir, secrets)
     }
 
     /// The tenant with this name.
@@ -469,7 +486,7 @@ fn required_text(key: &str, v: Option<String>) -> Result<String, ConfigError> {
 }
 
 impl RawConfig {
-    fn validate(self, base_dir: Option<&Path>) -> Result<Config, ConfigError> {
+    fn validate(self, base_dir: Option<&Path>, read_secrets: bool) -> Result<Config, ConfigError> {
         let s = self.server;
         let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string());
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
@@ -712,7 +729,9 @@ impl RawConfig {
                     "give exactly one of webhook_secrets, webhook_secret_file, webhook_secret_env",
                 ));
             }
-            let webhook_secrets = if let Some(list) = t.webhook_secrets {
+            let webhook_secrets = if !read_secrets {
+                Vec::new()
+            } else if let Some(list) = t.webhook_secrets {
                 let list: Vec<Secret> = list.iter().map(|s| Secret::new(s.trim())).collect();
                 if list.is_empty() || list.iter().any(|s| s.expose().is_empty()) {
                     return Err(err(
@@ -761,7 +780,9 @@ impl RawConfig {
                     "give exactly one of app_secret, app_secret_file, app_secret_env",
                 ));
             }
-            let app_secret = if let Some(v) = t.app_secret {
+            let app_secret = if !read_secrets {
+                Secret::new("")
+            } else if let Some(v) = t.app_secret {
                 if v.trim().is_empty() {
                     return Err(err(k("app_secret"), "must not be empty"));
                 }

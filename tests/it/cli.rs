@@ -447,6 +447,25 @@ async fn status_exit_codes_tell_a_monitor_the_truth() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("DEGRADED") && text.contains("dead"), "{text}");
 
+    // A monitor without access to the secrets: status reads none.
+    let no_secrets = std::fs::read_to_string(&app.config_path).unwrap().replace(
+        &format!("app_secret = \"{APP_SECRET}\""),
+        "app_secret_file = \"/nonexistent/app-secret\"",
+    );
+    let monitor_config = app.dir.path().join("monitor.toml");
+    std::fs::write(&monitor_config, no_secrets).unwrap();
+    let out = bin()
+        .args(["status", "--json", "--config"])
+        .arg(&monitor_config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "still degraded, read without secrets: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let garbage = app.dir.path().join("garbage.db");
     std::fs::write(&garbage, b"this is not a database at all, not even close........................................................").unwrap();
     let out = bin()
