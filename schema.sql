@@ -151,7 +151,9 @@ queue AS (
            count(*) FILTER (WHERE status = 'queued') AS queued,
            count(*) FILTER (WHERE status = 'queued' AND attempts > 0) AS retrying,
            count(*) FILTER (WHERE status = 'dead') AS dead_documents,
-           min(requested_at) FILTER (WHERE status = 'queued') AS oldest_queued_at
+           min(requested_at) FILTER (WHERE status = 'queued') AS oldest_queued_at,
+           -- dead documents are not mirrored either: they hold complete_as_of back too
+           min(requested_at) AS oldest_unmirrored_at
     FROM fetch_queue GROUP BY tenant, doc_type
 ),
 ev AS (
@@ -191,8 +193,9 @@ SELECT k.tenant, k.doc_type,
        -- fetches are still waiting.
        CASE
            WHEN lo.last_ok_started_at IS NULL THEN NULL
-           WHEN coalesce(q.oldest_queued_at, e.oldest_pending_at) IS NULL THEN lo.last_ok_started_at
-           ELSE min(lo.last_ok_started_at, coalesce(min(q.oldest_queued_at, e.oldest_pending_at), q.oldest_queued_at, e.oldest_pending_at))
+           ELSE min(lo.last_ok_started_at,
+                    coalesce(q.oldest_unmirrored_at, lo.last_ok_started_at),
+                    coalesce(e.oldest_pending_at, lo.last_ok_started_at))
        END AS complete_as_of
 FROM kinds k
 LEFT JOIN mirror m ON m.tenant = k.tenant AND m.doc_type = k.doc_type

@@ -49,7 +49,8 @@ impl Kind {
 /// What one page asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    pub enqueue: Vec<String>,
+    /// Documents to fetch, with the ModifiedOn the listing showed.
+    pub enqueue: Vec<ListedDoc>,
     /// Documents found changed (or missing) that no queued fetch announced.
     pub missed: u64,
 }
@@ -76,7 +77,7 @@ pub fn plan(rows: &[ListedDoc], state: &PageState) -> Plan {
             continue; // announced (by a webhook or an earlier run) and on its way
         }
         p.missed += 1;
-        p.enqueue.push(row.id.clone());
+        p.enqueue.push(row.clone());
     }
     p
 }
@@ -308,7 +309,15 @@ impl Reconciler {
             if !p.enqueue.is_empty() {
                 counts.enqueued += p.enqueue.len() as u64;
                 self.store
-                    .enqueue_fetches(tenant.clone(), doc_type, p.enqueue, Utc::now())
+                    .enqueue_fetches(
+                        tenant.clone(),
+                        doc_type,
+                        p.enqueue
+                            .into_iter()
+                            .map(|d| (d.id, d.modified_on))
+                            .collect(),
+                        Utc::now(),
+                    )
                     .await
                     .map_err(|e| Failure::Failed(e.to_string()))?;
                 if let Some(w) = self.wake.get(&tenant) {
@@ -501,7 +510,8 @@ mod tests {
             row("no-time", None),
         ];
         let p = plan(&rows, &state);
-        assert_eq!(p.enqueue, vec!["older", "gone", "new", "no-time"]);
+        let ids: Vec<&str> = p.enqueue.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, vec!["older", "gone", "new", "no-time"]);
         assert_eq!(p.missed, 4);
     }
 

@@ -432,12 +432,10 @@ impl Simulator {
             return reply(StatusCode::OK, big);
         }
         if faults.reset_rate > 0.0 && fastrand::f64() < faults.reset_rate {
-            // Promise more bytes than we send: the connection is cut mid-body.
-            let mut r = warp::reply::with_status("{\"Id\":", StatusCode::OK).into_response_fix();
-            if let Ok(v) = "4096".parse() {
-                r.headers_mut().insert("content-length", v);
-            }
-            return r;
+            // Abort the connection task: the client sees the connection drop
+            // with no answer, as on a reset. `resume_unwind` skips the panic
+            // hook, so nothing is printed; no lock is held here.
+            std::panic::resume_unwind(Box::new("simulated connection reset"));
         }
         let doc = self
             .lock()

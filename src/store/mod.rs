@@ -166,6 +166,15 @@ impl Store {
         apply_pragmas(&writer_conn, busy_timeout).map_err(|e| {
             StoreError::Unavailable(format!("cannot set up database {}: {e}", path.display()))
         })?;
+        // SQLite quietly opens read-only when it cannot write (say, a crashed
+        // database's -shm in a read-only directory): refuse to start instead
+        // of answering 503 forever.
+        if writer_conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+            return Err(StoreError::Unavailable(format!(
+                "cannot open database {} for writing (read-only file or directory)",
+                path.display()
+            )));
+        }
         migrate(&writer_conn)?;
 
         let manager = SqliteConnectionManager::file(path)

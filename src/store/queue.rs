@@ -45,26 +45,31 @@ pub enum FailureResult {
     Dead { attempts: u32 },
 }
 
+/// Queues a document. `requested_at` is when the change we wait for happened
+/// (a webhook's arrival, or the ModifiedOn a listing showed), so
+/// `sync_status.complete_as_of` stays before every change not yet mirrored.
 fn enqueue(
     c: &Connection,
     tenant: &str,
     doc_type: &str,
     doc_id: &str,
     reason: &str,
+    requested_at: &str,
     now: &str,
 ) -> rusqlite::Result<()> {
     // A new request revives a dead document; one in back-off keeps its
     // schedule (the upstream failure it waits out is likely the same).
     c.prepare_cached(
         "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, 1, ?5, 'queued', 0, ?5)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, 'queued', 0, ?6)
          ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET
              generation = generation + 1,
+             requested_at = min(requested_at, excluded.requested_at),
              attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END,
              next_attempt_at = CASE WHEN status = 'dead' THEN excluded.next_attempt_at ELSE next_attempt_at END,
              status = 'queued'",
     )?
-    .execute(params![tenant, doc_type, doc_id, reason, now])?;
+    .execute(params![tenant, doc_type, doc_id, reason, requested_at, now])?;
     Ok(())
 }
 
@@ -95,25 +100,38 @@ impl Store {
                     |r| r.get(0),
                 )?;
             if let (false, Some(t), Some(d)) = (ev.ignored, &ev.doc_type, &ev.doc_id) {
-                enqueue(c, &ev.tenant, t, d, "webhook", &now)?;
+                enqueue(c, &ev.tenant, t, d, "webhook", &now, &now)?;
             }
             Ok(id)
         })
         .await
     }
 
-    /// Queues fetches for documents a reconciliation found missing or newer.
+    /// Queues fetches for documents a reconciliation found missing or newer:
+    /// `(id, ModifiedOn as listed)`.
     pub async fn enqueue_fetches(
         &self,
         tenant: String,
         doc_type: DocType,
-        ids: Vec<String>,
+        docs: Vec<(String, Option<String>)>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
             let now = fmt_ts(now);
-            for id in &ids {
-                enqueue(c, &tenant, doc_type.as_str(), id, "reconcile", &now)?;
+            for (id, modified) in &docs {
+                let changed = modified
+                    .as_deref()
+                    .filter(|m| *m < now.as_str())
+                    .unwrap_or(&now);
+                enqueue(
+                    c,
+                    &tenant,
+                    doc_type.as_str(),
+                    id,
+                    "reconcile",
+                    changed,
+                    &now,
+                )?;
             }
             Ok(())
         })

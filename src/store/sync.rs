@@ -35,8 +35,9 @@ pub struct PageState {
 }
 
 impl Store {
-    /// Takes the run lock of a tenant and type until `until`, unless another
-    /// owner holds an unexpired one. Marks runs left `running` by a process
+    /// Takes the run lock of a tenant and type until `until`, unless anyone
+    /// (this process included: its schedules share one owner) holds an
+    /// unexpired one. Marks runs left `running` by a process
     /// that died as `interrupted`.
     pub async fn acquire_sync_lock(
         &self,
@@ -54,7 +55,7 @@ impl Store {
             )?;
             let got = c.execute(
                 "UPDATE sync_state SET lock_owner = ?3, lock_until = ?4
-                 WHERE tenant = ?1 AND doc_type = ?2 AND (lock_owner IS NULL OR lock_until < ?5 OR lock_owner = ?3)",
+                 WHERE tenant = ?1 AND doc_type = ?2 AND (lock_owner IS NULL OR lock_until < ?5)",
                 params![tenant, doc_type.as_str(), owner, fmt_ts(until), now],
             )?;
             if got == 1 {

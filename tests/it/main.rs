@@ -3,10 +3,13 @@
 //! where a process boundary matters (kill -9, CLI exit codes).
 
 mod cli;
+mod crash;
+mod faults;
 mod fetch;
 mod helpers;
 mod hostile;
 mod ops;
 mod readme;
-mod webhook;
+mod reconcile;
 mod tls;
+mod webhook;
