@@ -524,3 +524,89 @@ fn the_demo_runs_end_to_end() {
         "drift recorded"
     );
 }
+
+/// Starts the binary with JSON logs and the given extra `[server]` lines; returns (child, port, log reader).
+fn serve_with_json_logs(
+    dir: &Path,
+    server_extra: &str,
+    sim_base: &str,
+) -> (std::process::Child, u16, std::thread::JoinHandle<String>) {
+    let port = free_port();
+    let path = write_config(dir, port, sim_base);
+    let toml = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", &format!("[server]\n{server_extra}\n"));
+    std::fs::write(&path, toml).unwrap();
+    let mut child = bin()
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (child, port, log)
+}
+
+#[tokio::test]
+async fn json_logs_show_the_real_client_only_behind_a_trusted_proxy() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    for (trusted, expect_forwarded) in [
+        ("trusted_proxies = [\"127.0.0.1/32\"]", true),
+        ("trusted_proxies = [\"10.0.0.0/8\"]", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, port, log) = serve_with_json_logs(dir.path(), trusted, &sim.base_url());
+        wait_healthy(port).await;
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/skillsevent"))
+            .header("x-webhook-secret", "not-the-secret")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let mut child = child;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let log = log.join().unwrap();
+        let refused: Vec<Value> = log
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+            })
+            .filter(|v| v["fields"]["message"] == "webhook refused")
+            .collect();
+        assert_eq!(refused.len(), 1, "{log}");
+        let client = refused[0]["fields"]["client"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            client.contains("203.0.113.7"),
+            expect_forwarded,
+            "{trusted}: {client}"
+        );
+        assert_eq!(
+            client.contains("127.0.0.1"),
+            !expect_forwarded,
+            "{trusted}: {client}"
+        );
+    }
+    token.cancel();
+}

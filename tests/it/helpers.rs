@@ -32,6 +32,7 @@ pub fn creds() -> SimCredentials {
 
 /// Starts a simulator on a fresh loopback port; it stops with `token`.
 pub async fn start_sim(token: &CancellationToken) -> Simulator {
+    skillsync::upstream::install_crypto();
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind simulator");
