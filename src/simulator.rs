@@ -381,6 +381,29 @@ impl Simulator {
         None
     }
 
+    /// What every request goes through first: the latency, the credentials
+    /// check, and a 429 from the current burst. `Some` is the refusal to send.
+    async fn gate(&self, faults: &Faults, headers: &warp::http::HeaderMap) -> Option<Response> {
+        if !faults.latency.is_zero() {
+            tokio::time::sleep(faults.latency).await;
+        }
+        if !self.check_auth(headers) {
+            return Some(reply(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "invalid credentials"}),
+            ));
+        }
+        let after = self.take_rate_limit()?;
+        let mut r = reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "rate limited"}),
+        );
+        if let Ok(v) = after.to_string().parse() {
+            r.headers_mut().insert("retry-after", v);
+        }
+        Some(r)
+    }
+
     async fn get_document(
         self,
         ty: DocType,
@@ -393,24 +416,8 @@ impl Simulator {
             *s.gets.entry((ty, id.to_ascii_lowercase())).or_default() += 1;
             s.faults.clone()
         };
-        if !faults.latency.is_zero() {
-            tokio::time::sleep(faults.latency).await;
-        }
-        if !self.check_auth(&headers) {
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "invalid credentials"}),
-            );
-        }
-        if let Some(after) = self.take_rate_limit() {
-            let mut r = reply(
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({"error": "rate limited"}),
-            );
-            if let Ok(v) = after.to_string().parse() {
-                r.headers_mut().insert("retry-after", v);
-            }
-            return r;
+        if let Some(refused) = self.gate(&faults, &headers).await {
+            return refused;
         }
         if faults.hang_rate > 0.0 && fastrand::f64() < faults.hang_rate {
             tokio::time::sleep(faults.hang_for).await;
@@ -454,24 +461,8 @@ impl Simulator {
             s.listing_calls += 1;
             s.faults.clone()
         };
-        if !faults.latency.is_zero() {
-            tokio::time::sleep(faults.latency).await;
-        }
-        if !self.check_auth(&headers) {
-            return reply(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "invalid credentials"}),
-            );
-        }
-        if let Some(after) = self.take_rate_limit() {
-            let mut r = reply(
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({"error": "rate limited"}),
-            );
-            if let Ok(v) = after.to_string().parse() {
-                r.headers_mut().insert("retry-after", v);
-            }
-            return r;
+        if let Some(refused) = self.gate(&faults, &headers).await {
+            return refused;
         }
         let q = &body["queryBuilder"];
         let skip = q["skip"].as_u64().unwrap_or(0);
@@ -769,6 +760,19 @@ pub async fn send_webhooks(
         Ok(c) => c,
         Err(_) => return SendReport::default(),
     };
+    send_webhooks_with(client, url, secret, payloads, concurrency, rate).await
+}
+
+/// [`send_webhooks`] with a client of the caller's (e.g. one that trusts a
+/// test certificate for HTTPS).
+pub async fn send_webhooks_with(
+    client: reqwest::Client,
+    url: &str,
+    secret: &str,
+    payloads: Vec<Value>,
+    concurrency: usize,
+    rate: Option<f64>,
+) -> SendReport {
     let bodies: Vec<bytes::Bytes> = payloads
         .iter()
         .map(|p| bytes::Bytes::from(p.to_string()))
