@@ -161,7 +161,14 @@ impl Fetcher {
             if claimed_any && inflight.len() < concurrency {
                 continue; // more may be due right now
             }
-            let wait = self.idle_wait(&tenant).await;
+            // Every slot busy: a finishing fetch wakes us, so skip asking the
+            // database when the next document is due (that query scans the
+            // tenant's whole queue; once per fetch it made big runs quadratic).
+            let wait = if inflight.len() >= concurrency {
+                Some(Duration::from_secs(1))
+            } else {
+                self.idle_wait(&tenant).await
+            };
             if let Some(horizon) = until_idle {
                 if inflight.is_empty()
                     && wait.is_none_or(|w| w > horizon)
