@@ -252,6 +252,27 @@ impl Reconciler {
         Ok(summary)
     }
 
+    /// Starts fetching one listing page in its own task, so the next page is
+    /// on its way while the current one is compared with the mirror.
+    fn request_page(
+        &self,
+        tcfg: &crate::config::TenantConfig,
+        doc_type: DocType,
+        since: Option<String>,
+        skip: u64,
+    ) -> tokio::task::JoinHandle<Result<crate::upstream::ListPage, crate::upstream::CallError>>
+    {
+        let upstream = self.upstream.clone();
+        let config = self.config.clone();
+        let tcfg = tcfg.clone();
+        let take = config.upstream.page_size;
+        tokio::spawn(async move {
+            upstream
+                .list_page(&config, &tcfg, doc_type, skip, take, since.as_deref())
+                .await
+        })
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn list_and_enqueue(
         &self,
@@ -277,38 +298,66 @@ impl Reconciler {
                     fmt_ts(w - chrono::Duration::seconds(self.config.upstream.overlap_secs as i64))
                 }),
         };
-        let mut cursor: Option<String> = since;
         let mut skip: u64 = 0;
         let mut max_seen: Option<String> = None;
         let mut seen: HashSet<String> = HashSet::new();
         let mut last_renew = Instant::now();
-        loop {
+        let mut request = Some(self.request_page(tcfg, doc_type, since.clone(), 0));
+        let mut cursor: Option<String> = since;
+        while let Some(pending) = request.take() {
             if shutdown.is_cancelled() {
+                pending.abort();
                 return Err(Failure::Interrupted);
             }
-            let page = self
-                .upstream
-                .list_page(&self.config, tcfg, doc_type, skip, take, cursor.as_deref())
-                .await
-                .map_err(|e| {
-                    Failure::Failed(format!(
+            let page = match pending.await {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    return Err(Failure::Failed(format!(
                         "listing failed after {} documents: {e}",
                         counts.listed
-                    ))
-                })?;
+                    )));
+                }
+                Err(e) => return Err(Failure::Failed(format!("listing task failed: {e}"))),
+            };
             let n = page.rows.len();
+            if n >= take as usize {
+                // Ask for the next page now, while this one is compared with
+                // the mirror: keyset on the last time seen, skipping the rows
+                // at that time already read.
+                match page.rows.last().and_then(|r| r.modified_on.clone()) {
+                    Some(last) if cursor.as_deref() == Some(last.as_str()) => skip += n as u64,
+                    Some(last) => {
+                        skip = page
+                            .rows
+                            .iter()
+                            .filter(|r| r.modified_on.as_deref() == Some(last.as_str()))
+                            .count() as u64;
+                        cursor = Some(last);
+                    }
+                    None => skip += n as u64, // no times: plain offsets
+                }
+                request = Some(self.request_page(tcfg, doc_type, cursor.clone(), skip));
+            }
+            let abort_next = |request: &Option<tokio::task::JoinHandle<_>>| {
+                if let Some(r) = request {
+                    r.abort();
+                }
+            };
             counts.listed += n as u64;
             let ids: Vec<String> = page.rows.iter().map(|r| r.id.clone()).collect();
-            let state = self
-                .store
-                .page_state(tenant.clone(), doc_type, ids)
-                .await
-                .map_err(|e| Failure::Failed(e.to_string()))?;
+            let state = match self.store.page_state(tenant.clone(), doc_type, ids).await {
+                Ok(s) => s,
+                Err(e) => {
+                    abort_next(&request);
+                    return Err(Failure::Failed(e.to_string()));
+                }
+            };
             let p = plan(&page.rows, &state);
             counts.missed += p.missed;
             if !p.enqueue.is_empty() {
                 counts.enqueued += p.enqueue.len() as u64;
-                self.store
+                let queued = self
+                    .store
                     .enqueue_fetches(
                         tenant.clone(),
                         doc_type,
@@ -318,8 +367,11 @@ impl Reconciler {
                             .collect(),
                         Utc::now(),
                     )
-                    .await
-                    .map_err(|e| Failure::Failed(e.to_string()))?;
+                    .await;
+                if let Err(e) = queued {
+                    abort_next(&request);
+                    return Err(Failure::Failed(e.to_string()));
+                }
                 if let Some(w) = self.wake.get(&tenant) {
                     w.notify_one();
                 }
@@ -333,22 +385,6 @@ impl Reconciler {
                         max_seen = Some(m.clone());
                     }
                 }
-            }
-            if n < take as usize {
-                break;
-            }
-            // Next page: keyset on the last time seen, skipping the rows at that time already read.
-            match page.rows.last().and_then(|r| r.modified_on.clone()) {
-                Some(last) if cursor.as_deref() == Some(last.as_str()) => skip += n as u64,
-                Some(last) => {
-                    skip = page
-                        .rows
-                        .iter()
-                        .filter(|r| r.modified_on.as_deref() == Some(last.as_str()))
-                        .count() as u64;
-                    cursor = Some(last);
-                }
-                None => skip += n as u64, // no times: plain offsets
             }
             if last_renew.elapsed() > LOCK_LEASE / 4 {
                 let until = Utc::now()

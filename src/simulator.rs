@@ -8,7 +8,7 @@
 //! bursts with `Retry-After`, hangs, malformed or oversized bodies, and
 //! connections cut mid-body. It counts the GETs per document.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -63,7 +63,9 @@ pub struct SimDoc {
 struct State {
     docs: HashMap<(DocType, String), SimDoc>,
     /// Live documents ordered as the listing orders them.
-    index: BTreeSet<(DocType, String, String)>,
+    /// Per type, sorted by (ModifiedOn, id): a position is a binary search,
+    /// so `totalCount` and a page cost O(log n + page), not O(n).
+    index: HashMap<DocType, Vec<(String, String)>>,
     faults: Faults,
     gets: HashMap<(DocType, String), u64>,
     total_gets: u64,
@@ -78,8 +80,11 @@ struct State {
 
 impl State {
     fn next_modified(&mut self) -> String {
-        // Strictly increasing so every change is visible to a watermark.
+        // Strictly increasing at the millisecond precision the text keeps, so
+        // every change is visible to a watermark.
         let now = Utc::now();
+        let now = now
+            - chrono::Duration::nanoseconds(i64::from(now.timestamp_subsec_nanos() % 1_000_000));
         let t = match self.last_modified {
             Some(last) if now <= last => last + chrono::Duration::milliseconds(1),
             _ => now,
@@ -89,12 +94,18 @@ impl State {
     }
 
     fn put(&mut self, ty: DocType, id: String, doc: SimDoc) {
+        let index = self.index.entry(ty).or_default();
         if let Some(old) = self.docs.get(&(ty, id.clone())) {
-            self.index
-                .remove(&(ty, old.modified_on.clone(), id.clone()));
+            let key = (old.modified_on.clone(), id.clone());
+            if let Ok(i) = index.binary_search(&key) {
+                index.remove(i);
+            }
         }
         if !doc.deleted {
-            self.index.insert((ty, doc.modified_on.clone(), id.clone()));
+            let key = (doc.modified_on.clone(), id.clone());
+            if let Err(i) = index.binary_search(&key) {
+                index.insert(i, key);
+            }
         }
         self.docs.insert((ty, id), doc);
     }
@@ -536,19 +547,16 @@ impl Simulator {
         });
         let mut s = self.lock();
         s.listing_pages_since_faults += 1;
-        let lower = (ty, since.clone().unwrap_or_default(), String::new());
-        let total = s
-            .index
-            .range(lower.clone()..)
-            .take_while(|(t, _, _)| *t == ty)
-            .count();
-        let data: Vec<Value> = s
-            .index
-            .range(lower..)
-            .take_while(|(t, _, _)| *t == ty)
+        let lower = (since.clone().unwrap_or_default(), String::new());
+        let empty = Vec::new();
+        let index = s.index.get(&ty).unwrap_or(&empty);
+        let from = index.partition_point(|k| *k < lower);
+        let total = index.len() - from;
+        let data: Vec<Value> = index[from..]
+            .iter()
             .skip(skip as usize)
             .take(take as usize)
-            .filter_map(|(_, _, id)| s.docs.get(&(ty, id.clone())))
+            .filter_map(|(_, id)| s.docs.get(&(ty, id.clone())))
             .map(|d| {
                 let mut row = Map::new();
                 for f in &fields {
