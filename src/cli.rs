@@ -110,10 +110,12 @@ enum Command {
 
 /// Sets up tracing: readable text by default, JSON with `--log-format json`;
 /// level from `RUST_LOG` (default info, the cron scheduler's chatter at warn).
-pub fn init_logging(json: bool) {
+pub fn init_logging(json: bool, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,tokio_cron_scheduler=warn,hyper=warn,reqwest=warn")
+        EnvFilter::new(format!(
+            "{default_level},tokio_cron_scheduler=warn,hyper=warn,reqwest=warn"
+        ))
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -163,7 +165,13 @@ pub fn cancel_on_signals(token: CancellationToken) {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format == LogFormat::Json);
+    // The demo narrates on stdout; its log shows only problems unless RUST_LOG says otherwise.
+    let level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format == LogFormat::Json, level);
     crate::upstream::install_crypto();
     match run(cli) {
         Ok(code) => code,
