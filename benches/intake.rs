@@ -38,6 +38,8 @@
 //! rounds, default 5; `INTAKE_RATE_EVENTS` events in the fixed-rate trial,
 //! default 10000).
 
+mod common;
+use common::{cell, summary};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -283,24 +285,6 @@ async fn trial(server: Server, events: usize, senders: usize, rate: Option<f64>)
         s.other
     );
     s
-}
-
-/// Median, min and max.
-fn summary(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let med = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (med, s[0], s[n - 1])
-}
-
-fn cell(v: &[f64], prec: usize) -> String {
-    let (m, lo, hi) = summary(v);
-    format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
 }
 
 /// Median time to append 4 KiB and `fdatasync` it in `dir`: how busy the

@@ -24,6 +24,8 @@
 //! Reproduce: `cargo bench --bench pipeline` (knob: `PIPELINE_RUNS` rounds,
 //! default 3).
 
+mod common;
+use common::{cell, summary};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -304,24 +306,6 @@ async fn burst_trial(latency: Duration) -> BurstSample {
         s.done
     );
     s
-}
-
-/// Median, min and max.
-fn summary(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let med = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (med, s[0], s[n - 1])
-}
-
-fn cell(v: &[f64], prec: usize) -> String {
-    let (m, lo, hi) = summary(v);
-    format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
 }
 
 fn main() {

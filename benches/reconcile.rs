@@ -39,6 +39,8 @@
 //! default 100000; `RECONCILE_RUNS` rounds, default 3). `/usr/bin/time` is
 //! the `time` package on Debian (`apt-get install -y time`).
 
+mod common;
+use common::{cell, summary};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -490,28 +492,6 @@ fn measured_run(
         s.queued_after
     );
     s
-}
-
-/// Median, min and max.
-fn summary(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let med = if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    (med, s[0], s[n - 1])
-}
-
-fn cell(v: &[f64], prec: usize) -> String {
-    let (m, lo, hi) = summary(v);
-    if (hi - lo).abs() < f64::EPSILON {
-        format!("{m:.prec$}")
-    } else {
-        format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
-    }
 }
 
 fn main() {

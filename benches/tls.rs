@@ -9,6 +9,7 @@
 //! Reproduce: `cargo bench --bench tls`
 //! (knobs: `TLS_EVENTS` events per trial, default 5000; `TLS_RUNS` rounds, default 5).
 
+mod common;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -117,9 +118,8 @@ async fn trial(tls: bool, senders: usize, events: usize, cert: &(String, String)
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    common::summary(&v).0
 }
 
 fn main() {

@@ -839,6 +839,8 @@ impl RawConfig {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     fn tenant(extra: &str) -> String {
         format!(
             "[database]\npath = \"/tmp/x.db\"\n[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"s3cret-acme-1\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://apiv2-acme.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"app-s3cret\"\n{extra}"
@@ -846,8 +848,8 @@ mod tests {
     }
 
     #[test]
-    fn minimal_config_gets_spec_defaults() {
-        let c = Config::from_toml(&tenant(""), None).unwrap();
+    fn minimal_config_gets_spec_defaults() -> TestResult {
+        let c = Config::from_toml(&tenant(""), None)?;
         assert_eq!(c.server.webhook_path, "/skillsevent");
         assert_eq!(c.server.max_body_bytes, 65536);
         assert_eq!(c.fetch.concurrency, 8);
@@ -861,26 +863,30 @@ mod tests {
             Some("0 30 2 * * *")
         );
         assert!((c.tenants[0].max_delete_fraction - 0.1).abs() < 1e-9);
+        Ok(())
     }
 
     #[test]
-    fn debug_output_hides_secrets() {
-        let c = Config::from_toml(&tenant(""), None).unwrap();
+    fn debug_output_hides_secrets() -> TestResult {
+        let c = Config::from_toml(&tenant(""), None)?;
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cret-acme-1"));
         assert!(!dbg.contains("app-s3cret"));
         assert!(dbg.contains("[redacted]"));
+        Ok(())
     }
 
     #[test]
-    fn example_config_is_valid() {
-        let c = Config::from_toml(EXAMPLE_CONFIG, None).unwrap();
+    fn example_config_is_valid() -> TestResult {
+        let c = Config::from_toml(EXAMPLE_CONFIG, None)?;
         assert!(!c.tenants.is_empty());
+        Ok(())
     }
 
     #[test]
-    fn schedule_off_disables() {
-        let c = Config::from_toml(&tenant("reconcile_schedule = \"off\""), None).unwrap();
+    fn schedule_off_disables() -> TestResult {
+        let c = Config::from_toml(&tenant("reconcile_schedule = \"off\""), None)?;
         assert!(c.tenants[0].reconcile_schedule.is_none());
+        Ok(())
     }
 }

@@ -327,23 +327,25 @@ impl Fetcher {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn extraction_is_case_insensitive_and_first_wins() {
-        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None).unwrap();
+    fn extraction_is_case_insensitive_and_first_wins() -> TestResult {
+        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None)?;
         let doc: Map<String, Value> = serde_json::from_str(
             r#"{"jobnumber": "J-1", "subject": "Brochure", "Job": "ignored", "MODIFIEDON": "2026-11-01T10:00:00", "Version": 7}"#,
-        )
-        .unwrap();
+        )?;
         let d = extract(&doc, &cfg.upstream);
         assert_eq!(d.number.as_deref(), Some("J-1"));
         assert_eq!(d.name.as_deref(), Some("Brochure"));
         assert_eq!(d.modified_on.as_deref(), Some("2026-11-01T10:00:00.000Z"));
         assert_eq!(d.version, Some(7));
+        Ok(())
     }
 
     #[test]
-    fn backoff_grows_and_caps() {
-        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None).unwrap();
+    fn backoff_grows_and_caps() -> TestResult {
+        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None)?;
         let f = &cfg.fetch;
         for _ in 0..50 {
             let d1 = backoff(f, 1).as_secs_f64();
@@ -353,5 +355,6 @@ mod tests {
             let d30 = backoff(f, 30).as_secs_f64();
             assert!((1800.0..=3600.0).contains(&d30), "{d30}");
         }
+        Ok(())
     }
 }

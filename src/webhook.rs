@@ -662,39 +662,42 @@ pub fn routes(
 mod tests {
     use super::*;
 
-    fn config() -> Config {
-        Config::from_toml(
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn config() -> Result<Config, Box<dyn std::error::Error>> {
+        Ok(Config::from_toml(
             "[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"secret-acme\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://x.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"s\"\n",
             None,
-        )
-        .unwrap()
+        )?)
     }
 
-    fn body(url: &str) -> Vec<u8> {
-        serde_json::to_vec(&json!({"action": "created", "document": {"type": "SkillsWorkflow.Job", "id": "32A8C937-2C65-463D-A292-E4C4E13ED263", "url": url}})).unwrap()
+    fn body(url: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        Ok(serde_json::to_vec(
+            &json!({"action": "created", "document": {"type": "SkillsWorkflow.Job", "id": "32A8C937-2C65-463D-A292-E4C4E13ED263", "url": url}}),
+        )?)
     }
 
     #[test]
-    fn accepts_the_senders_example() {
-        let c = config();
+    fn accepts_the_senders_example() -> TestResult {
+        let c = config()?;
         let base = c.tenants[0].api_base.clone();
         let p = parse_payload(
-            &body("https://api.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263"),
+            &body("https://api.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263")?,
             &base,
             &c,
-        )
-        .unwrap();
+        )?;
         assert_eq!(p.doc_type.as_deref(), Some("job"));
         assert_eq!(
             p.doc_id.as_deref(),
             Some("32a8c937-2c65-463d-a292-e4c4e13ed263")
         );
         assert!(!p.ignored);
+        Ok(())
     }
 
     #[test]
-    fn refuses_foreign_urls() {
-        let c = config();
+    fn refuses_foreign_urls() -> TestResult {
+        let c = config()?;
         let base = c.tenants[0].api_base.clone();
         for url in [
             "https://evil.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263",
@@ -704,27 +707,28 @@ mod tests {
             "https://api.example.com/api/jobs/00000000-2c65-463d-a292-e4c4e13ed263",
             "https://user@api.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263",
         ] {
-            match parse_payload(&body(url), &base, &c) {
+            match parse_payload(&body(url)?, &base, &c) {
                 Err(WebhookError::BadRequest { field, .. }) => {
                     assert_eq!(field, "document.url", "{url}")
                 }
                 other => panic!("{url}: {other:?}"),
             }
         }
+        Ok(())
     }
 
     #[test]
-    fn authenticate_respects_the_path_tenant() {
+    fn authenticate_respects_the_path_tenant() -> TestResult {
         let tenants = vec![
             TenantAuth {
                 name: "a".into(),
                 digests: vec![sha256(b"secret-a")],
-                api_base: Url::parse("https://x").unwrap(),
+                api_base: Url::parse("https://x")?,
             },
             TenantAuth {
                 name: "b".into(),
                 digests: vec![sha256(b"secret-b1"), sha256(b"secret-b2")],
-                api_base: Url::parse("https://x").unwrap(),
+                api_base: Url::parse("https://x")?,
             },
         ];
         assert_eq!(authenticate(&tenants, b"secret-b2", None), Some(1));
@@ -732,20 +736,14 @@ mod tests {
         assert_eq!(authenticate(&tenants, b"secret-b2", Some("a")), None);
         assert_eq!(authenticate(&tenants, b"nope", None), None);
         assert_eq!(authenticate(&tenants, b"secret-a", Some("zzz")), None);
+        Ok(())
     }
 
     #[test]
-    fn ip_matching() {
-        assert!(ip_in(
-            "10.1.2.3".parse().unwrap(),
-            "10.0.0.0".parse().unwrap(),
-            8
-        ));
-        assert!(!ip_in(
-            "11.1.2.3".parse().unwrap(),
-            "10.0.0.0".parse().unwrap(),
-            8
-        ));
-        assert!(ip_in("::1".parse().unwrap(), "::1".parse().unwrap(), 128));
+    fn ip_matching() -> TestResult {
+        assert!(ip_in("10.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(!ip_in("11.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(ip_in("::1".parse()?, "::1".parse()?, 128));
+        Ok(())
     }
 }
