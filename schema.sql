@@ -1,7 +1,9 @@
 -- skillsync schema, version 1 (PRAGMA user_version = 1).
 -- Applied by the daemon at start-up inside one transaction. Later versions are
--- added as migrations/NNN_*.sql and run in order; a database whose
--- user_version is newer than the binary knows is refused.
+-- src/store/migrations/NNN_*.sql, run in order after this file (version 2
+-- adds `events.queued` and re-keys the events indexes: read it with this
+-- one); a database whose user_version is newer than the binary knows is
+-- refused.
 -- Times are RFC 3339 UTC text with milliseconds and Z, so text order is time order.
 
 -- One row per accepted webhook delivery.

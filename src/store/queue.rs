@@ -73,17 +73,61 @@ fn enqueue(
     Ok(())
 }
 
+/// How many recorded events one claim moves into `fetch_queue` at most, so
+/// that after a burst one claim's transaction (and the webhook commits queued
+/// behind it) stays within a few milliseconds.
+const QUEUE_BATCH: i64 = 256;
+
+/// Moves up to `limit` of `tenant`'s recorded events, oldest first, into
+/// `fetch_queue` (`queued = 1`). Returns how many moved.
+///
+/// The inbox insert leaves this to the fetcher so that acknowledging an event
+/// writes only pages ordered by id or time; this is where the writes keyed by
+/// document id happen, at the pace documents are fetched. Correctness does
+/// not depend on when it runs: settling only ever touches `queued = 1` events
+/// (see [`settle_success`]), and an event queued after its document's fetch
+/// began bumps the document's generation, so it is fetched again.
+fn queue_recorded_events(c: &Connection, tenant: &str, limit: i64) -> rusqlite::Result<usize> {
+    let rows: Vec<(String, String, String)> = c
+        .prepare_cached(
+            "UPDATE events SET queued = 1
+             WHERE id IN (SELECT id FROM events WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT ?2)
+             RETURNING doc_type, doc_id, received_at",
+        )?
+        .query_map(params![tenant, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (doc_type, doc_id, received_at) in &rows {
+        enqueue(
+            c,
+            tenant,
+            doc_type,
+            doc_id,
+            "webhook",
+            received_at,
+            received_at,
+        )?;
+    }
+    Ok(rows.len())
+}
+
 impl Store {
-    /// Records a delivery and, unless ignored, queues its document; resolves
-    /// once both are committed durably. Returns the event id.
+    /// Records a delivery; resolves once it is committed durably. Returns the
+    /// event id. One INSERT that touches only pages ordered by id or time
+    /// (the inbox's whole cost on the acknowledgement path); the fetcher
+    /// moves the event's document into `fetch_queue` when it next claims
+    /// work ([`queue_recorded_events`]).
     pub async fn insert_event(&self, ev: NewEvent) -> Result<i64, StoreError> {
-        self.write(move |c| {
+        self.write_one(move |c| {
             let now = fmt_ts(ev.received_at);
             let status = if ev.ignored { "ignored" } else { "pending" };
+            // Only an event with a document to fetch waits to be queued.
+            let to_queue = !ev.ignored && ev.doc_type.is_some() && ev.doc_id.is_some();
             let id: i64 = c
                 .prepare_cached(
-                    "INSERT INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9) RETURNING id",
+                    "INSERT INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload, queued)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10) RETURNING id",
                 )?
                 .query_row(
                     params![
@@ -95,13 +139,11 @@ impl Store {
                         status,
                         if ev.ignored { None } else { Some(&now) },
                         if ev.ignored { Some(&now) } else { None },
-                        ev.payload
+                        ev.payload,
+                        i64::from(!to_queue),
                     ],
                     |r| r.get(0),
                 )?;
-            if let (false, Some(t), Some(d)) = (ev.ignored, &ev.doc_type, &ev.doc_id) {
-                enqueue(c, &ev.tenant, t, d, "webhook", &now, &now)?;
-            }
             Ok(id)
         })
         .await
@@ -150,6 +192,7 @@ impl Store {
     ) -> Result<Vec<Claim>, StoreError> {
         self.write(move |c| {
             let now = fmt_ts(now);
+            queue_recorded_events(c, &tenant, QUEUE_BATCH)?;
             let max_event: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
             let mut stmt = c.prepare_cached(
                 "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
@@ -193,11 +236,16 @@ impl Store {
         .await
     }
 
-    /// The earliest time a queued document of `tenant` becomes due, if any.
+    /// The earliest time a queued document of `tenant` becomes due, if any
+    /// (a recorded event not yet in the queue is due since its arrival).
     pub async fn next_due(&self, tenant: String) -> Result<Option<String>, StoreError> {
         self.read(move |c| {
             Ok(c.query_row(
-                "SELECT min(max(next_attempt_at, coalesce(lease_until, ''))) FROM fetch_queue WHERE tenant = ?1 AND status = 'queued'",
+                "SELECT min(due) FROM (
+                     SELECT min(max(next_attempt_at, coalesce(lease_until, ''))) AS due FROM fetch_queue
+                     WHERE tenant = ?1 AND status = 'queued'
+                     UNION ALL
+                     SELECT * FROM (SELECT received_at FROM events WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT 1))",
                 [tenant],
                 |r| r.get::<_, Option<String>>(0),
             )?)
@@ -254,14 +302,14 @@ impl Store {
                 // Every pending event of the document waits on this fetch.
                 c.execute(
                     "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending'",
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND queued = 1",
                     params![attempts, message, now, claim.tenant, claim.doc_type.as_str(), claim.doc_id],
                 )?;
                 Ok(FailureResult::Dead { attempts })
             } else {
                 c.execute(
                     "UPDATE events SET attempts = ?1, last_error = ?2, next_attempt_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND id <= ?7",
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND queued = 1 AND id <= ?7",
                     params![attempts, message, retry_at, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event],
                 )?;
                 Ok(FailureResult::WillRetry { attempts })
@@ -308,7 +356,7 @@ impl Store {
                     )?,
                     None => c.execute(
                         "UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL, processed_at = NULL
-                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status = 'dead'",
+                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status = 'dead' AND queued = 1",
                         params![now, tenant, doc_type, doc_id],
                     )?,
                 };
@@ -337,7 +385,7 @@ pub(crate) fn settle_success(
 ) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
-         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND id <= ?5",
+         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND queued = 1 AND id <= ?5",
     )?
     .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
     let generation: Option<i64> = c

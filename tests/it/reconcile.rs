@@ -370,6 +370,60 @@ async fn a_change_announced_by_a_webhook_is_not_counted_missed() {
     assert_eq!(queued, want);
 }
 
+/// The inbox records an event without queueing its document (the fetcher
+/// does that when it next claims work). A run in that window must neither
+/// count the announced change as missed nor queue it a second time, and the
+/// fetcher must still pick the recorded event up and settle it.
+#[tokio::test]
+async fn a_webhook_recorded_but_not_yet_queued_is_not_counted_missed() {
+    let mut app = spawn_app().await;
+    // No daemon, so no fetcher moves the event into the queue.
+    app.stop().await;
+    let announced = app.sim.create(DocType::Job);
+    let payload = app.sim.webhook_payload(DocType::Job, &announced, "created");
+    app.store
+        .insert_event(skillsync::store::queue::NewEvent {
+            tenant: "acme".into(),
+            received_at: chrono::Utc::now(),
+            action: "created".into(),
+            doc_type: Some("job".into()),
+            doc_id: Some(announced.clone()),
+            ignored: false,
+            payload: payload.to_string(),
+        })
+        .await
+        .expect("record the event");
+    assert_eq!(
+        count(&app.sql(), "SELECT count(*) FROM events WHERE queued = 0"),
+        1,
+        "the event waits to be queued"
+    );
+    assert_eq!(count(&app.sql(), "SELECT count(*) FROM fetch_queue"), 0);
+
+    let rec = reconciler(&app);
+    let s = run_jobs(&rec, Kind::Incremental, false).await;
+    assert_eq!(s.status, "ok", "{s:?}");
+    assert_eq!(
+        (s.counts.listed, s.counts.missed, s.counts.enqueued),
+        (1, 0, 0),
+        "a recorded webhook is not drift: {s:?}"
+    );
+
+    // `reconcile_now` works the queue until idle: the recorded event counts
+    // as due work, so it is queued, fetched and settled before it returns.
+    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
+    let conn = app.sql();
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM events WHERE status = 'done' AND queued = 1"
+        ),
+        1
+    );
+    assert_eq!(count(&conn, "SELECT count(*) FROM fetch_queue"), 0);
+    assert!(mirror_jobs(&conn).contains_key(&announced));
+}
+
 #[tokio::test]
 async fn a_run_that_finds_nothing_changed_writes_nothing() {
     let app = spawn_app().await;
