@@ -21,6 +21,7 @@ pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
@@ -102,6 +103,9 @@ struct Inner {
     pool: r2d2::Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<WriterMsg>,
     path: PathBuf,
+    /// Set when flushing the log to disk failed: what the kernel reported
+    /// lost cannot be trusted to be on disk, so every later write is refused.
+    poisoned: Arc<AtomicBool>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -194,16 +198,65 @@ impl Store {
             .connection_timeout(Duration::from_secs(30))
             .build(manager)?;
 
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let syncer = if group_commit {
+            // Commits write the log without waiting for the disk; the syncer
+            // thread flushes it and only then lets the batch's callers go on.
+            writer_conn
+                .pragma_update(None, "synchronous", "NORMAL")
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot set up database {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            let wal = wal_path(path);
+            // The log file and its directory entry are on disk before any
+            // acknowledgement depends on them.
+            sync_path(&wal)
+                .and_then(
+                    |()| match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        Some(dir) => sync_path(dir),
+                        None => sync_path(Path::new(".")),
+                    },
+                )
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot flush database log {}: {e}",
+                        wal.display()
+                    ))
+                })?;
+            let (stx, srx) = std::sync::mpsc::channel::<Vec<Completion>>();
+            let flag = poisoned.clone();
+            let unflushed = Arc::new(AtomicUsize::new(0));
+            let count = unflushed.clone();
+            std::thread::Builder::new()
+                .name("skillsync-fsync".into())
+                .spawn(move || syncer_loop(&wal, srx, &count, &flag))
+                .map_err(|e| StoreError::Other(format!("cannot start fsync thread: {e}")))?;
+            Some(Syncer { tx: stx, unflushed })
+        } else {
+            None
+        };
+
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
             .name("skillsync-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, if group_commit { MAX_BATCH } else { 1 }))
+            .spawn(move || {
+                writer_loop(
+                    writer_conn,
+                    rx,
+                    if group_commit { MAX_BATCH } else { 1 },
+                    syncer,
+                )
+            })
             .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 pool,
                 writer: tx,
                 path: path.to_path_buf(),
+                poisoned,
             }),
         })
     }
@@ -266,6 +319,9 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        if self.inner.poisoned.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(POISONED.into()));
+        }
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let job: WriteJob = Box::new(move |conn: Result<&Connection, StoreError>| {
             let result = conn.and_then(|conn| {
@@ -373,79 +429,210 @@ fn in_savepoint<R>(
     }
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
-    let mut batch: Vec<WriteJob> = Vec::with_capacity(max_batch);
-    while let Some(msg) = rx.blocking_recv() {
-        match msg {
-            WriterMsg::Checkpoint(reply) => {
-                let r = conn
-                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                    .map_err(StoreError::from);
-                let _ = reply.send(r);
-                continue;
-            }
-            WriterMsg::Write(job) => batch.push(job),
+/// Why every write is refused after a failed flush.
+const POISONED: &str =
+    "flushing the database log to disk failed earlier; restart skillsync (see its log)";
+
+/// The write-ahead log SQLite keeps beside the database file.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// `fdatasync` of a file or directory by path. Opened anew each time, so it
+/// is always the file SQLite writes now (the log is never replaced while the
+/// writer's connection is open, but nothing here depends on that).
+fn sync_path(p: &Path) -> std::io::Result<()> {
+    std::fs::File::open(p)?.sync_data()
+}
+
+/// The second half of a group commit. The writer commits a batch with
+/// `synchronous=NORMAL` (the log is written, not yet flushed) and hands its
+/// callers here; one `fdatasync` of the log then makes every batch committed
+/// before it began durable — SQLite's recovery replays a prefix of the log,
+/// so a flushed commit survives power loss like a `synchronous=FULL` one —
+/// and only then are the callers told (the webhook's 200). Meanwhile the
+/// writer runs the next batch instead of waiting for the disk.
+fn syncer_loop(
+    wal: &Path,
+    rx: std::sync::mpsc::Receiver<Vec<Completion>>,
+    unflushed: &AtomicUsize,
+    poisoned: &AtomicBool,
+) {
+    while let Ok(mut waiting) = rx.recv() {
+        let mut batches = 1;
+        while let Ok(more) = rx.try_recv() {
+            waiting.extend(more);
+            batches += 1;
         }
-        let mut checkpoint = None;
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(WriterMsg::Write(job)) => batch.push(job),
-                Ok(WriterMsg::Checkpoint(reply)) => {
-                    checkpoint = Some(reply);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        commit_batch(&conn, &mut batch);
-        if let Some(reply) = checkpoint {
-            let r = conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(StoreError::from);
-            let _ = reply.send(r);
+        let flushed = if poisoned.load(Ordering::Relaxed) {
+            Err(StoreError::Unavailable(POISONED.into()))
+        } else {
+            sync_path(wal).map_err(|e| {
+                // After a failed fsync the kernel may have dropped the pages it
+                // could not write; a later fsync succeeding proves nothing.
+                poisoned.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, log = %wal.display(), "cannot flush the database log to disk; refusing every further write until restart");
+                StoreError::Unavailable(format!("cannot flush the database log to disk: {e}"))
+            })
+        };
+        unflushed.fetch_sub(batches, Ordering::AcqRel);
+        for c in waiting {
+            c(flushed.clone());
         }
     }
 }
 
-fn commit_batch(conn: &Connection, batch: &mut Vec<WriteJob>) {
-    if let Err(e) = conn
-        .prepare_cached("BEGIN IMMEDIATE")
-        .and_then(|mut s| s.execute([]))
-    {
-        let e = StoreError::from(e);
-        for job in batch.drain(..) {
-            // The job does not run: its caller learns why the write did not happen.
-            job(Err(e.clone()))(Err(e.clone()));
-        }
-        return;
-    }
-    let mut completions: Vec<Completion> = Vec::with_capacity(batch.len());
-    for job in batch.drain(..) {
-        // Some failures (disk full, I/O error) make SQLite roll back the whole
-        // transaction: the writes after it must not run in autocommit mode,
-        // and none of the batch may be reported as committed.
-        if conn.is_autocommit() {
-            let e = StoreError::Unavailable("the batch's transaction was rolled back".into());
-            completions.push(job(Err(e)));
-        } else {
-            completions.push(job(Ok(conn)));
-        }
-    }
-    let committed = if conn.is_autocommit() {
-        Err(StoreError::Unavailable(
-            "the batch's transaction was rolled back".into(),
-        ))
-    } else {
-        conn.prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-            .map(|_| ())
-            .map_err(StoreError::from)
+/// The syncer's side of the hand-off: batches committed but not yet flushed.
+struct Syncer {
+    tx: std::sync::mpsc::Sender<Vec<Completion>>,
+    /// Batches handed over and not yet flushed; while above zero the disk is
+    /// busy, and the writer keeps its transaction open for more writes.
+    unflushed: Arc<AtomicUsize>,
+}
+
+/// How often the writer looks again whether the disk is free while it holds
+/// a batch open (well under one flush on any disk).
+const FLUSH_POLL: Duration = Duration::from_micros(50);
+
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    max_batch: usize,
+    syncer: Option<Syncer>,
+) {
+    let checkpoint = |reply: oneshot::Sender<Result<(), StoreError>>| {
+        let r = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(StoreError::from);
+        let _ = reply.send(r);
     };
-    if committed.is_err() && !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
+    while let Some(msg) = rx.blocking_recv() {
+        let first = match msg {
+            WriterMsg::Checkpoint(reply) => {
+                checkpoint(reply);
+                continue;
+            }
+            WriterMsg::Write(job) => job,
+        };
+        // Writes run as they arrive; the batch is committed once it is full,
+        // or as soon as the previous batch's flush is over (committing
+        // earlier would only queue behind it), so the statements of this
+        // batch run while the disk flushes the last one.
+        let mut batch = Batch::begin(&conn, max_batch);
+        batch.run(first);
+        let mut pending_checkpoint = None;
+        loop {
+            while !batch.full() {
+                match rx.try_recv() {
+                    Ok(WriterMsg::Write(job)) => batch.run(job),
+                    Ok(WriterMsg::Checkpoint(reply)) => {
+                        pending_checkpoint = Some(reply);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let disk_busy = syncer
+                .as_ref()
+                .is_some_and(|s| s.unflushed.load(Ordering::Acquire) > 0);
+            if batch.full() || pending_checkpoint.is_some() || !disk_busy {
+                break;
+            }
+            std::thread::sleep(FLUSH_POLL);
+        }
+        let (completions, committed) = batch.commit();
+        match (&syncer, committed) {
+            (Some(syncer), Ok(())) => {
+                syncer.unflushed.fetch_add(1, Ordering::AcqRel);
+                if let Err(unsent) = syncer.tx.send(completions) {
+                    syncer.unflushed.fetch_sub(1, Ordering::AcqRel);
+                    for c in unsent.0 {
+                        c(Err(StoreError::Unavailable(
+                            "database fsync thread has stopped".into(),
+                        )));
+                    }
+                }
+            }
+            (_, committed) => {
+                for c in completions {
+                    c(committed.clone());
+                }
+            }
+        }
+        if let Some(reply) = pending_checkpoint {
+            checkpoint(reply);
+        }
     }
-    for c in completions {
-        c(committed.clone());
+}
+
+/// One transaction of the writer: the writes it ran and what to tell their
+/// callers once its fate is known.
+struct Batch<'c> {
+    conn: &'c Connection,
+    /// Why the transaction could not begin, or was rolled back under us.
+    failed: Option<StoreError>,
+    completions: Vec<Completion>,
+    max: usize,
+}
+
+impl<'c> Batch<'c> {
+    fn begin(conn: &'c Connection, max: usize) -> Batch<'c> {
+        let failed = conn
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut s| s.execute([]))
+            .err()
+            .map(StoreError::from);
+        Batch {
+            conn,
+            failed,
+            completions: Vec::with_capacity(max),
+            max,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.completions.len() >= self.max
+    }
+
+    fn run(&mut self, job: WriteJob) {
+        // Some failures (disk full, I/O error) make SQLite roll back the whole
+        // transaction: later writes must not run in autocommit mode, and none
+        // of the batch may be reported as committed.
+        if self.failed.is_none() && self.conn.is_autocommit() {
+            self.failed = Some(StoreError::Unavailable(
+                "the batch's transaction was rolled back".into(),
+            ));
+        }
+        let completion = match &self.failed {
+            // The job does not run: its caller learns why the write did not happen.
+            Some(e) => job(Err(e.clone())),
+            None => job(Ok(self.conn)),
+        };
+        self.completions.push(completion);
+    }
+
+    /// Commits; returns the callers to tell and whether the commit succeeded.
+    fn commit(mut self) -> (Vec<Completion>, Result<(), StoreError>) {
+        if self.failed.is_none() && self.conn.is_autocommit() {
+            self.failed = Some(StoreError::Unavailable(
+                "the batch's transaction was rolled back".into(),
+            ));
+        }
+        let committed = match self.failed.take() {
+            Some(e) => Err(e),
+            None => self
+                .conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+                .map(|_| ())
+                .map_err(StoreError::from),
+        };
+        if committed.is_err() && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        (std::mem::take(&mut self.completions), committed)
     }
 }
 
