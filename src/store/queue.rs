@@ -73,43 +73,101 @@ fn enqueue(
     Ok(())
 }
 
-/// How many recorded events one claim moves into `fetch_queue` at most, so
-/// that after a burst one claim's transaction (and the webhook commits queued
-/// behind it) stays within a few milliseconds.
+/// How many recorded events a claim moves into `fetch_queue` when the
+/// tenant has nothing else due: enough that the events of a burst for one
+/// document mostly move together, few enough that the claim's transaction
+/// (and the webhook commits queued behind it) stays within milliseconds.
 const QUEUE_BATCH: i64 = 256;
 
-/// Moves up to `limit` of `tenant`'s recorded events, oldest first, into
-/// `fetch_queue` (`queued = 1`). Returns how many moved.
+/// Moves up to `limit` of `tenant`'s recorded events, oldest first, out of
+/// the inbox (`queued = 1`): an event that the document's last successful
+/// fetch already covered (it arrived before that fetch began, see
+/// `fetch_covered`) is settled `done` at once; any other puts its document
+/// in `fetch_queue`. Returns how many moved.
 ///
 /// The inbox insert leaves this to the fetcher so that acknowledging an event
-/// writes only pages ordered by id or time; this is where the writes keyed by
-/// document id happen, at the pace documents are fetched. Correctness does
-/// not depend on when it runs: settling only ever touches `queued = 1` events
-/// (see [`settle_success`]), and an event queued after its document's fetch
-/// began bumps the document's generation, so it is fetched again.
-fn queue_recorded_events(c: &Connection, tenant: &str, limit: i64) -> rusqlite::Result<usize> {
-    let rows: Vec<(String, String, String)> = c
+/// writes only pages ordered by id or time; the writes keyed by document id
+/// happen here, at the pace documents are fetched, into b-trees as small as
+/// the backlog. Correctness does not depend on when it runs: settling only
+/// touches `queued = 1` events, and an event queued after its document's
+/// fetch began bumps the document's generation, so it is fetched again.
+fn queue_recorded_events(
+    c: &Connection,
+    tenant: &str,
+    limit: i64,
+    now: &str,
+) -> rusqlite::Result<usize> {
+    if limit <= 0 {
+        return Ok(0);
+    }
+    let rows: Vec<(i64, String, String, String)> = c
         .prepare_cached(
             "UPDATE events SET queued = 1
              WHERE id IN (SELECT id FROM events WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT ?2)
-             RETURNING doc_type, doc_id, received_at",
+             RETURNING id, doc_type, doc_id, received_at",
         )?
         .query_map(params![tenant, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?
         .collect::<Result<_, _>>()?;
-    for (doc_type, doc_id, received_at) in &rows {
-        enqueue(
-            c,
-            tenant,
-            doc_type,
-            doc_id,
-            "webhook",
-            received_at,
-            received_at,
-        )?;
+    let mut covered = c.prepare_cached(
+        "SELECT max_event FROM fetch_covered WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
+    )?;
+    for (id, doc_type, doc_id, received_at) in &rows {
+        let last: Option<i64> = covered
+            .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
+            .optional()?;
+        if last.is_some_and(|m| *id <= m) {
+            c.prepare_cached(
+                "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
+                 WHERE id = ?2 AND status = 'pending'",
+            )?
+            .execute(params![now, id])?;
+        } else {
+            enqueue(
+                c,
+                tenant,
+                doc_type,
+                doc_id,
+                "webhook",
+                received_at,
+                received_at,
+            )?;
+        }
     }
     Ok(rows.len())
+}
+
+/// A leased row: doc_type, doc_id, generation, attempts, reason.
+type Leased = (String, String, i64, u32, String);
+
+/// Leases up to `limit` due documents of `tenant`; see [`Store::claim`].
+fn lease_due(
+    c: &Connection,
+    tenant: &str,
+    owner: &str,
+    limit: usize,
+    now: &str,
+    lease_until: &str,
+    max_event: i64,
+) -> rusqlite::Result<Vec<Leased>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    c.prepare_cached(
+        "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM fetch_queue
+             WHERE tenant = ?4 AND status = 'queued' AND next_attempt_at <= ?5
+               AND (lease_until IS NULL OR lease_until < ?5)
+             ORDER BY next_attempt_at LIMIT ?6)
+         RETURNING doc_type, doc_id, generation, attempts, reason",
+    )?
+    .query_map(
+        params![owner, lease_until, max_event, tenant, now, limit as i64],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+    )?
+    .collect()
 }
 
 impl Store {
@@ -192,32 +250,29 @@ impl Store {
     ) -> Result<Vec<Claim>, StoreError> {
         self.write(move |c| {
             let now = fmt_ts(now);
-            queue_recorded_events(c, &tenant, QUEUE_BATCH)?;
-            let max_event: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
-            let mut stmt = c.prepare_cached(
-                "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
-                 WHERE rowid IN (
-                     SELECT rowid FROM fetch_queue
-                     WHERE tenant = ?4 AND status = 'queued' AND next_attempt_at <= ?5
-                       AND (lease_until IS NULL OR lease_until < ?5)
-                     ORDER BY next_attempt_at LIMIT ?6)
-                 RETURNING doc_type, doc_id, generation, attempts, reason",
-            )?;
-            let rows = stmt.query_map(
-                params![owner, fmt_ts(lease_until), max_event, tenant, now, limit as i64],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, u32>(3)?,
-                        r.get::<_, String>(4)?,
-                    ))
-                },
-            )?;
+            let lease_until = fmt_ts(lease_until);
+            // The oldest recorded webhooks join the queue at least as fast as
+            // documents are claimed, so a long reconciliation cannot starve
+            // them (they sort first: their due time is their arrival).
+            let moved = queue_recorded_events(c, &tenant, limit as i64, &now)?;
+            let max_event: i64 =
+                c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+            let mut rows = lease_due(c, &tenant, &owner, limit, &now, &lease_until, max_event)?;
+            if rows.len() < limit && moved == limit {
+                // Nothing else due: move a larger share of the backlog.
+                queue_recorded_events(c, &tenant, QUEUE_BATCH, &now)?;
+                rows.extend(lease_due(
+                    c,
+                    &tenant,
+                    &owner,
+                    limit - rows.len(),
+                    &now,
+                    &lease_until,
+                    max_event,
+                )?);
+            }
             let mut claims = Vec::new();
-            for row in rows {
-                let (t, id, generation, attempts, reason) = row?;
+            for (t, id, generation, attempts, reason) in rows {
                 // Only `job`/`project` rows are ever queued.
                 if let Some(doc_type) = DocType::parse(&t) {
                     claims.push(Claim {
@@ -302,18 +357,34 @@ impl Store {
                 // Every pending event of the document waits on this fetch.
                 c.execute(
                     "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND queued = 1",
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'pending'",
                     params![attempts, message, now, claim.tenant, claim.doc_type.as_str(), claim.doc_id],
                 )?;
                 Ok(FailureResult::Dead { attempts })
             } else {
                 c.execute(
                     "UPDATE events SET attempts = ?1, last_error = ?2, next_attempt_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status = 'pending' AND queued = 1 AND id <= ?7",
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'pending' AND id <= ?7",
                     params![attempts, message, retry_at, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event],
                 )?;
                 Ok(FailureResult::WillRetry { attempts })
             }
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` `fetch_covered` rows that no recorded event can
+    /// need any more (every event still in the inbox is newer than what the
+    /// row covers). Returns how many were deleted.
+    pub async fn prune_fetch_covered(&self, batch: usize) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM fetch_covered WHERE rowid IN (
+                     SELECT rowid FROM fetch_covered
+                     WHERE max_event < coalesce((SELECT min(id) FROM events INDEXED BY events_to_queue WHERE queued = 0), max_event + 1)
+                     LIMIT ?1)",
+                [batch as i64],
+            )?)
         })
         .await
     }
@@ -356,7 +427,7 @@ impl Store {
                     )?,
                     None => c.execute(
                         "UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL, processed_at = NULL
-                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status = 'dead' AND queued = 1",
+                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'dead'",
                         params![now, tenant, doc_type, doc_id],
                     )?,
                 };
@@ -385,9 +456,15 @@ pub(crate) fn settle_success(
 ) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
-         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND queued = 1 AND id <= ?5",
+         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND id <= ?5",
     )?
     .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
+    // Events still in the inbox that this fetch covered settle when they move.
+    c.prepare_cached(
+        "INSERT INTO fetch_covered (tenant, doc_type, doc_id, max_event) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET max_event = max(max_event, excluded.max_event)",
+    )?
+    .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
     let generation: Option<i64> = c
         .prepare_cached(
             "SELECT generation FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",

@@ -424,6 +424,49 @@ async fn a_burst_for_one_document_costs_at_most_two_fetches() {
     assert!((1..=2).contains(&gets), "50 events cost {gets} fetches");
 }
 
+/// The inbox records events faster than one fetch slot can work them off,
+/// so most of them leave the inbox after their document was already fetched
+/// (the fetcher moves recorded events into the queue as it claims work).
+/// An event that arrived before a successful fetch of its document began is
+/// settled by that fetch: five documents cost at most two GETs each, not one
+/// per event.
+#[tokio::test]
+async fn a_backlog_for_a_few_documents_costs_at_most_two_fetches_each() {
+    let app = spawn_app_with(
+        "concurrency = 1\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1",
+        "",
+    )
+    .await;
+    app.sim.set_faults(Faults {
+        latency: Duration::from_millis(20),
+        ..Faults::default()
+    });
+    let ids = app.sim.seed(DocType::Job, 5);
+    let payloads: Vec<Value> = (0..10)
+        .flat_map(|_| ids.iter())
+        .map(|id| app.sim.webhook_payload(DocType::Job, id, "updated"))
+        .collect();
+    let r = skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 10, None)
+        .await;
+    assert_eq!(r.acked.len(), 50);
+    wait_until(WAIT, "all 50 events done", || async {
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status = 'done'",
+        ) == 50
+    })
+    .await;
+    let gets: Vec<u64> = ids
+        .iter()
+        .map(|id| app.sim.gets(DocType::Job, id))
+        .collect();
+    assert!(
+        gets.iter().all(|g| (1..=2).contains(g)),
+        "GETs per document for 10 events each: {gets:?}"
+    );
+    assert_eq!(count(&app.sql(), "SELECT count(*) FROM fetch_queue"), 0);
+}
+
 #[tokio::test]
 async fn pending_work_resumes_after_a_restart() {
     let mut app = spawn_app_with("concurrency = 1\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1", "").await;
