@@ -3,12 +3,14 @@
 //! writer thread.
 //!
 //! Every write goes through one writer thread that groups whatever writes
-//! arrived while the previous commit ran into one transaction (each write in
-//! its own savepoint, so one failing write does not undo the others), then
-//! commits once with `synchronous=FULL`. A caller's future resolves only after
-//! that commit: when the webhook answers 200, the event is on disk. Reads use
-//! the r2d2 pool on blocking threads, so no SQLite call runs on an async
-//! worker thread.
+//! arrived while the previous batch was being flushed into one transaction
+//! (each write in its own savepoint, or a single statement, so one failing
+//! write does not undo the others) and commits it; a second thread then
+//! flushes the log (`fdatasync`) and only then resolves the batch's callers:
+//! when the webhook answers 200, the event is on disk. `group_commit = false`
+//! instead commits every write alone with `synchronous=FULL` (the benchmark's
+//! baseline). Reads use the r2d2 pool on blocking threads, so no SQLite
+//! call runs on an async worker thread.
 //!
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
@@ -21,7 +23,7 @@ pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
@@ -228,7 +230,7 @@ impl Store {
                 })?;
             let (stx, srx) = std::sync::mpsc::channel::<Vec<Completion>>();
             let flag = poisoned.clone();
-            let unflushed = Arc::new(AtomicUsize::new(0));
+            let unflushed = Arc::new(Unflushed::default());
             let count = unflushed.clone();
             std::thread::Builder::new()
                 .name("skillsync-fsync".into())
@@ -440,9 +442,7 @@ fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// `fdatasync` of a file or directory by path. Opened anew each time, so it
-/// is always the file SQLite writes now (the log is never replaced while the
-/// writer's connection is open, but nothing here depends on that).
+/// `fdatasync` of a file or directory by path.
 fn sync_path(p: &Path) -> std::io::Result<()> {
     std::fs::File::open(p)?.sync_data()
 }
@@ -452,14 +452,16 @@ fn sync_path(p: &Path) -> std::io::Result<()> {
 /// callers here; one `fdatasync` of the log then makes every batch committed
 /// before it began durable — SQLite's recovery replays a prefix of the log,
 /// so a flushed commit survives power loss like a `synchronous=FULL` one —
-/// and only then are the callers told (the webhook's 200). Meanwhile the
-/// writer runs the next batch instead of waiting for the disk.
+/// and only then are the callers told (the webhook's 200). The log file is
+/// opened once: SQLite never replaces it while the writer's connection, which
+/// outlives this thread, is open (a checkpoint truncates it in place).
 fn syncer_loop(
     wal: &Path,
     rx: std::sync::mpsc::Receiver<Vec<Completion>>,
-    unflushed: &AtomicUsize,
+    unflushed: &Unflushed,
     poisoned: &AtomicBool,
 ) {
+    let mut file: Option<std::fs::File> = None;
     while let Ok(mut waiting) = rx.recv() {
         let mut batches = 1;
         while let Ok(more) = rx.try_recv() {
@@ -469,7 +471,15 @@ fn syncer_loop(
         let flushed = if poisoned.load(Ordering::Relaxed) {
             Err(StoreError::Unavailable(POISONED.into()))
         } else {
-            sync_path(wal).map_err(|e| {
+            let synced = match &file {
+                Some(f) => f.sync_data(),
+                None => std::fs::File::open(wal).and_then(|f| {
+                    let r = f.sync_data();
+                    file = Some(f);
+                    r
+                }),
+            };
+            synced.map_err(|e| {
                 // After a failed fsync the kernel may have dropped the pages it
                 // could not write; a later fsync succeeding proves nothing.
                 poisoned.store(true, Ordering::Relaxed);
@@ -477,9 +487,43 @@ fn syncer_loop(
                 StoreError::Unavailable(format!("cannot flush the database log to disk: {e}"))
             })
         };
-        unflushed.fetch_sub(batches, Ordering::AcqRel);
+        unflushed.done(batches);
         for c in waiting {
             c(flushed.clone());
+        }
+    }
+}
+
+/// Batches handed to the syncer and not yet flushed.
+#[derive(Default)]
+struct Unflushed {
+    count: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl Unflushed {
+    fn add(&self) {
+        if let Ok(mut n) = self.count.lock() {
+            *n += 1;
+        }
+    }
+
+    fn done(&self, batches: usize) {
+        if let Ok(mut n) = self.count.lock() {
+            *n = n.saturating_sub(batches);
+            if *n == 0 {
+                self.idle.notify_all();
+            }
+        }
+    }
+
+    /// Waits until every batch handed over is flushed (bounded, so a stuck
+    /// disk cannot hold the writer forever: it then commits behind it).
+    fn wait_idle(&self) {
+        if let Ok(n) = self.count.lock() {
+            let _ = self
+                .idle
+                .wait_timeout_while(n, Duration::from_secs(1), |n| *n > 0);
         }
     }
 }
@@ -487,14 +531,8 @@ fn syncer_loop(
 /// The syncer's side of the hand-off: batches committed but not yet flushed.
 struct Syncer {
     tx: std::sync::mpsc::Sender<Vec<Completion>>,
-    /// Batches handed over and not yet flushed; while above zero the disk is
-    /// busy, and the writer keeps its transaction open for more writes.
-    unflushed: Arc<AtomicUsize>,
+    unflushed: Arc<Unflushed>,
 }
-
-/// How often the writer looks again whether the disk is free while it holds
-/// a batch open (well under one flush on any disk).
-const FLUSH_POLL: Duration = Duration::from_micros(50);
 
 fn writer_loop(
     conn: Connection,
@@ -522,32 +560,28 @@ fn writer_loop(
         // batch run while the disk flushes the last one.
         let mut batch = Batch::begin(&conn, max_batch);
         batch.run(first);
+        // Committing while the previous batch is still being flushed would
+        // only queue behind it: wait for the disk, taking in what arrives.
+        if let Some(s) = &syncer {
+            s.unflushed.wait_idle();
+        }
         let mut pending_checkpoint = None;
-        loop {
-            while !batch.full() {
-                match rx.try_recv() {
-                    Ok(WriterMsg::Write(job)) => batch.run(job),
-                    Ok(WriterMsg::Checkpoint(reply)) => {
-                        pending_checkpoint = Some(reply);
-                        break;
-                    }
-                    Err(_) => break,
+        while !batch.full() {
+            match rx.try_recv() {
+                Ok(WriterMsg::Write(job)) => batch.run(job),
+                Ok(WriterMsg::Checkpoint(reply)) => {
+                    pending_checkpoint = Some(reply);
+                    break;
                 }
+                Err(_) => break,
             }
-            let disk_busy = syncer
-                .as_ref()
-                .is_some_and(|s| s.unflushed.load(Ordering::Acquire) > 0);
-            if batch.full() || pending_checkpoint.is_some() || !disk_busy {
-                break;
-            }
-            std::thread::sleep(FLUSH_POLL);
         }
         let (completions, committed) = batch.commit();
         match (&syncer, committed) {
             (Some(syncer), Ok(())) => {
-                syncer.unflushed.fetch_add(1, Ordering::AcqRel);
+                syncer.unflushed.add();
                 if let Err(unsent) = syncer.tx.send(completions) {
-                    syncer.unflushed.fetch_sub(1, Ordering::AcqRel);
+                    syncer.unflushed.done(1);
                     for c in unsent.0 {
                         c(Err(StoreError::Unavailable(
                             "database fsync thread has stopped".into(),
