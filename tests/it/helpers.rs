@@ -93,12 +93,22 @@ pub async fn spawn_app() -> TestApp {
 
 /// Spawns the daemon with a custom `[fetch]` body and extra config text.
 pub async fn spawn_app_with(fetch: &str, extra: &str) -> TestApp {
+    spawn_app_edited(fetch, extra, |toml| toml).await
+}
+
+/// [`spawn_app_with`], with the config text passed through `edit` first
+/// (for keys inside the sections the helper writes).
+pub async fn spawn_app_edited(
+    fetch: &str,
+    extra: &str,
+    edit: impl FnOnce(String) -> String,
+) -> TestApp {
     skillsync::upstream::install_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("skillsync.db");
     let sim_token = CancellationToken::new();
     let sim = start_sim(&sim_token).await;
-    let toml = config_toml(&db, &sim.base_url(), fetch, extra);
+    let toml = edit(config_toml(&db, &sim.base_url(), fetch, extra));
     let config_path = dir.path().join("skillsync.toml");
     std::fs::write(&config_path, &toml).expect("write config");
     let config = Config::from_toml(&toml, None).expect("valid test config");

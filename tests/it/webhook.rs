@@ -43,6 +43,46 @@ async fn valid_event_is_committed_before_200() {
     assert_eq!(doc_id, id);
 }
 
+/// `group_commit = false` (one transaction and one `synchronous=FULL` commit
+/// per write, the benchmark's baseline) takes the other path through the
+/// store: concurrent events are all committed before their 200 and mirrored.
+#[tokio::test]
+async fn one_commit_per_event_mode_commits_every_event_before_200() {
+    let app = spawn_app_edited(FAST_FETCH, "", |toml| {
+        toml.replace(
+            "busy_timeout_ms = 1000",
+            "busy_timeout_ms = 1000\ngroup_commit = false",
+        )
+    })
+    .await;
+    assert!(!app.config.database.group_commit);
+    let ids = app.sim.seed(DocType::Job, 40);
+    let payloads: Vec<Value> = ids
+        .iter()
+        .map(|id| app.sim.webhook_payload(DocType::Job, id, "created"))
+        .collect();
+    let r =
+        skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 8, None).await;
+    assert_eq!(r.acked.len(), 40, "{:?}", r.statuses);
+    let conn = app.sql();
+    for id in &r.acked {
+        assert_eq!(
+            count(
+                &conn,
+                &format!("SELECT count(*) FROM events WHERE id = {id}")
+            ),
+            1,
+            "acknowledged event {id} is in the database"
+        );
+    }
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "all 40 documents mirrored",
+        || async { count(&app.sql(), "SELECT count(*) FROM jobs") == 40 },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn test_action_and_unknown_type_are_ignored_but_recorded() {
     let app = spawn_app().await;
