@@ -183,9 +183,14 @@ impl Fetcher {
             let wait = self
                 .paused(&tenant)
                 .map_or(wait, |p| p.min(Duration::from_secs(5)));
+            // With every slot busy a webhook's wake-up changes nothing (a
+            // finishing fetch wakes the loop): do not listen, so a burst of
+            // events does not spin this loop once per event. The stored
+            // permit wakes it at once when a slot is free again.
+            let can_claim = inflight.len() < concurrency;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => {}
+                _ = wake.notified(), if can_claim => {}
                 Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
