@@ -3,13 +3,12 @@
 //! writer thread.
 //!
 //! Every write goes through one writer thread that groups whatever writes
-//! arrived while the previous batch was being flushed into one transaction
-//! (each write in its own savepoint, or a single statement, so one failing
-//! write does not undo the others) and commits it; a second thread then
-//! flushes the log (`fdatasync`) and only then resolves the batch's callers:
-//! when the webhook answers 200, the event is on disk. `group_commit = false`
-//! instead commits every write alone with `synchronous=FULL` (the benchmark's
-//! baseline). Reads use the r2d2 pool on blocking threads, so no SQLite
+//! arrived while the previous commit ran into one transaction (each write in
+//! its own savepoint, or a single statement, so one failing write does not
+//! undo the others), then commits once with `synchronous=FULL`. A caller's
+//! future resolves only after that commit: when the webhook answers 200, the
+//! event is on disk. `group_commit = false` commits every write alone (the
+//! benchmark's baseline). Reads use the r2d2 pool on blocking threads, so no SQLite
 //! call runs on an async worker thread.
 //!
 //! Submodules hold the statements by concern: `queue` (events and the fetch
@@ -23,7 +22,6 @@ pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
@@ -105,9 +103,6 @@ struct Inner {
     pool: r2d2::Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<WriterMsg>,
     path: PathBuf,
-    /// Set when flushing the log to disk failed: what the kernel reported
-    /// lost cannot be trusted to be on disk, so every later write is refused.
-    poisoned: Arc<AtomicBool>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -200,65 +195,16 @@ impl Store {
             .connection_timeout(Duration::from_secs(30))
             .build(manager)?;
 
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let syncer = if group_commit {
-            // Commits write the log without waiting for the disk; the syncer
-            // thread flushes it and only then lets the batch's callers go on.
-            writer_conn
-                .pragma_update(None, "synchronous", "NORMAL")
-                .map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "cannot set up database {}: {e}",
-                        path.display()
-                    ))
-                })?;
-            let wal = wal_path(path);
-            // The log file and its directory entry are on disk before any
-            // acknowledgement depends on them.
-            sync_path(&wal)
-                .and_then(
-                    |()| match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        Some(dir) => sync_path(dir),
-                        None => sync_path(Path::new(".")),
-                    },
-                )
-                .map_err(|e| {
-                    StoreError::Unavailable(format!(
-                        "cannot flush database log {}: {e}",
-                        wal.display()
-                    ))
-                })?;
-            let (stx, srx) = std::sync::mpsc::channel::<Vec<Completion>>();
-            let flag = poisoned.clone();
-            let unflushed = Arc::new(Unflushed::default());
-            let count = unflushed.clone();
-            std::thread::Builder::new()
-                .name("skillsync-fsync".into())
-                .spawn(move || syncer_loop(&wal, srx, &count, &flag))
-                .map_err(|e| StoreError::Other(format!("cannot start fsync thread: {e}")))?;
-            Some(Syncer { tx: stx, unflushed })
-        } else {
-            None
-        };
-
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
             .name("skillsync-writer".into())
-            .spawn(move || {
-                writer_loop(
-                    writer_conn,
-                    rx,
-                    if group_commit { MAX_BATCH } else { 1 },
-                    syncer,
-                )
-            })
+            .spawn(move || writer_loop(writer_conn, rx, if group_commit { MAX_BATCH } else { 1 }))
             .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 pool,
                 writer: tx,
                 path: path.to_path_buf(),
-                poisoned,
             }),
         })
     }
@@ -321,9 +267,6 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        if self.inner.poisoned.load(Ordering::Relaxed) {
-            return Err(StoreError::Unavailable(POISONED.into()));
-        }
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let job: WriteJob = Box::new(move |conn: Result<&Connection, StoreError>| {
             let result = conn.and_then(|conn| {
@@ -431,115 +374,7 @@ fn in_savepoint<R>(
     }
 }
 
-/// Why every write is refused after a failed flush.
-const POISONED: &str =
-    "flushing the database log to disk failed earlier; restart skillsync (see its log)";
-
-/// The write-ahead log SQLite keeps beside the database file.
-fn wal_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
-}
-
-/// `fdatasync` of a file or directory by path.
-fn sync_path(p: &Path) -> std::io::Result<()> {
-    std::fs::File::open(p)?.sync_data()
-}
-
-/// The second half of a group commit. The writer commits a batch with
-/// `synchronous=NORMAL` (the log is written, not yet flushed) and hands its
-/// callers here; one `fdatasync` of the log then makes every batch committed
-/// before it began durable — SQLite's recovery replays a prefix of the log,
-/// so a flushed commit survives power loss like a `synchronous=FULL` one —
-/// and only then are the callers told (the webhook's 200). The log file is
-/// opened once: SQLite never replaces it while the writer's connection, which
-/// outlives this thread, is open (a checkpoint truncates it in place).
-fn syncer_loop(
-    wal: &Path,
-    rx: std::sync::mpsc::Receiver<Vec<Completion>>,
-    unflushed: &Unflushed,
-    poisoned: &AtomicBool,
-) {
-    let mut file: Option<std::fs::File> = None;
-    while let Ok(mut waiting) = rx.recv() {
-        let mut batches = 1;
-        while let Ok(more) = rx.try_recv() {
-            waiting.extend(more);
-            batches += 1;
-        }
-        let flushed = if poisoned.load(Ordering::Relaxed) {
-            Err(StoreError::Unavailable(POISONED.into()))
-        } else {
-            let synced = match &file {
-                Some(f) => f.sync_data(),
-                None => std::fs::File::open(wal).and_then(|f| {
-                    let r = f.sync_data();
-                    file = Some(f);
-                    r
-                }),
-            };
-            synced.map_err(|e| {
-                // After a failed fsync the kernel may have dropped the pages it
-                // could not write; a later fsync succeeding proves nothing.
-                poisoned.store(true, Ordering::Relaxed);
-                tracing::error!(error = %e, log = %wal.display(), "cannot flush the database log to disk; refusing every further write until restart");
-                StoreError::Unavailable(format!("cannot flush the database log to disk: {e}"))
-            })
-        };
-        unflushed.done(batches);
-        for c in waiting {
-            c(flushed.clone());
-        }
-    }
-}
-
-/// Batches handed to the syncer and not yet flushed.
-#[derive(Default)]
-struct Unflushed {
-    count: std::sync::Mutex<usize>,
-    idle: std::sync::Condvar,
-}
-
-impl Unflushed {
-    fn add(&self) {
-        if let Ok(mut n) = self.count.lock() {
-            *n += 1;
-        }
-    }
-
-    fn done(&self, batches: usize) {
-        if let Ok(mut n) = self.count.lock() {
-            *n = n.saturating_sub(batches);
-            if *n == 0 {
-                self.idle.notify_all();
-            }
-        }
-    }
-
-    /// Waits until every batch handed over is flushed (bounded, so a stuck
-    /// disk cannot hold the writer forever: it then commits behind it).
-    fn wait_idle(&self) {
-        if let Ok(n) = self.count.lock() {
-            let _ = self
-                .idle
-                .wait_timeout_while(n, Duration::from_secs(1), |n| *n > 0);
-        }
-    }
-}
-
-/// The syncer's side of the hand-off: batches committed but not yet flushed.
-struct Syncer {
-    tx: std::sync::mpsc::Sender<Vec<Completion>>,
-    unflushed: Arc<Unflushed>,
-}
-
-fn writer_loop(
-    conn: Connection,
-    mut rx: mpsc::Receiver<WriterMsg>,
-    max_batch: usize,
-    syncer: Option<Syncer>,
-) {
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
     let checkpoint = |reply: oneshot::Sender<Result<(), StoreError>>| {
         let r = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -554,17 +389,10 @@ fn writer_loop(
             }
             WriterMsg::Write(job) => job,
         };
-        // Writes run as they arrive; the batch is committed once it is full,
-        // or as soon as the previous batch's flush is over (committing
-        // earlier would only queue behind it), so the statements of this
-        // batch run while the disk flushes the last one.
+        // The batch is whatever arrived while the previous commit (and its
+        // fsync) ran, up to `max_batch`.
         let mut batch = Batch::begin(&conn, max_batch);
         batch.run(first);
-        // Committing while the previous batch is still being flushed would
-        // only queue behind it: wait for the disk, taking in what arrives.
-        if let Some(s) = &syncer {
-            s.unflushed.wait_idle();
-        }
         let mut pending_checkpoint = None;
         while !batch.full() {
             match rx.try_recv() {
@@ -577,23 +405,8 @@ fn writer_loop(
             }
         }
         let (completions, committed) = batch.commit();
-        match (&syncer, committed) {
-            (Some(syncer), Ok(())) => {
-                syncer.unflushed.add();
-                if let Err(unsent) = syncer.tx.send(completions) {
-                    syncer.unflushed.done(1);
-                    for c in unsent.0 {
-                        c(Err(StoreError::Unavailable(
-                            "database fsync thread has stopped".into(),
-                        )));
-                    }
-                }
-            }
-            (_, committed) => {
-                for c in completions {
-                    c(committed.clone());
-                }
-            }
+        for c in completions {
+            c(committed.clone());
         }
         if let Some(reply) = pending_checkpoint {
             checkpoint(reply);
