@@ -11,9 +11,8 @@
 //! - **one commit per event**: the daemon with `[database] group_commit =
 //!   false`, so every write commits (and fsyncs) alone.
 //!
-//! The durable configuration is the default: group commit, WAL, each batch
-//! committed and then its log flushed with `fdatasync` before any of its
-//! callers is answered; a 200 means the event is on disk. Every payload
+//! The durable configuration is the default: group commit, WAL,
+//! `synchronous=FULL`; a 200 means the event is on disk. Every payload
 //! names a distinct document that exists in an in-process simulator, which
 //! is also the daemon's `api_base`, so the fetch workers mirror each
 //! document while the intake runs (one GET and one upsert per event). The
