@@ -399,6 +399,23 @@ async fn timeouts_resets_malformed_and_oversized_bodies_are_errors_never_documen
     }
 }
 
+/// Sends `payloads` from `senders` concurrent senders, expects every one
+/// acknowledged, and waits until every event is `done`.
+async fn send_and_settle(app: &TestApp, payloads: Vec<Value>, senders: usize) {
+    let n = payloads.len();
+    let r =
+        skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, senders, None)
+            .await;
+    assert_eq!(r.acked.len(), n, "{:?}", r.statuses);
+    wait_until(WAIT, &format!("all {n} events done"), || async {
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status = 'done'",
+        ) == n as i64
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_burst_for_one_document_costs_at_most_two_fetches() {
     let app = spawn_app().await;
@@ -410,16 +427,7 @@ async fn a_burst_for_one_document_costs_at_most_two_fetches() {
     let payloads: Vec<Value> = (0..50)
         .map(|_| app.sim.webhook_payload(DocType::Job, &id, "updated"))
         .collect();
-    let r = skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 10, None)
-        .await;
-    assert_eq!(r.acked.len(), 50);
-    wait_until(WAIT, "all 50 events done", || async {
-        count(
-            &app.sql(),
-            "SELECT count(*) FROM events WHERE status = 'done'",
-        ) == 50
-    })
-    .await;
+    send_and_settle(&app, payloads, 10).await;
     let gets = app.sim.gets(DocType::Job, &id);
     assert!((1..=2).contains(&gets), "50 events cost {gets} fetches");
 }
@@ -446,16 +454,7 @@ async fn a_backlog_for_a_few_documents_costs_at_most_two_fetches_each() {
         .flat_map(|_| ids.iter())
         .map(|id| app.sim.webhook_payload(DocType::Job, id, "updated"))
         .collect();
-    let r = skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 10, None)
-        .await;
-    assert_eq!(r.acked.len(), 50);
-    wait_until(WAIT, "all 50 events done", || async {
-        count(
-            &app.sql(),
-            "SELECT count(*) FROM events WHERE status = 'done'",
-        ) == 50
-    })
-    .await;
+    send_and_settle(&app, payloads, 10).await;
     let gets: Vec<u64> = ids
         .iter()
         .map(|id| app.sim.gets(DocType::Job, id))
