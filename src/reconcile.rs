@@ -56,8 +56,14 @@ pub struct Plan {
 }
 
 /// Decides one page: enqueue documents missing from the mirror, deleted
-/// there, or newer upstream; skip those already queued; count as missed the
-/// ones that needed a fetch no webhook had asked for.
+/// there, or newer upstream; count as missed the ones that needed a fetch no
+/// webhook (or earlier run) had asked for.
+///
+/// Announced documents are enqueued too: a fetch already running may have
+/// begun before the change the listing shows, and a recorded webhook may be
+/// one a finished fetch already covered, so neither guarantees a fetch after
+/// this change. Enqueueing a queued, unleased document only bumps its
+/// generation (no extra fetch); a leased one is fetched once more.
 pub fn plan(rows: &[ListedDoc], state: &PageState) -> Plan {
     let mut p = Plan::default();
     for row in rows {
@@ -73,10 +79,9 @@ pub fn plan(rows: &[ListedDoc], state: &PageState) -> Plan {
         if !needs {
             continue;
         }
-        if state.queued.contains(&row.id) {
-            continue; // announced (by a webhook or an earlier run) and on its way
+        if !state.queued.contains(&row.id) {
+            p.missed += 1;
         }
-        p.missed += 1;
         p.enqueue.push(row.clone());
     }
     p
@@ -547,8 +552,11 @@ mod tests {
         ];
         let p = plan(&rows, &state);
         let ids: Vec<&str> = p.enqueue.iter().map(|d| d.id.as_str()).collect();
-        assert_eq!(ids, vec!["older", "gone", "new", "no-time"]);
-        assert_eq!(p.missed, 4);
+        assert_eq!(
+            ids,
+            vec!["older", "gone", "new", "queued", "new-queued", "no-time"]
+        );
+        assert_eq!(p.missed, 4, "announced documents are not missed");
     }
 
     #[test]

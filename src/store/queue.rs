@@ -80,10 +80,11 @@ fn enqueue(
 const QUEUE_BATCH: i64 = 256;
 
 /// Moves up to `limit` of `tenant`'s recorded events, oldest first, out of
-/// the inbox (`queued = 1`): an event that the document's last successful
-/// fetch already covered (it arrived before that fetch began, see
-/// `fetch_covered`) is settled `done` at once; any other puts its document
-/// in `fetch_queue`. Returns how many moved.
+/// the inbox (`queued = 1`). An event that arrived before a fetch of its
+/// document began takes that fetch's outcome: `done` at once if the fetch
+/// succeeded (`fetch_covered`), `dead` if it ended the document dead, and
+/// nothing new if it is still running (it settles the event). Any other
+/// event puts its document in `fetch_queue`. Returns how many moved.
 ///
 /// The inbox insert leaves this to the fetcher so that acknowledging an event
 /// writes only pages ordered by id or time; the writes keyed by document id
@@ -113,18 +114,44 @@ fn queue_recorded_events(
     let mut covered = c.prepare_cached(
         "SELECT max_event FROM fetch_covered WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
     )?;
+    let mut queue_row = c.prepare_cached(
+        "SELECT status, claimed_max_event, lease_owner IS NOT NULL AND lease_until > ?4, attempts, last_error
+         FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
+    )?;
     for (id, doc_type, doc_id, received_at) in &rows {
         let last: Option<i64> = covered
             .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
             .optional()?;
         if last.is_some_and(|m| *id <= m) {
+            // A fetch that began after this event arrived has stored the document.
             c.prepare_cached(
                 "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
                  WHERE id = ?2 AND status = 'pending'",
             )?
             .execute(params![now, id])?;
-        } else {
-            enqueue(
+            continue;
+        }
+        type Row = (String, Option<i64>, bool, i64, Option<String>);
+        let row: Option<Row> = queue_row
+            .query_row(params![tenant, doc_type, doc_id, now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        match row {
+            // A fetch running now began after this event arrived: its outcome
+            // settles the event (it is `queued = 1` now), so no new request.
+            Some((status, Some(m), true, _, _)) if status == "queued" && *id <= m => {}
+            // The document went dead in a fetch that began after this event
+            // arrived: the event shares that fate (`retry --dead` revives both)
+            // instead of reviving the document for another round of failures.
+            Some((status, Some(m), _, attempts, last_error)) if status == "dead" && *id <= m => {
+                c.prepare_cached(
+                    "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
+                     WHERE id = ?4 AND status = 'pending'",
+                )?
+                .execute(params![attempts, last_error, now, id])?;
+            }
+            _ => enqueue(
                 c,
                 tenant,
                 doc_type,
@@ -132,7 +159,7 @@ fn queue_recorded_events(
                 "webhook",
                 received_at,
                 received_at,
-            )?;
+            )?,
         }
     }
     Ok(rows.len())

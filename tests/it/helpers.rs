@@ -224,3 +224,26 @@ where
 pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0)).expect("count query")
 }
+
+/// An `updated` webhook for job `id` of tenant acme, as the handler records it.
+pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::queue::NewEvent {
+    skillsync::store::queue::NewEvent {
+        tenant: "acme".into(),
+        received_at: chrono::Utc::now(),
+        action: "updated".into(),
+        doc_type: Some("job".into()),
+        doc_id: Some(id.into()),
+        ignored: false,
+        payload: sim.webhook_payload(DocType::Job, id, "updated").to_string(),
+    }
+}
+
+/// Job `id` as the simulator serves it now, as a fetch would store it.
+pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::mirror::FetchedDoc {
+    let d = app
+        .sim
+        .documents(DocType::Job)
+        .remove(id)
+        .expect("the simulator has the job");
+    skillsync::fetcher::extract(&d, &app.config.upstream)
+}

@@ -121,6 +121,30 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         .expect("its v1 queue row");
     }
 
+    // The upgrade alone (no fetcher yet): version-1 rows count as queued,
+    // so none of them goes back through the inbox.
+    {
+        let store =
+            skillsync::store::Store::open(&db, Duration::from_secs(5)).expect("open and migrate");
+        drop(store);
+        let c = rusqlite::Connection::open(&db).expect("open");
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 2);
+        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 0"), 0);
+        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 1"), 1);
+        assert_eq!(count(&c, "SELECT count(*) FROM fetch_covered"), 0);
+        let index: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'events_by_document'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("the index");
+        assert!(index.contains("WHERE queued = 1"), "{index}");
+    }
+
     let toml = config_toml(&db, &sim.base_url(), FAST_FETCH, "");
     let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -349,8 +349,8 @@ async fn a_change_announced_by_a_webhook_is_not_counted_missed() {
     assert_eq!(s.counts.listed, 2, "{s:?}");
     assert_eq!(
         (s.counts.missed, s.counts.enqueued),
-        (1, 1),
-        "only the silent change is missed and enqueued: {s:?}"
+        (1, 2),
+        "only the silent change is missed; both are requested: {s:?}"
     );
     let queued: Vec<(String, String)> = {
         let conn = app.sql();
@@ -371,26 +371,17 @@ async fn a_change_announced_by_a_webhook_is_not_counted_missed() {
 }
 
 /// The inbox records an event without queueing its document (the fetcher
-/// does that when it next claims work). A run in that window must neither
-/// count the announced change as missed nor queue it a second time, and the
-/// fetcher must still pick the recorded event up and settle it.
+/// does that when it next claims work). A run in that window must not count
+/// the announced change as missed, and the document is fetched once, the
+/// recorded event settled by that fetch.
 #[tokio::test]
 async fn a_webhook_recorded_but_not_yet_queued_is_not_counted_missed() {
     let mut app = spawn_app().await;
     // No daemon, so no fetcher moves the event into the queue.
     app.stop().await;
     let announced = app.sim.create(DocType::Job);
-    let payload = app.sim.webhook_payload(DocType::Job, &announced, "created");
     app.store
-        .insert_event(skillsync::store::queue::NewEvent {
-            tenant: "acme".into(),
-            received_at: chrono::Utc::now(),
-            action: "created".into(),
-            doc_type: Some("job".into()),
-            doc_id: Some(announced.clone()),
-            ignored: false,
-            payload: payload.to_string(),
-        })
+        .insert_event(recorded_event(&app.sim, &announced))
         .await
         .expect("record the event");
     assert_eq!(
@@ -405,12 +396,12 @@ async fn a_webhook_recorded_but_not_yet_queued_is_not_counted_missed() {
     assert_eq!(s.status, "ok", "{s:?}");
     assert_eq!(
         (s.counts.listed, s.counts.missed, s.counts.enqueued),
-        (1, 0, 0),
+        (1, 0, 1),
         "a recorded webhook is not drift: {s:?}"
     );
 
-    // `reconcile_now` works the queue until idle: the recorded event counts
-    // as due work, so it is queued, fetched and settled before it returns.
+    // `reconcile_now` works the queue until idle; the recorded event counts
+    // as due work too, so it is moved and settled before it returns.
     assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
     let conn = app.sql();
     assert_eq!(
@@ -422,6 +413,83 @@ async fn a_webhook_recorded_but_not_yet_queued_is_not_counted_missed() {
     );
     assert_eq!(count(&conn, "SELECT count(*) FROM fetch_queue"), 0);
     assert!(mirror_jobs(&conn).contains_key(&announced));
+    assert_eq!(app.sim.gets(DocType::Job, &announced), 1);
+}
+
+/// A recorded webhook that a finished fetch already covered must not hide a
+/// later change that only the listing shows: the run still requests the
+/// document, and the mirror ends at the upstream's version. (Found in
+/// review: the run skipped "announced" documents, the covered event then
+/// settled without a fetch, and the change was lost until a full sweep.)
+#[tokio::test]
+async fn a_covered_recorded_webhook_does_not_hide_a_later_silent_change() {
+    let mut app = spawn_app_with(FAST_FETCH, "[upstream]\noverlap_secs = 0").await;
+    app.stop().await;
+    let id = app.sim.create(DocType::Job);
+    let store = &app.store;
+    store
+        .insert_event(recorded_event(&app.sim, &id))
+        .await
+        .expect("first event");
+    let second = store
+        .insert_event(recorded_event(&app.sim, &id))
+        .await
+        .expect("second event");
+    // One free slot: moves the first event only, leases the job with the
+    // second one's id as its horizon, and the fetch succeeds.
+    let now = chrono::Utc::now();
+    let claims = store
+        .claim(
+            "acme".into(),
+            "test-owner".into(),
+            1,
+            now,
+            now + chrono::Duration::seconds(60),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].max_event, second);
+    store
+        .finish_stored(
+            claims[0].clone(),
+            "test-owner".into(),
+            fetched_job(&app, &id),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("store the fetch");
+    assert_eq!(
+        count(&app.sql(), "SELECT count(*) FROM events WHERE queued = 0"),
+        1,
+        "the second event is still in the inbox, covered"
+    );
+    // Upstream changes and its webhook is lost; a later change elsewhere
+    // moves the listing on.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(app.sim.update(DocType::Job, &id));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    app.sim.create(DocType::Job);
+
+    let rec = reconciler(&app);
+    let s = run_jobs(&rec, Kind::Incremental, false).await;
+    assert_eq!(s.status, "ok", "{s:?}");
+    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
+    let want = sim_jobs(&app.sim)[&id].clone();
+    let have = mirror_jobs(&app.sql())[&id].modified_on.clone();
+    assert_eq!(
+        have.as_deref(),
+        Some(want.as_str()),
+        "mirror is stale after the run {:?}",
+        s.counts
+    );
+    assert_eq!(
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status <> 'done'"
+        ),
+        0
+    );
 }
 
 #[tokio::test]
