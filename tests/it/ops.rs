@@ -185,3 +185,71 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         1
     );
 }
+
+/// `fetch_covered` rows are kept while a recorded event they cover still
+/// waits in the inbox, and pruned once none can need them.
+#[tokio::test]
+async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() {
+    let mut app = spawn_app().await;
+    app.stop().await; // no fetcher: the test moves events itself
+    let id = app.sim.create(DocType::Job);
+    let store = app.store.clone();
+    store
+        .insert_event(recorded_event(&app.sim, &id))
+        .await
+        .expect("first event");
+    let second = store
+        .insert_event(recorded_event(&app.sim, &id))
+        .await
+        .expect("second event");
+    let claim = |limit: usize| {
+        let store = store.clone();
+        async move {
+            let now = chrono::Utc::now();
+            store
+                .claim(
+                    "acme".into(),
+                    "test-owner".into(),
+                    limit,
+                    now,
+                    now + chrono::Duration::seconds(60),
+                )
+                .await
+                .expect("claim")
+        }
+    };
+    // One slot: the first event moves, the fetch covers both.
+    let c = claim(1).await;
+    assert_eq!((c.len(), c[0].max_event), (1, second));
+    store
+        .finish_stored(
+            c[0].clone(),
+            "test-owner".into(),
+            fetched_job(&app, &id),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("store the fetch");
+    let covered = || count(&app.sql(), "SELECT count(*) FROM fetch_covered");
+    assert_eq!(covered(), 1);
+    assert_eq!(
+        store.prune_fetch_covered(500).await.expect("prune"),
+        0,
+        "the second event still waits and is covered by the row"
+    );
+    assert_eq!(covered(), 1);
+    // The second event leaves the inbox, settled by the covering fetch.
+    assert!(
+        claim(1).await.is_empty(),
+        "no new fetch for a covered event"
+    );
+    assert_eq!(
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status = 'done'"
+        ),
+        2
+    );
+    assert_eq!(store.prune_fetch_covered(500).await.expect("prune"), 1);
+    assert_eq!(covered(), 0);
+}
