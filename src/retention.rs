@@ -1,6 +1,7 @@
 //! Retention: prunes `done`/`ignored` events, old `document_history` rows
-//! and `fetch_covered` rows no recorded event needs, in small batches (each its own short write, so webhook intake is
-//! never held up), once shortly after start and then hourly.
+//! and `fetch_covered` rows no recorded event needs, in small batches (each
+//! its own short write, so webhook intake is never held up), once shortly
+//! after start and then hourly.
 
 use std::sync::Arc;
 use std::time::Duration;

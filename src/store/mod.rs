@@ -8,8 +8,8 @@
 //! undo the others), then commits once with `synchronous=FULL`. A caller's
 //! future resolves only after that commit: when the webhook answers 200, the
 //! event is on disk. `group_commit = false` commits every write alone (the
-//! benchmark's baseline). Reads use the r2d2 pool on blocking threads, so no SQLite
-//! call runs on an async worker thread.
+//! benchmark's baseline). Reads use the r2d2 pool on blocking threads, so no
+//! SQLite call runs on an async worker thread.
 //!
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
@@ -443,15 +443,19 @@ impl<'c> Batch<'c> {
         self.completions.len() >= self.max
     }
 
-    fn run(&mut self, job: WriteJob) {
-        // Some failures (disk full, I/O error) make SQLite roll back the whole
-        // transaction: later writes must not run in autocommit mode, and none
-        // of the batch may be reported as committed.
+    /// Some failures (disk full, I/O error) make SQLite roll back the whole
+    /// transaction: later writes must not run in autocommit mode, and none of
+    /// the batch may be reported as committed.
+    fn note_rollback(&mut self) {
         if self.failed.is_none() && self.conn.is_autocommit() {
             self.failed = Some(StoreError::Unavailable(
                 "the batch's transaction was rolled back".into(),
             ));
         }
+    }
+
+    fn run(&mut self, job: WriteJob) {
+        self.note_rollback();
         let completion = match &self.failed {
             // The job does not run: its caller learns why the write did not happen.
             Some(e) => job(Err(e.clone())),
@@ -462,11 +466,7 @@ impl<'c> Batch<'c> {
 
     /// Commits; returns the callers to tell and whether the commit succeeded.
     fn commit(mut self) -> (Vec<Completion>, Result<(), StoreError>) {
-        if self.failed.is_none() && self.conn.is_autocommit() {
-            self.failed = Some(StoreError::Unavailable(
-                "the batch's transaction was rolled back".into(),
-            ));
-        }
+        self.note_rollback();
         let committed = match self.failed.take() {
             Some(e) => Err(e),
             None => self

@@ -5,6 +5,11 @@
 //! events whose id is at most `claimed_max_event` (received before the fetch
 //! began); a request that arrives during the fetch bumps `generation`, so the
 //! queue row stays and the document is fetched once more.
+//!
+//! Queries that find a document's events spell out the partial index's
+//! condition, `queued = 1 AND status IN ('pending', 'dead')`, even beside a
+//! narrower `status = …`: SQLite uses a partial index only when the query
+//! repeats its terms.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -486,9 +491,14 @@ pub(crate) fn settle_success(
          WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND id <= ?5",
     )?
     .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
-    // Events still in the inbox that this fetch covered settle when they move.
+    // Events still in the inbox that this fetch covered settle when they
+    // move. Only written while such events exist (none can appear later: new
+    // events get larger ids), so a fetch with an empty inbox writes nothing
+    // here and the table stays as small as the backlog.
     c.prepare_cached(
-        "INSERT INTO fetch_covered (tenant, doc_type, doc_id, max_event) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO fetch_covered (tenant, doc_type, doc_id, max_event)
+         SELECT ?1, ?2, ?3, ?4
+         WHERE EXISTS (SELECT 1 FROM events INDEXED BY events_to_queue WHERE tenant = ?1 AND queued = 0 AND id <= ?4)
          ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET max_event = max(max_event, excluded.max_event)",
     )?
     .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
