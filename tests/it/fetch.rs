@@ -478,32 +478,7 @@ async fn an_event_moved_during_a_fetch_that_covers_it_asks_for_no_other_fetch() 
     let d = app.sim.create(DocType::Job);
     let x = app.sim.create(DocType::Job);
     let store = app.store.clone();
-    let claim = |limit: usize| {
-        let store = store.clone();
-        async move {
-            let now = chrono::Utc::now();
-            store
-                .claim(
-                    "acme".into(),
-                    "test-owner".into(),
-                    limit,
-                    now,
-                    now + chrono::Duration::seconds(60),
-                )
-                .await
-                .expect("claim")
-        }
-    };
-    let stored = |c: skillsync::model::Claim, id: &str| {
-        let store = store.clone();
-        let doc = fetched_job(&app, id);
-        async move {
-            store
-                .finish_stored(c, "test-owner".into(), doc, chrono::Utc::now())
-                .await
-                .expect("store the fetch")
-        }
-    };
+    let claim = |limit: usize| claim_now(&store, limit);
     let record = |id: &str| store.insert_event(recorded_event(&app.sim, id));
     record(&d).await.expect("d1");
     let c = claim(2).await;
@@ -518,7 +493,7 @@ async fn an_event_moved_during_a_fetch_that_covers_it_asks_for_no_other_fetch() 
     let c = claim(1).await; // moves d2 (and a batch of X), leases X
     assert_eq!(c[0].doc_id, x);
     let x_fetch1 = c[0].clone();
-    stored(d_fetch1, &d).await;
+    store_fetched(&app, d_fetch1).await;
     let c = claim(1).await; // D's second fetch: d2 arrived after the first began
     assert_eq!(c[0].doc_id, d);
     let d_fetch2 = c[0].clone();
@@ -526,12 +501,12 @@ async fn an_event_moved_during_a_fetch_that_covers_it_asks_for_no_other_fetch() 
         d_fetch2.max_event >= d3,
         "d3 arrived before D's second fetch"
     );
-    stored(x_fetch1, &x).await;
+    store_fetched(&app, x_fetch1).await;
     if let Some(xc) = claim(1).await.first() {
-        stored(xc.clone(), &x).await;
+        store_fetched(&app, xc.clone()).await;
     }
     claim(1).await; // drains the inbox, d3 included, while D's fetch runs
-    stored(d_fetch2, &d).await;
+    store_fetched(&app, d_fetch2).await;
     let conn = app.sql();
     assert_eq!(
         count(

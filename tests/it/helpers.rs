@@ -247,3 +247,29 @@ pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::mirror::Fetched
         .expect("the simulator has the job");
     skillsync::fetcher::extract(&d, &app.config.upstream)
 }
+
+/// Leases up to `limit` of acme's due documents to `test-owner`, as a fetch
+/// worker with `limit` free slots would (moving recorded events first).
+pub async fn claim_now(store: &Store, limit: usize) -> Vec<skillsync::model::Claim> {
+    let now = chrono::Utc::now();
+    store
+        .claim(
+            "acme".into(),
+            "test-owner".into(),
+            limit,
+            now,
+            now + chrono::Duration::seconds(60),
+        )
+        .await
+        .expect("claim")
+}
+
+/// Ends a [`claim_now`] lease as a successful fetch of the job as the
+/// simulator serves it now.
+pub async fn store_fetched(app: &TestApp, claim: skillsync::model::Claim) {
+    let doc = fetched_job(app, &claim.doc_id);
+    app.store
+        .finish_stored(claim, "test-owner".into(), doc, chrono::Utc::now())
+        .await
+        .expect("store the fetch");
+}

@@ -202,34 +202,10 @@ async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() 
         .insert_event(recorded_event(&app.sim, &id))
         .await
         .expect("second event");
-    let claim = |limit: usize| {
-        let store = store.clone();
-        async move {
-            let now = chrono::Utc::now();
-            store
-                .claim(
-                    "acme".into(),
-                    "test-owner".into(),
-                    limit,
-                    now,
-                    now + chrono::Duration::seconds(60),
-                )
-                .await
-                .expect("claim")
-        }
-    };
     // One slot: the first event moves, the fetch covers both.
-    let c = claim(1).await;
+    let c = claim_now(&store, 1).await;
     assert_eq!((c.len(), c[0].max_event), (1, second));
-    store
-        .finish_stored(
-            c[0].clone(),
-            "test-owner".into(),
-            fetched_job(&app, &id),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("store the fetch");
+    store_fetched(&app, c[0].clone()).await;
     let covered = || count(&app.sql(), "SELECT count(*) FROM fetch_covered");
     assert_eq!(covered(), 1);
     assert_eq!(
@@ -240,7 +216,7 @@ async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() 
     assert_eq!(covered(), 1);
     // The second event leaves the inbox, settled by the covering fetch.
     assert!(
-        claim(1).await.is_empty(),
+        claim_now(&store, 1).await.is_empty(),
         "no new fetch for a covered event"
     );
     assert_eq!(

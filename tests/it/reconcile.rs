@@ -437,28 +437,10 @@ async fn a_covered_recorded_webhook_does_not_hide_a_later_silent_change() {
         .expect("second event");
     // One free slot: moves the first event only, leases the job with the
     // second one's id as its horizon, and the fetch succeeds.
-    let now = chrono::Utc::now();
-    let claims = store
-        .claim(
-            "acme".into(),
-            "test-owner".into(),
-            1,
-            now,
-            now + chrono::Duration::seconds(60),
-        )
-        .await
-        .expect("claim");
+    let claims = claim_now(store, 1).await;
     assert_eq!(claims.len(), 1);
     assert_eq!(claims[0].max_event, second);
-    store
-        .finish_stored(
-            claims[0].clone(),
-            "test-owner".into(),
-            fetched_job(&app, &id),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("store the fetch");
+    store_fetched(&app, claims[0].clone()).await;
     assert_eq!(
         count(&app.sql(), "SELECT count(*) FROM events WHERE queued = 0"),
         1,
