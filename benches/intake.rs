@@ -42,7 +42,7 @@
 //! default 10000).
 
 mod common;
-use common::{cell, summary};
+use common::{SECRET, cell, creds, daemon_toml, summary};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -52,14 +52,12 @@ use serde_json::{Value, json};
 use skillsync::config::Config;
 use skillsync::model::DocType;
 use skillsync::server::{Limits, serve};
-use skillsync::simulator::{Faults, SendReport, SimCredentials, Simulator, send_webhooks};
+use skillsync::simulator::{Faults, SendReport, Simulator, send_webhooks};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warp::Filter;
 
-const SECRET: &str = "bench-webhook-secret-0123456789";
-const APP_SECRET: &str = "bench-app-secret-0123456789";
 const WARMUP_EVENTS: usize = 500;
 const FIXED_RATE: f64 = 2000.0;
 const FIXED_RATE_SENDERS: usize = 64;
@@ -149,37 +147,13 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn creds() -> SimCredentials {
-    SimCredentials {
-        app_tenant: "bench-tenant".into(),
-        app_id: "bench-app".into(),
-        app_secret: APP_SECRET.into(),
-    }
-}
-
 fn config_toml(db: &Path, sim_base: &str, group_commit: bool) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[database]
-path = "{db}"
-group_commit = {group_commit}
-[fetch]
-concurrency = 8
-timeout_secs = 5
-[[tenant]]
-name = "acme"
-webhook_secrets = ["{SECRET}"]
-api_base = "{sim_base}"
-extraction_base = "{sim_base}"
-app_tenant = "bench-tenant"
-app_id = "bench-app"
-app_secret = "{APP_SECRET}"
-reconcile_schedule = "off"
-full_sweep_schedule = "off"
-"#,
-        db = db.display()
+    daemon_toml(
+        db,
+        sim_base,
+        "",
+        &format!("group_commit = {group_commit}"),
+        "[fetch]\nconcurrency = 8\ntimeout_secs = 5",
     )
 }
 

@@ -25,20 +25,18 @@
 //! default 3).
 
 mod common;
-use common::{cell, summary};
+use common::{SECRET, cell, creds, daemon_toml, summary};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use skillsync::config::Config;
 use skillsync::model::DocType;
-use skillsync::simulator::{Faults, SimCredentials, Simulator, send_webhooks};
+use skillsync::simulator::{Faults, Simulator, send_webhooks};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "bench-webhook-secret-0123456789";
-const APP_SECRET: &str = "bench-app-secret-0123456789";
 const LATENCY: Duration = Duration::from_millis(50);
 const CONCURRENCIES: [usize; 2] = [8, 32];
 const DOCS_PER_SLOT: usize = 120;
@@ -55,27 +53,12 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn config_toml(db: &Path, sim_base: &str, concurrency: usize) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[database]
-path = "{db}"
-[fetch]
-concurrency = {concurrency}
-timeout_secs = 10
-[[tenant]]
-name = "acme"
-webhook_secrets = ["{SECRET}"]
-api_base = "{sim_base}"
-extraction_base = "{sim_base}"
-app_tenant = "bench-tenant"
-app_id = "bench-app"
-app_secret = "{APP_SECRET}"
-reconcile_schedule = "off"
-full_sweep_schedule = "off"
-"#,
-        db = db.display()
+    daemon_toml(
+        db,
+        sim_base,
+        "",
+        "",
+        &format!("[fetch]\nconcurrency = {concurrency}\ntimeout_secs = 10"),
     )
 }
 
@@ -95,11 +78,7 @@ impl Rig {
         let sim_token = CancellationToken::new();
         let sim = Simulator::start(
             TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            SimCredentials {
-                app_tenant: "bench-tenant".into(),
-                app_id: "bench-app".into(),
-                app_secret: APP_SECRET.into(),
-            },
+            creds(),
             sim_token.clone(),
         )
         .unwrap();

@@ -40,7 +40,7 @@
 //! the `time` package on Debian (`apt-get install -y time`).
 
 mod common;
-use common::{cell, summary};
+use common::{APP_SECRET, cell, daemon_toml, summary};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
-const APP_SECRET: &str = "bench-app-secret-0123456789";
 const PAGE_SIZE: u64 = 500;
 const FETCH_CONCURRENCY: u64 = 8;
 const LATENCIES_MS: [u64; 2] = [20, 50];
@@ -79,31 +78,14 @@ fn config_toml(db: &Path, base: &str, concurrency: u64) -> String {
     // overlap_secs = 0: every simulated document was modified within the
     // last minutes, inside the default 300 s overlap, which would make the
     // "watermark kept" run list everything again.
-
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-[database]
-path = "{db}"
-[fetch]
-concurrency = {concurrency}
-timeout_secs = 30
-[upstream]
-page_size = {PAGE_SIZE}
-overlap_secs = 0
-[[tenant]]
-name = "acme"
-webhook_secrets = ["bench-webhook-secret-0123456789"]
-api_base = "{base}"
-extraction_base = "{base}"
-app_tenant = "bench-tenant"
-app_id = "bench-app"
-app_secret = "{APP_SECRET}"
-reconcile_schedule = "off"
-full_sweep_schedule = "off"
-"#,
-        db = db.display()
+    daemon_toml(
+        db,
+        base,
+        "",
+        "",
+        &format!(
+            "[fetch]\nconcurrency = {concurrency}\ntimeout_secs = 30\n[upstream]\npage_size = {PAGE_SIZE}\noverlap_secs = 0"
+        ),
     )
 }
 

@@ -10,16 +10,15 @@
 //! (knobs: `TLS_EVENTS` events per trial, default 5000; `TLS_RUNS` rounds, default 5).
 
 mod common;
+use common::{SECRET, creds, daemon_toml};
 use std::time::Duration;
 
 use serde_json::Value;
 use skillsync::config::Config;
 use skillsync::model::DocType;
-use skillsync::simulator::{SendReport, SimCredentials, Simulator, send_webhooks_with};
+use skillsync::simulator::{SendReport, Simulator, send_webhooks_with};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-const SECRET: &str = "bench-webhook-secret-0123456789";
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -39,11 +38,7 @@ async fn trial(tls: bool, senders: usize, events: usize, cert: &(String, String)
     let token = CancellationToken::new();
     let sim = Simulator::start(
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        SimCredentials {
-            app_tenant: "t".into(),
-            app_id: "i".into(),
-            app_secret: "bench-app-secret".into(),
-        },
+        creds(),
         token.clone(),
     )
     .unwrap();
@@ -59,10 +54,7 @@ async fn trial(tls: bool, senders: usize, events: usize, cert: &(String, String)
     } else {
         String::new()
     };
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{tls_lines}\n[database]\npath = \"{}\"\n[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"{SECRET}\"]\napi_base = \"{base}\"\nextraction_base = \"{base}\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"bench-app-secret\"\nreconcile_schedule = \"off\"\nfull_sweep_schedule = \"off\"\n",
-        dir.path().join("b.db").display()
-    );
+    let toml = daemon_toml(&dir.path().join("b.db"), &base, &tls_lines, "", "");
     let config = Config::from_toml(&toml, None).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();

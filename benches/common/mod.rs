@@ -1,7 +1,60 @@
-//! Statistics shared by the benchmarks (included with `mod common;`): the
-//! median of several rounds with their spread, formatted for the tables.
+//! What the benchmarks share (included with `mod common;`): the daemon's
+//! config and the credentials its simulator expects, and the statistics —
+//! the median of several rounds with their spread, formatted for the tables.
 
 #![allow(dead_code)]
+
+use std::path::Path;
+
+use skillsync::simulator::SimCredentials;
+
+/// Tenant acme's webhook secret in every benchmark.
+pub const SECRET: &str = "bench-webhook-secret-0123456789";
+/// The API secret the simulator expects.
+pub const APP_SECRET: &str = "bench-app-secret-0123456789";
+
+/// The credentials the simulator checks (those [`daemon_toml`] sends).
+pub fn creds() -> SimCredentials {
+    SimCredentials {
+        app_tenant: "bench-tenant".into(),
+        app_id: "bench-app".into(),
+        app_secret: APP_SECRET.into(),
+    }
+}
+
+/// A daemon config: tenant acme against the simulator at `sim_base`,
+/// schedules off, the database at `db`; `server` and `database` add keys to
+/// those sections, `sections` adds whole sections (`[fetch]`, `[upstream]`).
+pub fn daemon_toml(
+    db: &Path,
+    sim_base: &str,
+    server: &str,
+    database: &str,
+    sections: &str,
+) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+{server}
+[database]
+path = "{db}"
+{database}
+{sections}
+[[tenant]]
+name = "acme"
+webhook_secrets = ["{SECRET}"]
+api_base = "{sim_base}"
+extraction_base = "{sim_base}"
+app_tenant = "bench-tenant"
+app_id = "bench-app"
+app_secret = "{APP_SECRET}"
+reconcile_schedule = "off"
+full_sweep_schedule = "off"
+"#,
+        db = db.display()
+    )
+}
 
 /// Median, min and max.
 pub fn summary(v: &[f64]) -> (f64, f64, f64) {
