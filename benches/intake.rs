@@ -42,7 +42,7 @@
 //! default 10000).
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, summary};
+use common::{SECRET, cell, creds, daemon_toml, env_usize, summary};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -138,13 +138,6 @@ impl Sample {
             },
         }
     }
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn config_toml(db: &Path, sim_base: &str, group_commit: bool) -> String {

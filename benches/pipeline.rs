@@ -25,7 +25,7 @@
 //! default 3).
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, summary};
+use common::{SECRET, cell, creds, daemon_toml, env_usize, summary};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -44,13 +44,6 @@ const BURST_DOCS: usize = 1_000;
 const BURST_EVENTS_PER_DOC: usize = 10;
 const BURST_SENDERS: usize = 64;
 const DEADLINE: Duration = Duration::from_secs(180);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn config_toml(db: &Path, sim_base: &str, concurrency: usize) -> String {
     daemon_toml(

@@ -40,7 +40,7 @@
 //! the `time` package on Debian (`apt-get install -y time`).
 
 mod common;
-use common::{APP_SECRET, cell, daemon_toml, summary};
+use common::{APP_SECRET, cell, daemon_toml, env_usize, summary};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -56,13 +56,6 @@ const FETCH_CONCURRENCY: u64 = 8;
 const LATENCIES_MS: [u64; 2] = [20, 50];
 const TIME: &str = "/usr/bin/time";
 const CHILD_DEADLINE: Duration = Duration::from_secs(600);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Kills the simulator child (by its own handle) when the bench ends.
 struct Guard(Child);

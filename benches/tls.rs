@@ -10,7 +10,7 @@
 //! (knobs: `TLS_EVENTS` events per trial, default 5000; `TLS_RUNS` rounds, default 5).
 
 mod common;
-use common::{SECRET, creds, daemon_toml};
+use common::{SECRET, creds, daemon_toml, env_usize};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -19,13 +19,6 @@ use skillsync::model::DocType;
 use skillsync::simulator::{SendReport, Simulator, send_webhooks_with};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Trial {
     events_per_sec: f64,

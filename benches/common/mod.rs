@@ -56,6 +56,14 @@ full_sweep_schedule = "off"
     )
 }
 
+/// A knob from the environment, or its default.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Median, min and max.
 pub fn summary(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
