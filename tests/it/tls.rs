@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use skillsync::model::DocType;
+use skillsync::simulator::Simulator;
 
 use crate::helpers::*;
 
@@ -111,6 +112,28 @@ async fn https_event_is_accepted_and_plain_http_fails_cleanly() {
     handle.await.unwrap().unwrap();
 }
 
+/// Sends `sig` (as `kill` spells it) to process `pid`.
+fn signal(pid: &str, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {sig} {pid}"
+    );
+}
+
+/// Waits until a new connection trusting only `cert` gets an event accepted.
+async fn until_served_with(url: &str, sim: &Simulator, cert: &str, what: &str) {
+    wait_until(Duration::from_secs(10), what, || async {
+        post_event(&https_client(cert), url, sim)
+            .await
+            .is_ok_and(|s| s == 200)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn certificate_rotates_on_sighup_without_dropping_a_connection() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,63 +172,29 @@ async fn certificate_rotates_on_sighup_without_dropping_a_connection() {
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    wait_until(
-        Duration::from_secs(10),
+    signal(&pid, "-HUP");
+    until_served_with(
+        &url,
+        &sim,
+        &cert1,
         "a second TLS connection with the old certificate",
-        || {
-            let url = url.clone();
-            let sim = sim.clone();
-            let cert1 = cert1.clone();
-            async move {
-                post_event(&https_client(&cert1), &url, &sim)
-                    .await
-                    .is_ok_and(|s| s == 200)
-            }
-        },
     )
     .await;
     // A good new certificate.
     let (cert2, key2) = make_cert();
     std::fs::write(dir.path().join("cert.pem"), &cert2).unwrap();
     std::fs::write(dir.path().join("key.pem"), &key2).unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    wait_until(
-        Duration::from_secs(10),
+    signal(&pid, "-HUP");
+    until_served_with(
+        &url,
+        &sim,
+        &cert2,
         "new connections to get the new certificate",
-        || {
-            let url = url.clone();
-            let sim = sim.clone();
-            let cert2 = cert2.clone();
-            async move {
-                post_event(&https_client(&cert2), &url, &sim)
-                    .await
-                    .is_ok_and(|s| s == 200)
-            }
-        },
     )
     .await;
     // The connection opened under the old certificate is still served.
     assert_eq!(post_event(&old_client, &url, &sim).await.unwrap(), 200);
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&pid, "-TERM");
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
