@@ -116,9 +116,10 @@ impl Control {
         self.call("faults", json!({ "latency_ms": ms }));
     }
 
-    /// Lists every job the way the daemon pages (keyset on ModifiedOn, one
-    /// kept-alive connection) and does nothing with the rows: what any
-    /// client gets from this simulator. Returns (seconds, calls, rows).
+    /// Lists every job the way the daemon pages (first rows at or after
+    /// the last ModifiedOn read, no offsets; one kept-alive connection) and
+    /// does nothing with the rows but count distinct ids: what any client
+    /// gets from this simulator. Returns (seconds, calls, distinct rows).
     fn bare_listing(&self) -> (f64, u64, u64) {
         self.rt.block_on(async {
             let url = format!(
@@ -130,11 +131,12 @@ impl Control {
                 .build()
                 .unwrap();
             let t0 = Instant::now();
-            let (mut cursor, mut skip, mut calls, mut rows) = (None::<String>, 0u64, 0u64, 0u64);
+            let (mut cursor, mut calls) = (None::<String>, 0u64);
+            let mut seen = std::collections::HashSet::new();
             loop {
                 let mut q = json!({
-                    "skip": skip, "take": PAGE_SIZE,
-                    "orderBy": [{"field": "ModifiedOn", "direction": "asc"}],
+                    "skip": 0, "take": PAGE_SIZE,
+                    "orderBy": [{"field": "ModifiedOn", "direction": "asc"}, {"field": "JobId", "direction": "asc"}],
                     "fields": ["JobId", "ModifiedOn"],
                 });
                 if let Some(c) = &cursor {
@@ -154,25 +156,18 @@ impl Control {
                     .unwrap();
                 calls += 1;
                 let page = v["data"].as_array().unwrap();
-                let n = page.len() as u64;
-                rows += n;
-                if n < PAGE_SIZE {
+                for r in page {
+                    seen.insert(r["JobId"].as_str().unwrap().to_string());
+                }
+                // The same end rule as the daemon: an empty page, or one
+                // holding every row its request matched (the simulator's
+                // times are distinct, so no tie needs paging by id here).
+                if page.is_empty() || page.len() as u64 >= v["totalCount"].as_u64().unwrap() {
                     break;
                 }
-                let last = page[page.len() - 1]["ModifiedOn"]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                if cursor.as_deref() == Some(last.as_str()) {
-                    skip += n;
-                } else {
-                    skip = page
-                        .iter()
-                        .filter(|r| r["ModifiedOn"].as_str() == Some(last.as_str()))
-                        .count() as u64;
-                    cursor = Some(last);
-                }
+                cursor = Some(page[page.len() - 1]["ModifiedOn"].as_str().unwrap().to_string());
             }
+            let rows = seen.len() as u64;
             (t0.elapsed().as_secs_f64(), calls, rows)
         })
     }
@@ -469,6 +464,59 @@ fn measured_run(
     s
 }
 
+/// A full sweep after `deleted` jobs were deleted upstream (no webhook).
+#[derive(Clone, Debug)]
+struct Sweep {
+    listed: i64,
+    candidates: i64,
+    confirmed: i64,
+    gets: u64,
+    listing_secs: f64,
+    wall_secs: f64,
+    rss_mb: f64,
+}
+
+fn sweep_run(
+    ctl: &Control,
+    dir: &Path,
+    db: &Path,
+    config: &Path,
+    deleted: usize,
+    latency_ms: u64,
+) -> Sweep {
+    ctl.latency(0);
+    let r = ctl.call("delete", json!({"type": "job", "count": deleted}));
+    assert_eq!(r["delete"].as_u64(), Some(deleted as u64));
+    ctl.latency(latency_ms);
+    let (_, gets0) = ctl.stats();
+    let run = run_skillsync(dir, config, &["reconcile", "--type", "job", "--full"]);
+    let (_, gets1) = ctl.stats();
+    ctl.latency(0);
+    let (listing_secs, listed, _, _, status) = last_run(db);
+    assert_eq!(status, "ok", "sweep status; output:\n{}", run.stdout);
+    let c = open(db);
+    let s = Sweep {
+        listed,
+        candidates: one(
+            &c,
+            "SELECT candidates FROM sync_runs ORDER BY id DESC LIMIT 1",
+        ),
+        confirmed: one(
+            &c,
+            "SELECT marked_deleted FROM sync_runs ORDER BY id DESC LIMIT 1",
+        ),
+        gets: gets1 - gets0,
+        listing_secs,
+        wall_secs: run.wall.as_secs_f64(),
+        rss_mb: run.max_rss_kb as f64 / 1024.0,
+    };
+    eprintln!(
+        "  full sweep, {deleted} deleted, {latency_ms} ms: listed {}, candidates {}, confirmed {}, GETs {}, listing {:.2} s, wall {:.2} s, peak RSS {:.1} MB",
+        s.listed, s.candidates, s.confirmed, s.gets, s.listing_secs, s.wall_secs, s.rss_mb
+    );
+    s
+}
+
 fn main() {
     let docs = env_usize("RECONCILE_DOCS", 100_000);
     let runs = env_usize("RECONCILE_RUNS", 3).max(1);
@@ -521,8 +569,17 @@ fn main() {
         .chain([(LATENCIES_MS[0], false)])
         .collect();
     let mut rows: Vec<Vec<Sample>> = vec![Vec::new(); configs.len()];
+    let mut sweeps: Vec<Sweep> = Vec::new();
     for round in 0..runs {
         eprintln!("round {}/{runs}", round + 1);
+        sweeps.push(sweep_run(
+            &ctl,
+            dir.path(),
+            &db,
+            &bench_cfg,
+            changed,
+            LATENCIES_MS[0],
+        ));
         for (i, &(lat, clear)) in configs.iter().enumerate() {
             rows[i].push(measured_run(
                 &ctl,
@@ -605,6 +662,35 @@ fn main() {
         );
     }
     println!();
+    println!(
+        "| full sweep, {changed} deleted upstream | latency ms | listed | deletion candidates | confirmed by 404 | GETs | listing s | wall s (process) | peak RSS MB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let sc = |f: fn(&Sweep) -> f64, p| cell(&sweeps.iter().map(f).collect::<Vec<_>>(), p);
+    println!(
+        "| each round | {} | {} | {} | {} | {} | {} | {} | {} |",
+        LATENCIES_MS[0],
+        sc(|s| s.listed as f64, 0),
+        sc(|s| s.candidates as f64, 0),
+        sc(|s| s.confirmed as f64, 0),
+        sc(|s| s.gets as f64, 0),
+        sc(|s| s.listing_secs, 2),
+        sc(|s| s.wall_secs, 2),
+        sc(|s| s.rss_mb, 1),
+    );
+    println!();
+    // One GET per candidate, plus at most the control sample (3 GETs) the
+    // first 404 of a fresh process may need.
+    let one_get_each = sweeps.iter().all(|s| {
+        s.candidates == changed as i64
+            && s.confirmed == changed as i64
+            && s.gets >= changed as u64
+            && s.gets <= changed as u64 + 3
+    });
+    println!(
+        "target: a full sweep's confirmations cost one GET per candidate: {}",
+        if one_get_each { "met" } else { "MISSED" }
+    );
     for (i, &(lat, clear)) in configs.iter().enumerate() {
         if !clear {
             continue;

@@ -398,12 +398,13 @@ pub async fn reconcile_now(
         None => config.tenants.iter().map(|t| t.name.clone()).collect(),
     };
     let mut all_ok = true;
+    let mut sweeps = Vec::new();
     for t in &tenants {
         for ty in &types {
             match rec.run(t, *ty, kind, force, &token).await {
                 Ok(s) => {
                     println!(
-                        "{} {} {}: {} (listed {}, enqueued {}, missed {}, marked deleted {}){}",
+                        "{} {} {}: {} (listed {}, enqueued {}, missed {}, deletion candidates {}){}",
                         s.tenant,
                         s.doc_type,
                         s.kind,
@@ -411,13 +412,16 @@ pub async fn reconcile_now(
                         s.counts.listed,
                         s.counts.enqueued,
                         s.counts.missed,
-                        s.counts.marked_deleted,
+                        s.counts.candidates,
                         s.error
                             .as_deref()
                             .map(|e| format!(": {e}"))
                             .unwrap_or_default()
                     );
                     all_ok &= s.status == "ok";
+                    if s.counts.candidates > 0 {
+                        sweeps.push(s);
+                    }
                 }
                 Err(e @ RunError::Busy(..)) => {
                     println!("{t} {ty}: skipped: {e}");
@@ -442,6 +446,14 @@ pub async fn reconcile_now(
         let _ = h.await;
     }
     fetcher.release().await;
+    // Deletions are confirmed by the GETs just made (404/410).
+    for s in &sweeps {
+        let marked = store.run_marked_deleted(s.run_id).await?;
+        println!(
+            "{} {} {}: {} of {} deletion candidates confirmed gone and marked deleted",
+            s.tenant, s.doc_type, s.kind, marked, s.counts.candidates
+        );
+    }
     for t in &tenants {
         let counts = store.event_counts(t.clone()).await?;
         let status = store.status().await?;

@@ -118,6 +118,9 @@ pub struct UpstreamConfig {
     pub modified_field: String,
     pub page_size: u32,
     pub overlap_secs: u64,
+    /// How long a listing may keep failing (429, 5xx, timeouts) before the
+    /// run gives up; each failed page is retried with backoff meanwhile.
+    pub listing_retry_secs: u64,
     pub job_types: Vec<String>,
     pub project_types: Vec<String>,
     pub number_fields: Vec<String>,
@@ -291,6 +294,7 @@ struct RawUpstream {
     modified_field: Option<String>,
     page_size: Option<i64>,
     overlap_secs: Option<i64>,
+    listing_retry_secs: Option<i64>,
     job_types: Option<Vec<String>>,
     project_types: Option<Vec<String>>,
     number_fields: Option<Vec<String>>,
@@ -644,6 +648,13 @@ impl RawConfig {
             )?,
             page_size: int_in("upstream.page_size", u.page_size, 500, 1, 10_000)? as u32,
             overlap_secs: int_in("upstream.overlap_secs", u.overlap_secs, 300, 0, 86_400)? as u64,
+            listing_retry_secs: int_in(
+                "upstream.listing_retry_secs",
+                u.listing_retry_secs,
+                900,
+                0,
+                86_400,
+            )? as u64,
             job_types: non_empty_list(
                 "upstream.job_types",
                 u.job_types,

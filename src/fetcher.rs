@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, FetchConfig, UpstreamConfig};
+use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::model::{Claim, ErrorClass, normalize_ts, parse_upstream_ts};
+use crate::model::{Claim, DocType, ErrorClass, normalize_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::mirror::{FetchedDoc, StoreOutcome};
 use crate::store::queue::{Failure, FailureResult};
@@ -30,6 +30,24 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The longest a `Retry-After` is honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A 404/410 is trusted as a deletion when a GET of the same tenant and type
+/// served a document this recently; otherwise a control GET decides.
+const TRUST_WINDOW: Duration = Duration::from_secs(300);
+
+/// How many live documents a control check GETs (any one served is enough).
+const CONTROL_SAMPLE: usize = 3;
+
+/// Whether a 404/410 is evidence of a deletion.
+enum GoneVerdict {
+    /// Other documents are served: the document is gone.
+    Trusted,
+    /// Documents the mirror holds live answer 404 too (a wrong path, an
+    /// `app_user` who cannot see them): not a deletion.
+    Suspect { control: String },
+    /// The control GET failed otherwise: decide on a later attempt.
+    Undecided(crate::upstream::CallError),
+}
 
 /// Pulls the mirror's columns out of a fetched document.
 pub fn extract(doc: &Map<String, Value>, u: &UpstreamConfig) -> FetchedDoc {
@@ -75,6 +93,9 @@ pub struct Fetcher {
     owner: String,
     /// Per tenant: no new fetch before this instant (set by a 429).
     paused_until: Mutex<HashMap<String, Instant>>,
+    /// Per tenant and type: when a GET last served a document. A 404 soon
+    /// after one is trusted without a control GET.
+    last_served: Mutex<HashMap<(String, DocType), Instant>>,
 }
 
 impl Fetcher {
@@ -92,6 +113,7 @@ impl Fetcher {
             metrics,
             owner,
             paused_until: Mutex::new(HashMap::new()),
+            last_served: Mutex::new(HashMap::new()),
         })
     }
 
@@ -106,6 +128,69 @@ impl Fetcher {
                 *e = until;
             }
         }
+    }
+
+    fn served(&self, tenant: &str, doc_type: DocType) {
+        if let Ok(mut m) = self.last_served.lock() {
+            m.insert((tenant.to_string(), doc_type), Instant::now());
+        }
+    }
+
+    fn served_recently(&self, tenant: &str, doc_type: DocType) -> bool {
+        self.last_served.lock().is_ok_and(|m| {
+            m.get(&(tenant.to_string(), doc_type))
+                .is_some_and(|t| t.elapsed() < TRUST_WINDOW)
+        })
+    }
+
+    /// Decides whether a 404/410 for `claim` is a deletion. A misconfigured
+    /// path or a user who cannot see documents makes *every* GET answer 404,
+    /// which would otherwise empty the mirror one fetch at a time: so unless
+    /// a GET served a document of this tenant and type recently, a few
+    /// documents the mirror holds live are fetched as a control, and the
+    /// 404 stands only if one of them is served.
+    async fn judge_gone(&self, tenant: &TenantConfig, claim: &Claim) -> GoneVerdict {
+        if self.served_recently(&claim.tenant, claim.doc_type) {
+            return GoneVerdict::Trusted;
+        }
+        let sample = match self
+            .store
+            .control_sample(
+                claim.tenant.clone(),
+                claim.doc_type,
+                claim.doc_id.clone(),
+                CONTROL_SAMPLE,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return GoneVerdict::Undecided(crate::upstream::CallError {
+                    class: ErrorClass::Server,
+                    message: format!("cannot read the control sample: {e}"),
+                    retry_after: None,
+                });
+            }
+        };
+        // Nothing else mirrored: nothing a wrong path could wrongly delete.
+        let Some(first) = sample.first().cloned() else {
+            return GoneVerdict::Trusted;
+        };
+        for id in sample {
+            match self
+                .upstream
+                .get_document(&self.config, tenant, claim.doc_type, &id)
+                .await
+            {
+                Fetched::Document(_) => {
+                    self.served(&claim.tenant, claim.doc_type);
+                    return GoneVerdict::Trusted;
+                }
+                Fetched::Gone(_) => continue,
+                Fetched::Failed(e) => return GoneVerdict::Undecided(e),
+            }
+        }
+        GoneVerdict::Suspect { control: first }
     }
 
     fn paused(&self, tenant: &str) -> Option<Duration> {
@@ -247,6 +332,7 @@ impl Fetcher {
         match result {
             Fetched::Document(doc) => {
                 self.metrics.fetch(&t, ty, "ok", elapsed);
+                self.served(&t, claim.doc_type);
                 let doc = extract(&doc, &self.config.upstream);
                 match self
                     .store
@@ -270,6 +356,24 @@ impl Fetcher {
             }
             Fetched::Gone(code) => {
                 self.metrics.fetch(&t, ty, "gone", elapsed);
+                match self.judge_gone(tenant, &claim).await {
+                    GoneVerdict::Trusted => {}
+                    GoneVerdict::Suspect { control } => {
+                        let err = crate::upstream::CallError {
+                            class: ErrorClass::UnconfirmedGone,
+                            message: format!(
+                                "answered {code}, but so does {control}, which the mirror holds live: not recorded as a deletion (check job_path / project_path and app_user)"
+                            ),
+                            retry_after: None,
+                        };
+                        self.settle_failure(&claim, err, now).await;
+                        return;
+                    }
+                    GoneVerdict::Undecided(err) => {
+                        self.settle_failure(&claim, err, now).await;
+                        return;
+                    }
+                }
                 match self
                     .store
                     .finish_gone(claim.clone(), self.owner.clone(), now)
@@ -285,44 +389,60 @@ impl Fetcher {
             }
             Fetched::Failed(err) => {
                 self.metrics.fetch(&t, ty, err.class.as_str(), elapsed);
-                let rate_limited = err.class == ErrorClass::RateLimited;
-                let delay = match err.retry_after {
-                    Some(d) => d.min(MAX_RETRY_AFTER),
-                    None if rate_limited => backoff(&self.config.fetch, claim.attempts + 1),
-                    None => backoff(&self.config.fetch, claim.attempts + 1),
-                };
-                if rate_limited {
-                    self.pause(&t, Instant::now() + delay);
+                self.settle_failure(&claim, err, now).await;
+            }
+        }
+    }
+
+    /// Settles a failed fetch: back-off (a 429 pauses the whole tenant), or
+    /// dead after `max_attempts`.
+    async fn settle_failure(
+        &self,
+        claim: &Claim,
+        err: crate::upstream::CallError,
+        now: DateTime<Utc>,
+    ) {
+        let t = claim.tenant.clone();
+        let ty = claim.doc_type.as_str();
+        let rate_limited = err.class == ErrorClass::RateLimited;
+        let delay = match err.retry_after {
+            Some(d) => d.min(MAX_RETRY_AFTER),
+            None => backoff(&self.config.fetch, claim.attempts + 1),
+        };
+        if rate_limited {
+            self.pause(&t, Instant::now() + delay);
+        }
+        let retry_at: DateTime<Utc> =
+            now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+        let failure = Failure {
+            class: err.class,
+            message: err.message.clone(),
+            retry_at,
+            counts: !rate_limited,
+            max_attempts: self.config.fetch.max_attempts,
+        };
+        match self
+            .store
+            .finish_failed(claim.clone(), self.owner.clone(), failure, now)
+            .await
+        {
+            Ok(FailureResult::Dead { attempts }) => {
+                self.metrics.dead(&t, ty);
+                tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "event dead: giving up on document (skillsync retry --dead puts it back)");
+            }
+            Ok(FailureResult::WillRetry { attempts }) => match err.class {
+                ErrorClass::Auth => {
+                    tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "upstream authentication failing: check app_tenant, app_id and app_secret")
                 }
-                let retry_at: DateTime<Utc> =
-                    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-                let failure = Failure {
-                    class: err.class,
-                    message: err.message.clone(),
-                    retry_at,
-                    counts: !rate_limited,
-                    max_attempts: self.config.fetch.max_attempts,
-                };
-                match self
-                    .store
-                    .finish_failed(claim.clone(), self.owner.clone(), failure, now)
-                    .await
-                {
-                    Ok(FailureResult::Dead { attempts }) => {
-                        self.metrics.dead(&t, ty);
-                        tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "event dead: giving up on document (skillsync retry --dead puts it back)");
-                    }
-                    Ok(FailureResult::WillRetry { attempts }) => {
-                        if err.class == ErrorClass::Auth {
-                            tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "upstream authentication failing: check app_tenant, app_id and app_secret");
-                        } else {
-                            tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, retry_in_secs = delay.as_secs(), error = %err, "fetch failed; will retry");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(tenant = %t, error = %e, "failure not recorded; the lease will expire and the fetch repeat")
-                    }
+                ErrorClass::UnconfirmedGone => {
+                    tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "404 not trusted as a deletion: documents the mirror holds live answer 404 too")
                 }
+                _ => {
+                    tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, retry_in_secs = delay.as_secs(), error = %err, "fetch failed; will retry")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(tenant = %t, error = %e, "failure not recorded; the lease will expire and the fetch repeat")
             }
         }
     }

@@ -103,6 +103,9 @@ pub enum ErrorClass {
     Malformed,
     /// Any other 4xx.
     Client,
+    /// 404/410 while documents the mirror holds live answer 404 too: a
+    /// wrong path or a user who cannot see documents, not a deletion.
+    UnconfirmedGone,
 }
 
 impl ErrorClass {
@@ -115,6 +118,7 @@ impl ErrorClass {
             ErrorClass::Network => "network",
             ErrorClass::Malformed => "malformed",
             ErrorClass::Client => "client",
+            ErrorClass::UnconfirmedGone => "unconfirmed_gone",
         }
     }
 }

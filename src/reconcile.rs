@@ -1,32 +1,84 @@
 //! Reconciliation: what makes the mirror complete when webhooks are lost.
 //!
 //! An incremental run lists documents modified since the watermark (minus an
-//! overlap); a full sweep lists every id, and also marks documents gone
-//! upstream as deleted (behind the `max_delete_fraction` valve). Both only
-//! enqueue fetches — the fetch workers do the rest under the tenant's one
-//! rate budget. [`plan`] decides, for one page, what to enqueue and what
+//! overlap); a full sweep lists every id and finds deletion candidates. Both
+//! only enqueue fetches — the fetch workers do the rest under the tenant's
+//! one rate budget. [`plan`] decides, for one page, what to enqueue and what
 //! counts as missed; it is pure and unit-tested alone.
 //!
-//! Paging is by keyset on (ModifiedOn, id): each page asks for
-//! `ModifiedOn >= last seen` and skips the rows already seen at that exact
-//! time, so equal timestamps across a page boundary are never skipped and a
-//! document modified during the run moves to the end instead of shifting an
-//! unseen one into an already-read offset. Only one page is held at a time.
+//! # Paging that cannot skip
+//!
+//! Offsets are never used: every request asks for the first `take` rows, in
+//! (ModifiedOn, id) order, of a key range given by filters ([`Cursor`]):
+//! `Start` (everything, or `ModifiedOn >= since`), `AtOrAfter(t)`
+//! (`ModifiedOn >= t`), `Tie(t, i)` (`ModifiedOn = t AND id > i`) and
+//! `After(t)` (`ModifiedOn > t`). Times and ids go back exactly as the server
+//! listed them, so the server compares them with its own ordering.
+//!
+//! The argument. Call a document *stable* if it existed, unchanged, for the
+//! whole run: its key k = (ModifiedOn, id) is fixed. Each cursor has a
+//! frontier: `AtOrAfter(t)` covers keys from (t, -inf) on, `Tie(t, i)` the
+//! keys after (t, i) with time t (then `After(t)`), `After(t)` the keys
+//! after (t, +inf).
+//! Invariant: every stable document whose key lies below the current
+//! cursor's range has been read. It holds at `Start`. A server answers a
+//! *prefix* of its range in key order (a page cap only shortens the prefix;
+//! a lagging read replica answers from an older snapshot, which still holds
+//! every stable document at its one key). So after a page whose last row is
+//! (tl, il), every stable key in the range up to (tl, il) was in the page.
+//! The next cursor is `AtOrAfter(tl)` — keys below (tl, -inf) were all in
+//! the page or below the old range — or, when the whole page is one time
+//! and `>= tl` would answer it again, `Tie(tl, il)`, whose range starts just
+//! after the last key read. An empty tie range moves to `After(t)`. Edits,
+//! creations and deletions during the run change other documents' keys, but
+//! never a stable key or the range filters, so they cannot push a stable
+//! document out of a range before it is read (an offset could: that was the
+//! old bug). Progress: `AtOrAfter` is chosen only when the page spans two
+//! times, so the frontier time grows; in a tie the id grows. A cursor that
+//! would repeat itself (a server ignoring the id filter) fails the run
+//! rather than loop.
+//!
+//! The end is an empty page, or a page holding all the `totalCount` rows
+//! its request matched; a page shorter than `take` is not the end. Rows
+//! read again at a boundary time are dropped by id ([`Seen`]), so `listed`
+//! counts distinct ids and nothing is planned twice.
+//!
+//! Documents that change during the run are caught by their webhook, or by
+//! the next incremental run: the watermark is the newest ModifiedOn listed
+//! that is not after the run's start, so a document dated in the future
+//! (skewed clock, typo) is mirrored, warned about, and never moves it.
+//!
+//! # Deletion needs evidence
+//!
+//! A live document a full sweep did not list is only a candidate: the valve
+//! (`max_delete_fraction`) applies to the candidates before any GET, then
+//! each is queued for a GET through the normal fetch path, and only a
+//! 404/410 sets `deleted_at` (the fetcher also checks that documents the
+//! mirror holds live are still served, so a wrong path cannot delete).
+//!
+//! # Failures
+//!
+//! A listing page that fails with 429 (honouring `Retry-After`, capped),
+//! 5xx, a timeout, a reset or a malformed body is retried with backoff and
+//! jitter at the same cursor; after `upstream.listing_retry_secs` of
+//! failures the run fails with the page it reached. A run that loses its
+//! lock (renewal fails or another process holds it) stops, queues nothing
+//! more and advances nothing; counts are added after their writes commit.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::model::{DocType, fmt_ts, parse_upstream_ts};
+use crate::config::{Config, TenantConfig};
+use crate::model::{DocType, ErrorClass, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
-use crate::store::sync::{PageState, RunCounts};
-use crate::upstream::{ListedDoc, Upstream};
+use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
+use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
 
 /// How long a run lock lasts without renewal.
 const LOCK_LEASE: Duration = Duration::from_secs(300);
@@ -87,9 +139,127 @@ pub fn plan(rows: &[ListedDoc], state: &PageState) -> Plan {
     p
 }
 
+/// Where the next listing request starts. Every request asks for the first
+/// rows (no offset) of a key range in (ModifiedOn, id) order; see the module
+/// doc for why this cannot skip a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// The first page: everything, or what was modified at or after the
+    /// incremental start.
+    Start(Option<String>),
+    /// Modified at or after this time (the rows read at it are read again
+    /// and dropped as duplicates).
+    AtOrAfter(String),
+    /// Modified exactly at this time (`None`: no time) with an id after
+    /// this one: a tie group, paged by id.
+    Tie(Option<String>, String),
+    /// Modified after this time (`None`: has any time): past a tie group.
+    After(Option<String>),
+}
+
+impl Cursor {
+    /// The filter terms of the request for this cursor (times and ids as
+    /// the server listed them, so it compares them its own way).
+    pub fn filters(&self) -> Vec<ListFilter> {
+        let modified = |op, value: Option<String>| ListFilter {
+            field: ListField::Modified,
+            op,
+            value,
+        };
+        match self {
+            Cursor::Start(None) => Vec::new(),
+            Cursor::Start(Some(t)) | Cursor::AtOrAfter(t) => vec![modified(">=", Some(t.clone()))],
+            Cursor::Tie(t, id) => vec![
+                modified("=", t.clone()),
+                ListFilter {
+                    field: ListField::Id,
+                    op: ">",
+                    value: Some(id.clone()),
+                },
+            ],
+            Cursor::After(Some(t)) => vec![modified(">", Some(t.clone()))],
+            Cursor::After(None) => vec![modified("<>", None)],
+        }
+    }
+
+    /// The cursor after `page` answered this one, or `None` when the
+    /// listing is complete: an empty page, or one holding all `totalCount`
+    /// rows its request matched. A short page is not the end (servers cap
+    /// `take`).
+    pub fn next(&self, page: &ListPage) -> Option<Cursor> {
+        let (Some(first), Some(last)) = (page.rows.first(), page.rows.last()) else {
+            // An empty tie group ends the tie, not the listing.
+            return match self {
+                Cursor::Tie(t, _) => Some(Cursor::After(t.clone())),
+                _ => None,
+            };
+        };
+        let complete = page
+            .total_count
+            .is_some_and(|total| page.rows.len() as u64 >= total);
+        if let Cursor::Tie(t, _) = self {
+            return Some(if complete {
+                Cursor::After(t.clone())
+            } else {
+                Cursor::Tie(t.clone(), last.raw_id.clone())
+            });
+        }
+        if complete {
+            return None;
+        }
+        if first.modified_on == last.modified_on {
+            // The whole page is one time: `>=` that time would answer the
+            // same rows again, so page through the tie by id.
+            Some(Cursor::Tie(
+                last.raw_modified_on.clone(),
+                last.raw_id.clone(),
+            ))
+        } else {
+            match &last.raw_modified_on {
+                Some(t) => Some(Cursor::AtOrAfter(t.clone())),
+                // Rows without a time sorted last: page them by id.
+                None => Some(Cursor::Tie(None, last.raw_id.clone())),
+            }
+        }
+    }
+}
+
+/// Which listed rows a run has already seen. A full sweep keeps every id
+/// (it needs them to find deletion candidates); an incremental run keeps
+/// only the ids at the latest time, which is all a `>=` request re-reads.
+struct Seen {
+    all: Option<HashSet<String>>,
+    boundary_time: Option<String>,
+    boundary: HashSet<String>,
+}
+
+impl Seen {
+    fn new(kind: Kind) -> Seen {
+        Seen {
+            all: (kind == Kind::Full).then(HashSet::new),
+            boundary_time: None,
+            boundary: HashSet::new(),
+        }
+    }
+
+    /// True the first time a row is seen (at this time, for an incremental run).
+    fn first_time(&mut self, row: &ListedDoc) -> bool {
+        if let Some(all) = &mut self.all {
+            return all.insert(row.id.clone());
+        }
+        if row.modified_on != self.boundary_time {
+            self.boundary_time = row.modified_on.clone();
+            self.boundary.clear();
+        }
+        self.boundary.insert(row.id.clone())
+    }
+}
+
 /// The outcome of one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
+    /// The `sync_runs` row.
+    pub run_id: i64,
     pub tenant: String,
     pub doc_type: String,
     pub kind: &'static str,
@@ -110,6 +280,27 @@ pub enum RunError {
     UnknownTenant(String),
 }
 
+/// The longest a listing's `Retry-After` is honoured.
+const MAX_LISTING_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The longest pause between retries of a failing listing page.
+const MAX_LISTING_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How far ahead of the run's start a ModifiedOn may be before it is
+/// reported as dated in the future (clocks differ a little).
+const FUTURE_SLACK: Duration = Duration::from_secs(60);
+
+/// How often a long listing logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// The pause before retry `attempt` (from 1) of a failed listing page:
+/// doubling from one second, capped, with equal jitter.
+fn listing_backoff(attempt: u32) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(10));
+    let capped = base.min(MAX_LISTING_BACKOFF).as_secs_f64();
+    Duration::from_secs_f64(capped * (0.5 + 0.5 * fastrand::f64()))
+}
+
 /// Runs reconciliations; cheap to clone.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -118,6 +309,18 @@ pub struct Reconciler {
     config: Arc<Config>,
     wake: Arc<HashMap<String, Arc<Notify>>>,
     owner: String,
+}
+
+/// A run in progress: what every page step needs.
+struct Run<'a> {
+    tcfg: &'a TenantConfig,
+    doc_type: DocType,
+    kind: Kind,
+    force: bool,
+    run_id: i64,
+    lock: RunRef,
+    start_time: DateTime<Utc>,
+    shutdown: &'a CancellationToken,
 }
 
 impl Reconciler {
@@ -185,18 +388,23 @@ impl Reconciler {
                 start_time,
             )
             .await?;
+        let lock = RunRef {
+            tenant: tenant.to_string(),
+            doc_type,
+            owner: self.owner.clone(),
+        };
+        let run = Run {
+            tcfg: &tcfg,
+            doc_type,
+            kind,
+            force,
+            run_id,
+            lock: lock.clone(),
+            start_time,
+            shutdown,
+        };
         let mut counts = RunCounts::default();
-        let result = self
-            .list_and_enqueue(
-                &tcfg,
-                doc_type,
-                kind,
-                force,
-                start_time,
-                shutdown,
-                &mut counts,
-            )
-            .await;
+        let result = self.list_and_enqueue(&run, &mut counts).await;
         let (status, error, watermark) = match result {
             Ok(w) => ("ok", None, if kind == Kind::Incremental { w } else { None }),
             Err(Failure::Interrupted) => (
@@ -204,32 +412,43 @@ impl Reconciler {
                 Some("stopped before the listing finished".to_string()),
                 None,
             ),
+            Err(Failure::LostLock) => (
+                "failed",
+                Some(
+                    "lost the run lock to another process; nothing after that was recorded"
+                        .to_string(),
+                ),
+                None,
+            ),
             Err(Failure::Failed(e)) => ("failed", Some(e), None),
         };
-        self.store
+        let finished = self
+            .store
             .finish_run(
                 run_id,
-                tenant.to_string(),
-                doc_type,
-                self.owner.clone(),
-                status,
-                counts.clone(),
-                error.clone(),
-                watermark,
+                lock,
+                RunEnd {
+                    status,
+                    counts: counts.clone(),
+                    error,
+                    watermark,
+                },
                 Utc::now(),
             )
             .await?;
+        counts.marked_deleted = self.store.run_marked_deleted(run_id).await?;
         let summary = RunSummary {
+            run_id,
             tenant: tenant.to_string(),
             doc_type: doc_type.as_str().to_string(),
             kind: kind.as_str(),
-            status,
+            status: finished.status,
             counts,
-            error,
+            error: finished.error,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         let c = &summary.counts;
-        if status == "ok" {
+        if summary.status == "ok" {
             tracing::info!(
                 tenant,
                 doc_type = doc_type.as_str(),
@@ -237,7 +456,7 @@ impl Reconciler {
                 listed = c.listed,
                 enqueued = c.enqueued,
                 missed = c.missed,
-                marked_deleted = c.marked_deleted,
+                candidates = c.candidates,
                 duration_ms = summary.duration_ms,
                 "reconciliation finished"
             );
@@ -246,7 +465,7 @@ impl Reconciler {
                 tenant,
                 doc_type = doc_type.as_str(),
                 kind = kind.as_str(),
-                status,
+                status = summary.status,
                 listed = c.listed,
                 enqueued = c.enqueued,
                 error = summary.error.as_deref().unwrap_or(""),
@@ -257,41 +476,61 @@ impl Reconciler {
         Ok(summary)
     }
 
-    /// Starts fetching one listing page in its own task, so the next page is
-    /// on its way while the current one is compared with the mirror.
+    /// Starts one listing request in its own task, so the next page is on
+    /// its way while the current one is compared with the mirror.
     fn request_page(
         &self,
-        tcfg: &crate::config::TenantConfig,
+        tcfg: &TenantConfig,
         doc_type: DocType,
-        since: Option<String>,
-        skip: u64,
-    ) -> tokio::task::JoinHandle<Result<crate::upstream::ListPage, crate::upstream::CallError>>
-    {
+        cursor: &Cursor,
+    ) -> tokio::task::JoinHandle<Result<ListPage, CallError>> {
         let upstream = self.upstream.clone();
         let config = self.config.clone();
         let tcfg = tcfg.clone();
         let take = config.upstream.page_size;
+        let filters = cursor.filters();
         tokio::spawn(async move {
             upstream
-                .list_page(&config, &tcfg, doc_type, skip, take, since.as_deref())
+                .list_page(&config, &tcfg, doc_type, take, &filters)
                 .await
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Extends the run lock; a lock another process now holds (or that
+    /// cannot be renewed) ends the run before it writes anything more.
+    async fn renew(&self, run: &Run<'_>) -> Result<(), Failure> {
+        let until = Utc::now()
+            + chrono::Duration::from_std(LOCK_LEASE).unwrap_or(chrono::Duration::minutes(5));
+        match self
+            .store
+            .renew_sync_lock(
+                run.lock.tenant.clone(),
+                run.doc_type,
+                run.lock.owner.clone(),
+                until,
+            )
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::LostLock),
+            Err(e) => {
+                tracing::warn!(tenant = %run.lock.tenant, doc_type = run.doc_type.as_str(), error = %e, "cannot renew the run lock; stopping the run");
+                Err(Failure::LostLock)
+            }
+        }
+    }
+
+    /// Lists every page and queues what the mirror lacks; a full sweep then
+    /// queues its deletion candidates for a confirming GET. Returns the
+    /// watermark an incremental run may advance to.
     async fn list_and_enqueue(
         &self,
-        tcfg: &crate::config::TenantConfig,
-        doc_type: DocType,
-        kind: Kind,
-        force: bool,
-        start_time: chrono::DateTime<Utc>,
-        shutdown: &CancellationToken,
+        run: &Run<'_>,
         counts: &mut RunCounts,
     ) -> Result<Option<String>, Failure> {
-        let tenant = tcfg.name.clone();
-        let take = self.config.upstream.page_size;
-        let since = match kind {
+        let tenant = run.tcfg.name.clone();
+        let doc_type = run.doc_type;
+        let since = match run.kind {
             Kind::Full => None,
             Kind::Incremental => self
                 .store
@@ -303,136 +542,244 @@ impl Reconciler {
                     fmt_ts(w - chrono::Duration::seconds(self.config.upstream.overlap_secs as i64))
                 }),
         };
-        let mut skip: u64 = 0;
+        // Rows dated after the run began do not move the watermark: a clock
+        // running ahead (or a typo in 2096) would otherwise hide every later change.
+        let start = fmt_ts(run.start_time);
+        let future =
+            fmt_ts(run.start_time + chrono::Duration::from_std(FUTURE_SLACK).unwrap_or_default());
+        let retry_budget = Duration::from_secs(self.config.upstream.listing_retry_secs);
         let mut max_seen: Option<String> = None;
-        let mut seen: HashSet<String> = HashSet::new();
+        let mut seen = Seen::new(run.kind);
         let mut last_renew = Instant::now();
-        let mut request = Some(self.request_page(tcfg, doc_type, since.clone(), 0));
-        let mut cursor: Option<String> = since;
-        while let Some(pending) = request.take() {
-            if shutdown.is_cancelled() {
-                pending.abort();
-                return Err(Failure::Interrupted);
+        let mut last_progress = Instant::now();
+        let mut pages: u64 = 0;
+        let mut failing_since: Option<Instant> = None;
+        let mut attempt: u32 = 0;
+        let mut cursor = Cursor::Start(since);
+        let mut request = self.request_page(run.tcfg, doc_type, &cursor);
+        loop {
+            let answer = tokio::select! {
+                _ = run.shutdown.cancelled() => {
+                    request.abort();
+                    return Err(Failure::Interrupted);
+                }
+                a = &mut request => a,
+            };
+            if last_renew.elapsed() > LOCK_LEASE / 4 {
+                self.renew(run).await?;
+                last_renew = Instant::now();
             }
-            let page = match pending.await {
+            let page = match answer {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {
-                    return Err(Failure::Failed(format!(
-                        "listing failed after {} documents: {e}",
-                        counts.listed
-                    )));
+                    let retryable = matches!(
+                        e.class,
+                        ErrorClass::RateLimited
+                            | ErrorClass::Server
+                            | ErrorClass::Timeout
+                            | ErrorClass::Network
+                            | ErrorClass::Malformed
+                    );
+                    let failing = *failing_since.get_or_insert_with(Instant::now);
+                    let left = retry_budget.saturating_sub(failing.elapsed());
+                    if !retryable || left.is_zero() {
+                        return Err(Failure::Failed(format!(
+                            "listing failed at page {} (after {} documents){}: {e}",
+                            pages + 1,
+                            counts.listed,
+                            if retryable {
+                                format!(
+                                    ", still failing after {} s of retries",
+                                    failing.elapsed().as_secs()
+                                )
+                            } else {
+                                String::new()
+                            }
+                        )));
+                    }
+                    attempt += 1;
+                    let delay = match e.retry_after {
+                        Some(d) => d.min(MAX_LISTING_RETRY_AFTER),
+                        None => listing_backoff(attempt),
+                    }
+                    .min(left);
+                    tracing::warn!(
+                        tenant = %tenant,
+                        doc_type = doc_type.as_str(),
+                        page = pages + 1,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %e,
+                        "listing page failed; retrying that page"
+                    );
+                    tokio::select! {
+                        _ = run.shutdown.cancelled() => return Err(Failure::Interrupted),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    request = self.request_page(run.tcfg, doc_type, &cursor);
+                    continue;
                 }
                 Err(e) => return Err(Failure::Failed(format!("listing task failed: {e}"))),
             };
-            let n = page.rows.len();
-            if n >= take as usize {
-                // Ask for the next page now, while this one is compared with
-                // the mirror: keyset on the last time seen, skipping the rows
-                // at that time already read.
-                match page.rows.last().and_then(|r| r.modified_on.clone()) {
-                    Some(last) if cursor.as_deref() == Some(last.as_str()) => skip += n as u64,
-                    Some(last) => {
-                        skip = page
-                            .rows
-                            .iter()
-                            .filter(|r| r.modified_on.as_deref() == Some(last.as_str()))
-                            .count() as u64;
-                        cursor = Some(last);
-                    }
-                    None => skip += n as u64, // no times: plain offsets
-                }
-                request = Some(self.request_page(tcfg, doc_type, cursor.clone(), skip));
-            }
-            let abort_next = |request: &Option<tokio::task::JoinHandle<_>>| {
-                if let Some(r) = request {
-                    r.abort();
-                }
-            };
-            counts.listed += n as u64;
-            let ids: Vec<String> = page.rows.iter().map(|r| r.id.clone()).collect();
-            let state = match self.store.page_state(tenant.clone(), doc_type, ids).await {
-                Ok(s) => s,
-                Err(e) => {
-                    abort_next(&request);
-                    return Err(Failure::Failed(e.to_string()));
-                }
-            };
-            let p = plan(&page.rows, &state);
-            counts.missed += p.missed;
-            if !p.enqueue.is_empty() {
-                counts.enqueued += p.enqueue.len() as u64;
-                let queued = self
-                    .store
-                    .enqueue_fetches(
-                        tenant.clone(),
-                        doc_type,
-                        p.enqueue
-                            .into_iter()
-                            .map(|d| (d.id, d.modified_on))
-                            .collect(),
-                        Utc::now(),
-                    )
-                    .await;
-                if let Err(e) = queued {
-                    abort_next(&request);
-                    return Err(Failure::Failed(e.to_string()));
-                }
-                if let Some(w) = self.wake.get(&tenant) {
-                    w.notify_one();
-                }
-            }
-            if kind == Kind::Full {
-                seen.extend(page.rows.iter().map(|r| r.id.clone()));
-            }
-            for r in &page.rows {
-                if let Some(m) = &r.modified_on {
-                    if max_seen.as_ref().is_none_or(|x| m > x) {
-                        max_seen = Some(m.clone());
-                    }
-                }
-            }
-            if last_renew.elapsed() > LOCK_LEASE / 4 {
-                let until = Utc::now()
-                    + chrono::Duration::from_std(LOCK_LEASE)
-                        .unwrap_or(chrono::Duration::minutes(5));
-                let _ = self
-                    .store
-                    .renew_sync_lock(tenant.clone(), doc_type, self.owner.clone(), until)
-                    .await;
-                last_renew = Instant::now();
-            }
-        }
-        if kind == Kind::Full {
-            let (candidates, live) = self
-                .store
-                .live_ids(tenant.clone(), doc_type, start_time)
-                .await
-                .map_err(|e| Failure::Failed(e.to_string()))?;
-            let gone: Vec<String> = candidates
-                .into_iter()
-                .filter(|id| !seen.contains(id))
-                .collect();
-            let limit = (tcfg.max_delete_fraction * live as f64).floor() as u64;
-            if !gone.is_empty() && gone.len() as u64 > limit && !force {
+            failing_since = None;
+            attempt = 0;
+            pages += 1;
+            let next = cursor.next(&page);
+            if next.as_ref() == Some(&cursor) {
                 return Err(Failure::Failed(format!(
-                    "the sweep would mark {} of {} live {}s deleted, more than max_delete_fraction {} allows; nothing was marked (if this is right: skillsync reconcile --tenant {} --type {} --full --force)",
-                    gone.len(),
-                    live,
-                    doc_type,
-                    tcfg.max_delete_fraction,
-                    tenant,
-                    doc_type
+                    "the listing made no progress at page {pages} ({cursor:?}): does the server accept filters on the id field?"
                 )));
             }
-            if !gone.is_empty() {
-                counts.marked_deleted = self
-                    .store
-                    .mark_deleted(tenant.clone(), doc_type, gone, Utc::now())
-                    .await
-                    .map_err(|e| Failure::Failed(e.to_string()))?;
+            // Ask for the next page now, while this one is compared with the mirror.
+            let following = next
+                .as_ref()
+                .map(|c| self.request_page(run.tcfg, doc_type, c));
+            let processed = self
+                .process_page(run, page, &mut seen, counts, &start, &future, &mut max_seen)
+                .await;
+            if let Err(e) = processed {
+                if let Some(f) = following {
+                    f.abort();
+                }
+                return Err(e);
+            }
+            if last_progress.elapsed() > PROGRESS_EVERY {
+                tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), kind = run.kind.as_str(), pages, listed = counts.listed, enqueued = counts.enqueued, "listing in progress");
+                last_progress = Instant::now();
+            }
+            match (next, following) {
+                (Some(c), Some(f)) => {
+                    cursor = c;
+                    request = f;
+                }
+                _ => break,
             }
         }
+        if run.kind == Kind::Full {
+            self.queue_candidates(run, seen.all.unwrap_or_default(), counts)
+                .await?;
+        }
         Ok(max_seen)
+    }
+
+    /// Compares one page with the mirror and queues what it lacks.
+    #[allow(clippy::too_many_arguments)]
+    async fn process_page(
+        &self,
+        run: &Run<'_>,
+        page: ListPage,
+        seen: &mut Seen,
+        counts: &mut RunCounts,
+        start: &str,
+        future: &str,
+        max_seen: &mut Option<String>,
+    ) -> Result<(), Failure> {
+        let tenant = &run.lock.tenant;
+        let rows: Vec<ListedDoc> = page
+            .rows
+            .into_iter()
+            .filter(|r| seen.first_time(r))
+            .collect();
+        counts.listed += rows.len() as u64;
+        for r in &rows {
+            if let Some(m) = &r.modified_on {
+                if m.as_str() <= start && max_seen.as_ref().is_none_or(|x| m > x) {
+                    *max_seen = Some(m.clone());
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let state = self
+            .store
+            .page_state(tenant.clone(), run.doc_type, ids)
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        let p = plan(&rows, &state);
+        if p.enqueue.is_empty() {
+            return Ok(());
+        }
+        for d in &p.enqueue {
+            if let Some(m) = d.modified_on.as_deref().filter(|m| *m > future) {
+                tracing::warn!(tenant = %tenant, doc_type = run.doc_type.as_str(), id = %d.id, modified_on = m, "document dated in the future: mirrored, but it does not move the watermark");
+            }
+        }
+        let queued = self
+            .store
+            .enqueue_fetches(
+                run.lock.clone(),
+                p.enqueue
+                    .into_iter()
+                    .map(|d| (d.id, d.modified_on))
+                    .collect(),
+                None,
+                Utc::now(),
+            )
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))?
+            .ok_or(Failure::LostLock)?;
+        counts.enqueued += queued;
+        counts.missed += p.missed;
+        if let Some(w) = self.wake.get(tenant) {
+            w.notify_one();
+        }
+        Ok(())
+    }
+
+    /// A full sweep's end: live documents the listing did not show are
+    /// deletion candidates. The valve applies to them before any GET; then
+    /// each is queued for a GET, and only a 404/410 marks it deleted
+    /// (counted in this run's `marked_deleted` by the fetch that confirms).
+    async fn queue_candidates(
+        &self,
+        run: &Run<'_>,
+        seen: HashSet<String>,
+        counts: &mut RunCounts,
+    ) -> Result<(), Failure> {
+        let tenant = run.lock.tenant.clone();
+        let doc_type = run.doc_type;
+        let (live_before, live) = self
+            .store
+            .live_ids(tenant.clone(), doc_type, run.start_time)
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        let candidates: Vec<String> = live_before
+            .into_iter()
+            .filter(|id| !seen.contains(id))
+            .collect();
+        let limit = (run.tcfg.max_delete_fraction * live as f64).floor() as u64;
+        if candidates.len() as u64 > limit && !run.force {
+            return Err(Failure::Failed(format!(
+                "the sweep found {} of {} live {}s missing from the listing, more than max_delete_fraction {} allows; none was checked or marked (if this is right: skillsync reconcile --tenant {} --type {} --full --force)",
+                candidates.len(),
+                live,
+                doc_type,
+                run.tcfg.max_delete_fraction,
+                tenant,
+                doc_type
+            )));
+        }
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), candidates = candidates.len(), "documents missing from the full listing: queued for a GET that confirms or refutes each deletion");
+        counts.candidates = self
+            .store
+            .enqueue_fetches(
+                run.lock.clone(),
+                candidates.into_iter().map(|id| (id, None)).collect(),
+                Some(run.run_id),
+                Utc::now(),
+            )
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))?
+            .ok_or(Failure::LostLock)?;
+        if let Some(w) = self.wake.get(&tenant) {
+            w.notify_one();
+        }
+        Ok(())
     }
 
     /// Registers the cron jobs of every tenant and type; runs are tracked by
@@ -491,6 +838,8 @@ impl Reconciler {
 
 enum Failure {
     Interrupted,
+    /// Another process holds the run lock now.
+    LostLock,
     Failed(String),
 }
 
@@ -503,6 +852,8 @@ mod tests {
         ListedDoc {
             id: id.into(),
             modified_on: m.map(str::to_string),
+            raw_id: id.into(),
+            raw_modified_on: m.map(str::to_string),
         }
     }
 
@@ -571,5 +922,73 @@ mod tests {
             },
         );
         assert_eq!(plan(&[row("a", Some(t))], &state), Plan::default());
+    }
+
+    fn page(rows: &[(&str, &str)], total: Option<u64>) -> ListPage {
+        ListPage {
+            rows: rows.iter().map(|(id, m)| row(id, Some(m))).collect(),
+            total_count: total,
+        }
+    }
+
+    #[test]
+    fn a_page_spanning_times_continues_at_its_last_time() {
+        let c = Cursor::Start(None);
+        let p = page(&[("a", "t1"), ("b", "t2"), ("c", "t2")], Some(10));
+        assert_eq!(c.next(&p), Some(Cursor::AtOrAfter("t2".into())));
+    }
+
+    #[test]
+    fn a_page_of_one_time_pages_the_tie_by_id_then_moves_past_it() {
+        let c = Cursor::AtOrAfter("t2".into());
+        let p = page(&[("b", "t2"), ("c", "t2")], Some(10));
+        let tie = c.next(&p);
+        assert_eq!(tie, Some(Cursor::Tie(Some("t2".into()), "c".into())));
+        let tie = tie.unwrap_or(c);
+        assert_eq!(
+            tie.filters().iter().map(|f| f.op).collect::<Vec<_>>(),
+            vec!["=", ">"]
+        );
+        let p = page(&[("d", "t2")], Some(5));
+        assert_eq!(
+            tie.next(&p),
+            Some(Cursor::Tie(Some("t2".into()), "d".into()))
+        );
+        // An empty tie page ends the tie, not the listing.
+        assert_eq!(
+            tie.next(&page(&[], Some(0))),
+            Some(Cursor::After(Some("t2".into())))
+        );
+        // A tie page holding every match also ends the tie.
+        assert_eq!(
+            tie.next(&page(&[("d", "t2")], Some(1))),
+            Some(Cursor::After(Some("t2".into())))
+        );
+    }
+
+    #[test]
+    fn a_short_page_is_not_the_end_but_an_empty_or_complete_one_is() {
+        let c = Cursor::AtOrAfter("t1".into());
+        // A server cap: 2 rows where 500 were asked, 9 match.
+        let p = page(&[("a", "t1"), ("b", "t2")], Some(9));
+        assert_eq!(c.next(&p), Some(Cursor::AtOrAfter("t2".into())));
+        // No totalCount: only an empty page ends it.
+        let p = page(&[("a", "t1"), ("b", "t2")], None);
+        assert!(c.next(&p).is_some());
+        assert_eq!(c.next(&page(&[], None)), None);
+        assert_eq!(c.next(&page(&[("a", "t1"), ("b", "t2")], Some(2))), None);
+    }
+
+    #[test]
+    fn an_incremental_run_drops_only_rows_read_again_at_the_boundary() {
+        let mut seen = Seen::new(Kind::Incremental);
+        assert!(seen.first_time(&row("a", Some("t1"))));
+        assert!(seen.first_time(&row("b", Some("t2"))));
+        assert!(!seen.first_time(&row("b", Some("t2"))));
+        // Edited during the run: a new time, read again.
+        assert!(seen.first_time(&row("a", Some("t3"))));
+        let mut full = Seen::new(Kind::Full);
+        assert!(full.first_time(&row("a", Some("t1"))));
+        assert!(!full.first_time(&row("a", Some("t3"))));
     }
 }

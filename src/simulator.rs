@@ -49,7 +49,18 @@ pub struct Faults {
     pub listing_fail_after: Option<u64>,
     /// Answer every request 401 (credentials revoked).
     pub auth_broken: bool,
+    /// The next N listing requests answer 503 (a short outage).
+    pub listing_error_next: u32,
+    /// Fraction of listing requests answered 500/503.
+    pub listing_error_rate: f64,
+    /// The server caps every listing page at this many rows, whatever
+    /// `take` asked for (`totalCount` still counts every match).
+    pub page_cap: Option<u64>,
 }
+
+/// Called after each listing page is answered, with the page's number (from
+/// 1): tests change documents between pages with it.
+pub type ListingHook = Arc<dyn Fn(&Simulator, u64) + Send + Sync>;
 
 /// One simulated document.
 #[derive(Debug, Clone)]
@@ -76,6 +87,12 @@ struct State {
     seen_users: Vec<String>,
     last_modified: Option<chrono::DateTime<Utc>>,
     counter: u64,
+    /// While set, the listing answers from this copy of `index` (a read
+    /// replica lagging the single-document GETs).
+    listing_snapshot: Option<HashMap<DocType, Vec<(String, String)>>>,
+    listing_hook: Option<ListingHook>,
+    /// Listing pages answered with 200, for the hook.
+    listing_pages: u64,
 }
 
 impl State {
@@ -199,6 +216,44 @@ impl Simulator {
 
     pub fn faults(&self) -> Faults {
         self.lock().faults.clone()
+    }
+
+    /// From now on the listing answers from the documents as they are now,
+    /// while GETs keep serving every later change: a listing read path that
+    /// lags the single-document one. [`Simulator::thaw_listing`] ends it.
+    pub fn freeze_listing(&self) {
+        let mut s = self.lock();
+        s.listing_snapshot = Some(s.index.clone());
+    }
+
+    /// The listing catches up with the documents again.
+    pub fn thaw_listing(&self) {
+        self.lock().listing_snapshot = None;
+    }
+
+    /// Runs `hook` after every listing page answered (`None` removes it).
+    /// Pages are numbered from 1 from this call on.
+    pub fn on_listing_page(&self, hook: Option<ListingHook>) {
+        let mut s = self.lock();
+        s.listing_hook = hook;
+        s.listing_pages = 0;
+    }
+
+    /// Sets a live document's `ModifiedOn` (and its listing position) to
+    /// `modified_on` without other changes: equal timestamps, clocks that
+    /// run behind or ahead. Returns false if there is no such live document.
+    pub fn set_modified_on(&self, ty: DocType, id: &str, modified_on: &str) -> bool {
+        let mut s = self.lock();
+        let Some(mut d) = s.docs.get(&(ty, id.to_string())).cloned() else {
+            return false;
+        };
+        if d.deleted {
+            return false;
+        }
+        d.doc.insert("ModifiedOn".into(), json!(modified_on));
+        d.modified_on = normalize_ts(modified_on);
+        s.put(ty, id.to_string(), d);
+        true
     }
 
     /// Creates a document with realistic fields; returns its id.
@@ -486,6 +541,27 @@ impl Simulator {
                 );
             }
         }
+        let outage = {
+            let mut s = self.lock();
+            if s.faults.listing_error_next > 0 {
+                s.faults.listing_error_next -= 1;
+                true
+            } else {
+                false
+            }
+        };
+        if outage
+            || (faults.listing_error_rate > 0.0 && fastrand::f64() < faults.listing_error_rate)
+        {
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "simulated listing outage"}),
+            );
+            if let Ok(v) = "1".parse() {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return r;
+        }
         let fields: Vec<String> = q["fields"]
             .as_array()
             .map(|a| {
@@ -532,36 +608,48 @@ impl Simulator {
                 );
             }
         }
-        let since: Option<String> = q["filters"].as_array().and_then(|fs| {
-            fs.iter().find_map(|f| {
-                let f = f.as_array()?;
-                if f.len() == 3
-                    && f[0].as_str()?.eq_ignore_ascii_case("ModifiedOn")
-                    && f[1].as_str()? == ">="
-                {
-                    f[2].as_str().map(normalize_ts)
-                } else {
-                    None
-                }
-            })
-        });
+        let filters = match parse_filters(&q["filters"], id_field) {
+            Ok(f) => f,
+            Err(e) => return reply(StatusCode::BAD_REQUEST, json!({ "error": e })),
+        };
         let mut s = self.lock();
+        s.listing_pages += 1;
         s.listing_pages_since_faults += 1;
-        let lower = (since.clone().unwrap_or_default(), String::new());
+        let page_no = s.listing_pages;
+        let hook = s.listing_hook.clone();
+        let take = faults.page_cap.map_or(take, |cap| take.min(cap));
         let empty = Vec::new();
-        let index = s.index.get(&ty).unwrap_or(&empty);
-        let from = index.partition_point(|k| *k < lower);
-        let total = index.len() - from;
-        let data: Vec<Value> = index[from..]
+        let index = match &s.listing_snapshot {
+            Some(snap) => snap.get(&ty).unwrap_or(&empty),
+            None => s.index.get(&ty).unwrap_or(&empty),
+        };
+        // The index is in (ModifiedOn, id) order: a lower bound on
+        // ModifiedOn is a binary search, the other terms a filter.
+        let lower = filters
             .iter()
+            .filter(|f| f.on_modified && matches!(f.op.as_str(), ">=" | ">" | "="))
+            .filter_map(|f| f.value.clone())
+            .max()
+            .unwrap_or_default();
+        let from = index.partition_point(|(m, _)| *m < lower);
+        let matching: Vec<&(String, String)> = index[from..]
+            .iter()
+            .filter(|(m, id)| filters.iter().all(|f| f.matches(m, id)))
+            .collect();
+        let total = matching.len();
+        let data: Vec<Value> = matching
+            .into_iter()
             .skip(skip as usize)
             .take(take as usize)
-            .filter_map(|(_, id)| s.docs.get(&(ty, id.clone())))
-            .map(|d| {
+            .filter_map(|(m, id)| s.docs.get(&(ty, id.clone())).map(|d| (m, d)))
+            .map(|(m, d)| {
                 let mut row = Map::new();
                 for f in &fields {
                     let v = if f.eq_ignore_ascii_case(id_field) {
                         d.doc.get(id_field).or_else(|| d.doc.get("Id")).cloned()
+                    } else if f.eq_ignore_ascii_case("ModifiedOn") {
+                        // As the listing's read path knows it (it may lag).
+                        Some(json!(m))
                     } else if f.eq_ignore_ascii_case("Job") {
                         d.doc.get("Subject").cloned()
                     } else if f.eq_ignore_ascii_case("Project") {
@@ -575,6 +663,9 @@ impl Simulator {
             })
             .collect();
         drop(s);
+        if let Some(hook) = hook {
+            hook(&self, page_no);
+        }
         reply(StatusCode::OK, json!({"data": data, "totalCount": total}))
     }
 
@@ -648,7 +739,8 @@ impl Simulator {
     /// (loopback test tool: no authentication). Body: JSON.
     /// - `create|update|delete` `{"type": "job"|"project", "count": N}`
     /// - `faults` `{"latency_ms", "error_rate", "rate_limit_next", "retry_after_secs",
-    ///   "hang_rate", "hang_secs", "malformed_rate", "reset_rate", "listing_fail_after", "auth_broken"}`
+    ///   "hang_rate", "hang_secs", "malformed_rate", "reset_rate", "listing_fail_after", "auth_broken",
+    ///   "listing_error_next", "listing_error_rate", "page_cap"}`
     /// - `stats` → `{"total_gets", "listing_calls", "auth_failures", "jobs", "projects"}`
     fn control(&self, cmd: &str, body: &[u8]) -> Response {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
@@ -690,6 +782,9 @@ impl Simulator {
                     reset_rate: v["reset_rate"].as_f64().unwrap_or(0.0),
                     listing_fail_after: v["listing_fail_after"].as_u64(),
                     auth_broken: v["auth_broken"].as_bool().unwrap_or(false),
+                    listing_error_next: v["listing_error_next"].as_u64().unwrap_or(0) as u32,
+                    listing_error_rate: v["listing_error_rate"].as_f64().unwrap_or(0.0),
+                    page_cap: v["page_cap"].as_u64(),
                 };
                 self.set_faults(f);
                 reply(StatusCode::OK, json!({"faults": "set"}))
@@ -711,6 +806,70 @@ impl Simulator {
             ),
         }
     }
+}
+
+/// One term of a listing's `filters` (all terms must hold, as in the Data
+/// Extraction API's DevExtreme-style filter arrays; `"and"` between terms is
+/// accepted and implied).
+struct ListFilter {
+    on_modified: bool,
+    op: String,
+    /// Normalised time for ModifiedOn, lower-case for ids; `None` is null.
+    value: Option<String>,
+}
+
+impl ListFilter {
+    fn matches(&self, modified: &str, id: &str) -> bool {
+        let field = if self.on_modified { modified } else { id };
+        let Some(v) = self.value.as_deref() else {
+            // Every simulated row has both fields: `= null` never holds.
+            return self.op == "<>";
+        };
+        match self.op.as_str() {
+            ">=" => field >= v,
+            ">" => field > v,
+            "=" => field == v,
+            "<=" => field <= v,
+            "<" => field < v,
+            _ => field != v,
+        }
+    }
+}
+
+fn parse_filters(v: &Value, id_field: &str) -> Result<Vec<ListFilter>, String> {
+    let mut out = Vec::new();
+    let Some(terms) = v.as_array() else {
+        return Ok(out);
+    };
+    for t in terms {
+        if t.as_str().is_some_and(|s| s.eq_ignore_ascii_case("and")) {
+            continue;
+        }
+        let Some([field, op, value]) = t.as_array().map(Vec::as_slice) else {
+            return Err(format!("unsupported filter term {t}"));
+        };
+        let field = field.as_str().unwrap_or_default();
+        let on_modified = field.eq_ignore_ascii_case("ModifiedOn");
+        if !on_modified && !field.eq_ignore_ascii_case(id_field) {
+            return Err(format!("cannot filter on {field}"));
+        }
+        let op = op.as_str().unwrap_or_default().to_string();
+        if !matches!(op.as_str(), ">=" | ">" | "=" | "<=" | "<" | "<>") {
+            return Err(format!("unsupported operator {op}"));
+        }
+        let value = match value {
+            Value::Null => None,
+            Value::String(s) if on_modified => Some(normalize_ts(s)),
+            Value::String(s) => Some(s.to_ascii_lowercase()),
+            other => return Err(format!("unsupported filter value {other}")),
+        };
+        out.push(ListFilter {
+            on_modified,
+            op,
+            value,
+        });
+    }
+    Ok(out)
 }
 
 trait IntoResponseFix {

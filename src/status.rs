@@ -1,6 +1,7 @@
 //! `skillsync status`: reads the database read-only and tells a person or a
 //! monitor the truth. Health rules (exit 1 when any holds): dead events,
-//! upstream auth failing, the last reconciliation failed, or the last
+//! upstream auth failing, 404s not trusted as deletions (the control
+//! documents answered 404 too), the last reconciliation failed, or the last
 //! successful one is older than two schedule periods. Exit 2 when the
 //! database cannot be read.
 
@@ -35,6 +36,12 @@ pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) ->
     }
     if row.auth_failing > 0 {
         p.push("upstream authentication failing (check app_tenant, app_id, app_secret)".into());
+    }
+    if row.unconfirmed_gone > 0 {
+        p.push(format!(
+            "{} document(s) answered 404 while documents the mirror holds live answer 404 too: no deletion recorded (check job_path / project_path and app_user)",
+            row.unconfirmed_gone
+        ));
     }
     if row.last_run_status.as_deref() == Some("failed") {
         p.push(format!(
@@ -110,6 +117,7 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
             "complete_as_of": r.complete_as_of,
             "drift": json!({"last_run_missed": r.last_run_missed, "missed_total": r.missed_total}),
             "upstream_auth_failing": r.auth_failing > 0,
+            "unconfirmed_gone": r.unconfirmed_gone,
             "problems": problems,
         }));
     }

@@ -47,6 +47,28 @@ pub struct ListedDoc {
     pub id: String,
     /// Normalised to table format.
     pub modified_on: Option<String>,
+    /// The id and ModifiedOn exactly as listed: a keyset cursor sends these
+    /// back, so it compares the way the server does, whatever its format.
+    pub raw_id: String,
+    pub raw_modified_on: Option<String>,
+}
+
+/// The listing column a filter term is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListField {
+    /// The configured `modified_field` (ModifiedOn).
+    Modified,
+    /// The type's id field (JobId, ProjectId).
+    Id,
+}
+
+/// One term of a listing filter; all terms must hold. `value: None` is a
+/// JSON null (`["ModifiedOn", "=", null]` is "has no ModifiedOn").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    pub field: ListField,
+    pub op: &'static str,
+    pub value: Option<String>,
 }
 
 /// One page of a listing.
@@ -223,16 +245,15 @@ impl Upstream {
         }
     }
 
-    /// Lists one page of ids and modification times, ordered by ModifiedOn
-    /// then id, optionally only those modified at or after `since`.
+    /// Lists the first `take` ids and modification times matching
+    /// `filters`, ordered by ModifiedOn then id (the server may return fewer).
     pub async fn list_page(
         &self,
         config: &Config,
         tenant: &TenantConfig,
         doc_type: DocType,
-        skip: u64,
         take: u32,
-        since: Option<&str>,
+        filters: &[ListFilter],
     ) -> Result<ListPage, CallError> {
         let u = &config.upstream;
         let (query, id_field) = match doc_type {
@@ -245,12 +266,18 @@ impl Upstream {
             "{base}{}",
             u.listing_path.replace("{query}", query)
         ));
-        let filters = match since {
-            Some(s) => json!([[u.modified_field, ">=", s]]),
-            None => json!([]),
-        };
+        let filters: Vec<Value> = filters
+            .iter()
+            .map(|f| {
+                let field = match f.field {
+                    ListField::Modified => &u.modified_field,
+                    ListField::Id => id_field,
+                };
+                json!([field, f.op, f.value])
+            })
+            .collect();
         let body = json!({"queryBuilder": {
-            "skip": skip,
+            "skip": 0,
             "take": take,
             "orderBy": [{"field": u.modified_field, "direction": "asc"}, {"field": id_field, "direction": "asc"}],
             "fields": [id_field, u.modified_field],
@@ -290,16 +317,21 @@ impl Upstream {
             let row = row
                 .as_object()
                 .ok_or_else(|| malformed("listing row is not an object"))?;
-            let id = get_ci(row, id_field)
+            let raw_id = get_ci(row, id_field)
                 .and_then(Value::as_str)
                 .ok_or_else(|| malformed(&format!("listing row has no `{id_field}`")))?;
-            let id = uuid::Uuid::try_parse(id)
+            let id = uuid::Uuid::try_parse(raw_id)
                 .map(|u| u.hyphenated().to_string())
-                .unwrap_or_else(|_| id.to_string());
-            let modified_on = get_ci(row, &u.modified_field)
+                .unwrap_or_else(|_| raw_id.to_string());
+            let raw_modified_on = get_ci(row, &u.modified_field)
                 .and_then(Value::as_str)
-                .map(normalize_ts);
-            rows.push(ListedDoc { id, modified_on });
+                .map(str::to_string);
+            rows.push(ListedDoc {
+                id,
+                modified_on: raw_modified_on.as_deref().map(normalize_ts),
+                raw_id: raw_id.to_string(),
+                raw_modified_on,
+            });
         }
         Ok(ListPage { rows, total_count })
     }

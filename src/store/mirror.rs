@@ -142,8 +142,43 @@ impl Store {
                     claim.doc_type.table()
                 ))?
                 .execute(params![claim.tenant, claim.doc_id, now])?;
+            if marked > 0 {
+                // A full sweep's candidate: its run counts the confirmation.
+                c.prepare_cached(
+                    "UPDATE sync_runs SET marked_deleted = marked_deleted + 1
+                     WHERE id = (SELECT sweep_run FROM fetch_queue
+                                 WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4)",
+                )?
+                .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner])?;
+            }
             settle_success(c, &claim, &owner, &now)?;
             Ok(marked > 0)
+        })
+        .await
+    }
+
+    /// Up to `n` live documents of a tenant and type other than `except`
+    /// and not waiting for a fetch themselves (a sweep's other candidates
+    /// may be gone too), newest first: the control sample that tells a real deletion from a
+    /// misconfigured path when a GET answers 404.
+    pub async fn control_sample(
+        &self,
+        tenant: String,
+        doc_type: DocType,
+        except: String,
+        n: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(move |c| {
+            let mut s = c.prepare_cached(&format!(
+                "SELECT id FROM {} m WHERE tenant = ?1 AND deleted_at IS NULL AND id <> ?2
+                   AND NOT EXISTS (SELECT 1 FROM fetch_queue q WHERE q.tenant = ?1 AND q.doc_type = ?4 AND q.doc_id = m.id)
+                 ORDER BY rowid DESC LIMIT ?3",
+                doc_type.table()
+            ))?;
+            let ids = s
+                .query_map(params![tenant, except, n as i64, doc_type.as_str()], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(ids)
         })
         .await
     }

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("migrations/002_deferred_queue.sql"),
+    include_str!("migrations/003_deletion_evidence.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -14,6 +14,7 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::sync::RunRef;
 use super::{Store, StoreError};
 use crate::model::{Claim, DocType, ErrorClass, fmt_ts};
 
@@ -53,28 +54,37 @@ pub enum FailureResult {
 /// Queues a document. `requested_at` is when the change we wait for happened
 /// (a webhook's arrival, or the ModifiedOn a listing showed), so
 /// `sync_status.complete_as_of` stays before every change not yet mirrored.
+/// Why a document is queued: the fields of a request beyond its key.
+struct Ask<'a> {
+    reason: &'a str,
+    requested_at: &'a str,
+    /// The full sweep whose deletion candidate this is.
+    sweep_run: Option<i64>,
+}
+
 fn enqueue(
     c: &Connection,
     tenant: &str,
     doc_type: &str,
     doc_id: &str,
-    reason: &str,
-    requested_at: &str,
+    ask: Ask<'_>,
     now: &str,
 ) -> rusqlite::Result<()> {
     // A new request revives a dead document; one in back-off keeps its
-    // schedule (the upstream failure it waits out is likely the same).
+    // schedule (the upstream failure it waits out is likely the same). A
+    // sweep's candidate mark survives later requests until a fetch settles it.
     c.prepare_cached(
-        "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, 1, ?5, 'queued', 0, ?6)
+        "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at, sweep_run)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5, 'queued', 0, ?6, ?7)
          ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET
              generation = generation + 1,
              requested_at = min(requested_at, excluded.requested_at),
              attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END,
              next_attempt_at = CASE WHEN status = 'dead' THEN excluded.next_attempt_at ELSE next_attempt_at END,
-             status = 'queued'",
+             status = 'queued',
+             sweep_run = coalesce(excluded.sweep_run, sweep_run)",
     )?
-    .execute(params![tenant, doc_type, doc_id, reason, requested_at, now])?;
+    .execute(params![tenant, doc_type, doc_id, ask.reason, ask.requested_at, now, ask.sweep_run])?;
     Ok(())
 }
 
@@ -161,8 +171,11 @@ fn queue_recorded_events(
                 tenant,
                 doc_type,
                 doc_id,
-                "webhook",
-                received_at,
+                Ask {
+                    reason: "webhook",
+                    requested_at: received_at,
+                    sweep_run: None,
+                },
                 received_at,
             )?,
         }
@@ -239,16 +252,22 @@ impl Store {
         .await
     }
 
-    /// Queues fetches for documents a reconciliation found missing or newer:
-    /// `(id, ModifiedOn as listed)`.
+    /// Queues fetches for documents a reconciliation found missing or newer
+    /// (`(id, ModifiedOn as listed)`), or, with `sweep_run`, the deletion
+    /// candidates of that full sweep. Only while `run` still holds its lock:
+    /// `None` when another process has taken it (nothing is queued). Returns
+    /// how many were queued, counted in the transaction that queued them.
     pub async fn enqueue_fetches(
         &self,
-        tenant: String,
-        doc_type: DocType,
+        run: RunRef,
         docs: Vec<(String, Option<String>)>,
+        sweep_run: Option<i64>,
         now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         self.write(move |c| {
+            if !super::sync::holds_lock(c, &run)? {
+                return Ok(None);
+            }
             let now = fmt_ts(now);
             for (id, modified) in &docs {
                 let changed = modified
@@ -257,15 +276,18 @@ impl Store {
                     .unwrap_or(&now);
                 enqueue(
                     c,
-                    &tenant,
-                    doc_type.as_str(),
+                    &run.tenant,
+                    run.doc_type.as_str(),
                     id,
-                    "reconcile",
-                    changed,
+                    Ask {
+                        reason: "reconcile",
+                        requested_at: changed,
+                        sweep_run,
+                    },
                     &now,
                 )?;
             }
-            Ok(())
+            Ok(Some(docs.len() as u64))
         })
         .await
     }

@@ -31,6 +31,10 @@ pub struct StatusRow {
     pub auth_failing: i64,
     /// `missed` summed over every run: changes no webhook announced.
     pub missed_total: i64,
+    /// Documents whose 404/410 was not trusted: documents the mirror holds
+    /// live answered 404 too (a wrong path or `app_user`), so no deletion
+    /// was recorded.
+    pub unconfirmed_gone: i64,
 }
 
 /// Everything `/metrics` derives from the database.
@@ -48,7 +52,8 @@ pub fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
                 s.last_run_kind, s.last_run_status, s.last_run_finished_at, s.last_run_missed, s.last_run_error,
                 s.complete_as_of,
                 (SELECT count(*) FROM fetch_queue q WHERE q.tenant = s.tenant AND q.doc_type = s.doc_type AND q.last_error_class = 'auth'),
-                (SELECT coalesce(sum(missed), 0) FROM sync_runs r WHERE r.tenant = s.tenant AND r.doc_type = s.doc_type)
+                (SELECT coalesce(sum(missed), 0) FROM sync_runs r WHERE r.tenant = s.tenant AND r.doc_type = s.doc_type),
+                (SELECT count(*) FROM fetch_queue q WHERE q.tenant = s.tenant AND q.doc_type = s.doc_type AND q.last_error_class = 'unconfirmed_gone')
          FROM sync_status s ORDER BY s.tenant, s.doc_type",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -73,6 +78,7 @@ pub fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
             complete_as_of: r.get(17)?,
             auth_failing: r.get(18)?,
             missed_total: r.get(19)?,
+            unconfirmed_gone: r.get(20)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

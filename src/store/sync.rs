@@ -13,10 +13,50 @@ use crate::model::{DocType, fmt_ts};
 /// How one reconciliation run ended, as written to `sync_runs`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunCounts {
+    /// Distinct ids the listing showed.
     pub listed: u64,
+    /// Fetches queued (committed) for changed or missing documents.
     pub enqueued: u64,
+    /// Live documents a full sweep did not list: queued for a confirming GET.
+    pub candidates: u64,
+    /// Candidates a GET has confirmed gone (404/410) so far; the fetches
+    /// add to the run's row as they confirm, after the listing ended.
     pub marked_deleted: u64,
     pub missed: u64,
+}
+
+/// A run and the lock it must hold for its writes to count.
+#[derive(Debug, Clone)]
+pub struct RunRef {
+    pub tenant: String,
+    pub doc_type: DocType,
+    pub owner: String,
+}
+
+/// Whether `run.owner` still holds the run lock of its tenant and type
+/// (an expired lock nobody has taken over is still held).
+pub(crate) fn holds_lock(c: &rusqlite::Connection, run: &RunRef) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT 1 FROM sync_state WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
+    )?
+    .exists(params![run.tenant, run.doc_type.as_str(), run.owner])
+}
+
+/// How a run ended, as its process saw it.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub status: &'static str,
+    pub counts: RunCounts,
+    pub error: Option<String>,
+    /// For a successful incremental run: the watermark it may advance to.
+    pub watermark: Option<String>,
+}
+
+/// How `finish_run` recorded a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub status: &'static str,
+    pub error: Option<String>,
 }
 
 /// A mirrored document as a listing compares with it.
@@ -137,23 +177,39 @@ impl Store {
     }
 
     /// Records the end of a run, releases its lock and, for a successful
-    /// incremental run, advances the watermark (never backwards).
-    #[allow(clippy::too_many_arguments)]
+    /// incremental run, advances the watermark (never backwards). A run that
+    /// no longer holds its lock (another process took it over) advances
+    /// nothing and is recorded `failed`; the returned status says which.
     pub async fn finish_run(
         &self,
         run_id: i64,
-        tenant: String,
-        doc_type: DocType,
-        owner: String,
-        status: &'static str,
-        counts: RunCounts,
-        error: Option<String>,
-        watermark: Option<String>,
+        run: RunRef,
+        end: RunEnd,
         now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Finished, StoreError> {
         self.write(move |c| {
+            let RunEnd {
+                status,
+                counts,
+                error,
+                watermark,
+            } = end;
+            let held = holds_lock(c, &run)?;
+            let (status, error, watermark) = if held {
+                (status, error, watermark)
+            } else {
+                (
+                    if status == "interrupted" { status } else { "failed" },
+                    Some(error.unwrap_or_else(|| {
+                        "lost the run lock to another process; nothing after that was recorded".into()
+                    })),
+                    None,
+                )
+            };
+            // `marked_deleted` is added to by the confirming fetches, which
+            // may already have begun: never overwrite it.
             c.execute(
-                "UPDATE sync_runs SET finished_at = ?2, status = ?3, listed = ?4, enqueued = ?5, marked_deleted = ?6, missed = ?7, error = ?8
+                "UPDATE sync_runs SET finished_at = ?2, status = ?3, listed = ?4, enqueued = ?5, candidates = ?6, missed = ?7, error = ?8
                  WHERE id = ?1",
                 params![
                     run_id,
@@ -161,7 +217,7 @@ impl Store {
                     status,
                     counts.listed as i64,
                     counts.enqueued as i64,
-                    counts.marked_deleted as i64,
+                    counts.candidates as i64,
                     counts.missed as i64,
                     error
                 ],
@@ -169,14 +225,27 @@ impl Store {
             if let Some(w) = watermark {
                 c.execute(
                     "UPDATE sync_state SET watermark = ?3 WHERE tenant = ?1 AND doc_type = ?2 AND (watermark IS NULL OR watermark < ?3)",
-                    params![tenant, doc_type.as_str(), w],
+                    params![run.tenant, run.doc_type.as_str(), w],
                 )?;
             }
             c.execute(
                 "UPDATE sync_state SET lock_owner = NULL, lock_until = NULL WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
-                params![tenant, doc_type.as_str(), owner],
+                params![run.tenant, run.doc_type.as_str(), run.owner],
             )?;
-            Ok(())
+            Ok(Finished { status, error })
+        })
+        .await
+    }
+
+    /// The deletions GETs have confirmed for a run so far.
+    pub async fn run_marked_deleted(&self, run_id: i64) -> Result<u64, StoreError> {
+        self.read(move |c| {
+            let n: i64 = c.query_row(
+                "SELECT marked_deleted FROM sync_runs WHERE id = ?1",
+                [run_id],
+                |r| r.get(0),
+            )?;
+            Ok(n.max(0) as u64)
         })
         .await
     }
@@ -255,29 +324,6 @@ impl Store {
                 |r| r.get(0),
             )?;
             Ok((ids, live.max(0) as u64))
-        })
-        .await
-    }
-
-    /// Sets `deleted_at` on these live documents; returns how many changed.
-    pub async fn mark_deleted(
-        &self,
-        tenant: String,
-        doc_type: DocType,
-        ids: Vec<String>,
-        now: DateTime<Utc>,
-    ) -> Result<u64, StoreError> {
-        self.write(move |c| {
-            let now = fmt_ts(now);
-            let mut s = c.prepare_cached(&format!(
-                "UPDATE {} SET deleted_at = ?3 WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL",
-                doc_type.table()
-            ))?;
-            let mut n = 0u64;
-            for id in ids {
-                n += s.execute(params![tenant, id, now])? as u64;
-            }
-            Ok(n)
         })
         .await
     }

@@ -8,6 +8,7 @@ mod faults;
 mod fetch;
 mod helpers;
 mod hostile;
+mod listing;
 mod ops;
 mod readme;
 mod reconcile;

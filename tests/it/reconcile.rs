@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 /// Generous bound for polls; never an assertion on speed.
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Fetch settings that keep a failed fetch queued (not dead) for a long time.
 const SLOW_RETRY_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 1000\nretry_initial_secs = 600\nretry_max_secs = 3600";
@@ -38,7 +38,7 @@ static OWNER_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A reconciler of its own (its own lock owner, like another process) on the
 /// test's store and the daemon's config.
-fn reconciler(app: &TestApp) -> Reconciler {
+pub(crate) fn reconciler(app: &TestApp) -> Reconciler {
     let config = Arc::new(app.config.clone());
     let upstream = Upstream::new(&config).expect("upstream client");
     let owner = format!(
@@ -56,14 +56,14 @@ fn reconciler(app: &TestApp) -> Reconciler {
 }
 
 /// One run of tenant acme's jobs that must not be refused as busy.
-async fn run_jobs(rec: &Reconciler, kind: Kind, force: bool) -> RunSummary {
+pub(crate) async fn run_jobs(rec: &Reconciler, kind: Kind, force: bool) -> RunSummary {
     rec.run("acme", DocType::Job, kind, force, &CancellationToken::new())
         .await
         .unwrap_or_else(|e| panic!("{} run of acme jobs refused: {e}", kind.as_str()))
 }
 
 /// `skillsync::cli::reconcile_now` for acme's jobs: listing, then the fetches it queued.
-async fn reconcile_jobs_now(app: &TestApp, kind: Kind, force: bool) -> bool {
+pub(crate) async fn reconcile_jobs_now(app: &TestApp, kind: Kind, force: bool) -> bool {
     skillsync::cli::reconcile_now(
         Arc::new(app.config.clone()),
         Some("acme".into()),
@@ -78,14 +78,14 @@ async fn reconcile_jobs_now(app: &TestApp, kind: Kind, force: bool) -> bool {
 
 /// One mirrored job as the assertions need it.
 #[derive(Debug, Clone)]
-struct MirrorJob {
-    modified_on: Option<String>,
-    deleted_at: Option<String>,
-    revision: i64,
-    stage: Option<String>,
+pub(crate) struct MirrorJob {
+    pub modified_on: Option<String>,
+    pub deleted_at: Option<String>,
+    pub revision: i64,
+    pub stage: Option<String>,
 }
 
-fn mirror_jobs(conn: &rusqlite::Connection) -> HashMap<String, MirrorJob> {
+pub(crate) fn mirror_jobs(conn: &rusqlite::Connection) -> HashMap<String, MirrorJob> {
     let mut s = conn
         .prepare(
             "SELECT id, modified_on, deleted_at, revision, json_extract(document, '$.Stage')
@@ -109,7 +109,7 @@ fn mirror_jobs(conn: &rusqlite::Connection) -> HashMap<String, MirrorJob> {
 }
 
 /// Live simulator jobs and their ModifiedOn.
-fn sim_jobs(sim: &Simulator) -> HashMap<String, String> {
+pub(crate) fn sim_jobs(sim: &Simulator) -> HashMap<String, String> {
     sim.documents(DocType::Job)
         .into_iter()
         .map(|(id, d)| {
@@ -124,7 +124,7 @@ fn sim_jobs(sim: &Simulator) -> HashMap<String, String> {
 }
 
 /// Whether every live simulator job is mirrored, live, at its current ModifiedOn.
-fn all_jobs_mirrored(sim: &Simulator, conn: &rusqlite::Connection) -> bool {
+pub(crate) fn all_jobs_mirrored(sim: &Simulator, conn: &rusqlite::Connection) -> bool {
     let have = mirror_jobs(conn);
     sim_jobs(sim).iter().all(|(id, m)| {
         have.get(id)
@@ -132,7 +132,7 @@ fn all_jobs_mirrored(sim: &Simulator, conn: &rusqlite::Connection) -> bool {
     })
 }
 
-async fn wait_all_jobs_mirrored(app: &TestApp) {
+pub(crate) async fn wait_all_jobs_mirrored(app: &TestApp) {
     wait_until(
         WAIT,
         "every live simulator job mirrored at its current ModifiedOn",
@@ -149,7 +149,7 @@ fn sim_max_modified(sim: &Simulator) -> String {
         .expect("the simulator has jobs")
 }
 
-fn watermark(conn: &rusqlite::Connection) -> Option<String> {
+pub(crate) fn watermark(conn: &rusqlite::Connection) -> Option<String> {
     conn.query_row(
         "SELECT watermark FROM sync_state WHERE tenant = 'acme' AND doc_type = 'job'",
         [],
@@ -160,18 +160,18 @@ fn watermark(conn: &rusqlite::Connection) -> Option<String> {
 
 /// The last `sync_runs` row of acme's jobs.
 #[derive(Debug)]
-struct RunRow {
-    kind: String,
-    status: String,
-    started_at: String,
-    listed: i64,
-    enqueued: i64,
-    marked_deleted: i64,
-    missed: i64,
-    error: Option<String>,
+pub(crate) struct RunRow {
+    pub kind: String,
+    pub status: String,
+    pub started_at: String,
+    pub listed: i64,
+    pub enqueued: i64,
+    pub marked_deleted: i64,
+    pub missed: i64,
+    pub error: Option<String>,
 }
 
-fn last_job_run(conn: &rusqlite::Connection) -> RunRow {
+pub(crate) fn last_job_run(conn: &rusqlite::Connection) -> RunRow {
     conn.query_row(
         "SELECT kind, status, started_at, listed, enqueued, marked_deleted, missed, error
          FROM sync_runs WHERE tenant = 'acme' AND doc_type = 'job' ORDER BY id DESC LIMIT 1",
@@ -266,7 +266,7 @@ fn describe(out: &std::process::Output) -> String {
 }
 
 /// Replaces a simulator job with the same fields at a chosen ModifiedOn.
-fn set_modified_on(sim: &Simulator, id: &str, modified_on: &str) {
+pub(crate) fn set_modified_on(sim: &Simulator, id: &str, modified_on: &str) {
     let mut doc = sim
         .documents(DocType::Job)
         .remove(id)
@@ -541,11 +541,12 @@ async fn a_full_sweep_marks_deletions_and_a_returning_document_is_undeleted() {
     let s = run_jobs(&rec, Kind::Full, false).await;
     assert_eq!(s.status, "ok", "{s:?}");
     assert_eq!(s.counts.listed, 19, "{s:?}");
-    assert_eq!(
-        (s.counts.marked_deleted, s.counts.enqueued),
-        (1, 0),
-        "{s:?}"
-    );
+    assert_eq!((s.counts.candidates, s.counts.enqueued), (1, 0), "{s:?}");
+    // The daemon's fetcher GETs the candidate; its 404 is the evidence.
+    wait_until(WAIT, "the sweep's candidate confirmed deleted", || async {
+        last_job_run(&app.sql()).marked_deleted == 1
+    })
+    .await;
     let mirror = mirror_jobs(&app.sql());
     assert!(mirror[&gone].deleted_at.is_some(), "{:?}", mirror[&gone]);
     assert_eq!(
@@ -565,9 +566,13 @@ async fn a_full_sweep_marks_deletions_and_a_returning_document_is_undeleted() {
     );
     assert_eq!(deleted_in_view, 1);
 
-    // A second sweep does not mark it again.
+    // A second sweep does not ask again: it is no longer live.
     let s = run_jobs(&rec, Kind::Full, false).await;
-    assert_eq!(s.counts.marked_deleted, 0, "{s:?}");
+    assert_eq!(
+        (s.counts.candidates, s.counts.marked_deleted),
+        (0, 0),
+        "{s:?}"
+    );
 
     // It comes back: the sweep queues it, the fetch clears deleted_at.
     assert!(app.sim.undelete(DocType::Job, &gone));
@@ -608,9 +613,19 @@ async fn the_valve_stops_a_sweep_that_would_delete_too_much_unless_forced() {
         assert!(app.sim.delete(DocType::Job, id));
     }
 
+    let gets_before = app.sim.total_gets();
     let s = run_jobs(&rec, Kind::Full, false).await;
     assert_eq!(s.status, "failed", "{s:?}");
-    assert_eq!(s.counts.marked_deleted, 0, "{s:?}");
+    assert_eq!(
+        (s.counts.candidates, s.counts.marked_deleted),
+        (0, 0),
+        "{s:?}"
+    );
+    assert_eq!(
+        app.sim.total_gets(),
+        gets_before,
+        "the valve applies before any confirming GET"
+    );
     let error = s.error.clone().unwrap_or_default();
     assert!(error.contains("max_delete_fraction"), "{error}");
     let conn = app.sql();
@@ -637,7 +652,11 @@ async fn the_valve_stops_a_sweep_that_would_delete_too_much_unless_forced() {
 
     let s = run_jobs(&rec, Kind::Full, true).await;
     assert_eq!(s.status, "ok", "{s:?}");
-    assert_eq!(s.counts.marked_deleted, 3, "{s:?}");
+    assert_eq!(s.counts.candidates, 3, "{s:?}");
+    wait_until(WAIT, "three candidates confirmed deleted", || async {
+        last_job_run(&app.sql()).marked_deleted == 3
+    })
+    .await;
     let mirror = mirror_jobs(&app.sql());
     for id in &ids[..3] {
         assert!(mirror[id].deleted_at.is_some(), "{id}: {:?}", mirror[id]);
@@ -660,7 +679,11 @@ async fn the_valve_lets_through_exactly_the_allowed_fraction() {
     }
     let s = run_jobs(&rec, Kind::Full, false).await;
     assert_eq!(s.status, "ok", "{s:?}");
-    assert_eq!(s.counts.marked_deleted, 2, "{s:?}");
+    assert_eq!(s.counts.candidates, 2, "{s:?}");
+    wait_until(WAIT, "two candidates confirmed deleted", || async {
+        last_job_run(&app.sql()).marked_deleted == 2
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -759,7 +782,12 @@ async fn the_reconcile_command_fetches_what_it_enqueued_before_exiting() {
 
 #[tokio::test]
 async fn the_watermark_is_not_advanced_when_the_listing_fails_half_way() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    // A listing that keeps failing: retried for one second, then the run fails.
+    let app = spawn_app_with(
+        FAST_FETCH,
+        "[upstream]\npage_size = 3\nlisting_retry_secs = 1",
+    )
+    .await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 4);
 
@@ -787,7 +815,10 @@ async fn the_watermark_is_not_advanced_when_the_listing_fails_half_way() {
     });
     let s = run_jobs(&rec, Kind::Incremental, false).await;
     assert_eq!(s.status, "failed", "{s:?}");
-    assert_eq!(s.counts.listed, 6, "two pages of three: {s:?}");
+    assert_eq!(
+        s.counts.listed, 5,
+        "two pages of three, the second re-reading the first's last row: {s:?}"
+    );
     let row = last_job_run(&app.sql());
     assert_eq!(row.status, "failed", "{row:?}");
     assert!(
