@@ -8,6 +8,8 @@ mod faults;
 mod fetch;
 mod helpers;
 mod hostile;
+mod observability;
+mod operator;
 mod ops;
 mod readme;
 mod reconcile;
