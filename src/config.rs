@@ -192,7 +192,20 @@ impl Config {
             let key = unknown_field_name(&msg)
                 .or_else(|| start.and_then(|o| key_at(text, o)))
                 .unwrap_or_else(|| "(file)".to_string());
-            let msg = if names_a_public_key(&key) {
+            // The line the error points at: an inline table (`tenant = [{ …,
+            // app_secret = 1 }]`) names its secret key only there.
+            let line = start
+                .map(|o| {
+                    let from = text[..o].rfind('\n').map_or(0, |i| i + 1);
+                    text[from..]
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            let mentions_secret = line.contains("secret") || line.contains("password");
+            let msg = if names_a_public_key(&key) && !mentions_secret {
                 msg
             } else {
                 without_value(&msg)
@@ -227,10 +240,23 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         line_start = prev;
     }
     let line = text[line_start..].lines().next()?;
-    let key = line.split('=').next()?.trim();
-    if key.is_empty() || key.starts_with('[') || !line.contains('=') {
+    let outer = line.split('=').next()?.trim();
+    if outer.is_empty() || outer.starts_with('[') || !line.contains('=') {
         return None;
     }
+    // Inside an inline table (`tenant = [{ name = "a", app_secret = 1 }]`):
+    // the key written just before the value.
+    let before = &text[line_start..offset.max(line_start)];
+    let inner = before
+        .contains('{')
+        .then(|| before.rsplit_once('=')?.0.rsplit([',', '{']).next())
+        .flatten()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && *k != outer);
+    let key = match inner {
+        Some(k) => format!("{outer}.{k}"),
+        None => outer.to_string(),
+    };
     let table = text[..line_start]
         .lines()
         .rev()
@@ -1009,6 +1035,10 @@ mod tests {
             (
                 tenant("").replace("\"app-s3cret\"", "123456789"),
                 "123456789",
+            ),
+            (
+                "tenant = [{ name = \"acme\", app_secret = 987654321 }]\n".to_string(),
+                "987654321",
             ),
         ] {
             let e = Config::from_toml(&toml, None).err().map(|e| e.to_string());

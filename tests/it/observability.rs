@@ -122,7 +122,7 @@ async fn healthz_answers_from_the_probe_without_writing() {
     locker.execute_batch("ROLLBACK").expect("release the lock");
     assert!(
         answers.iter().all(|s| *s == 200),
-        "/healthz while a reader-writer holds the lock (a request must not write): {answers:?}"
+        "/healthz while another connection holds the write lock (a request must not write): {answers:?}"
     );
 }
 
