@@ -108,23 +108,9 @@ enum Command {
     },
 }
 
-/// Sets up tracing: readable text by default, JSON with `--log-format json`;
-/// level from `RUST_LOG` (default info, the cron scheduler's chatter at warn).
+/// Sets up tracing: see [`crate::logging`] (text, JSON, or the journal).
 pub fn init_logging(json: bool, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "{default_level},tokio_cron_scheduler=warn,hyper=warn,reqwest=warn"
-        ))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    crate::logging::init(json, default_level);
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -164,7 +150,16 @@ pub fn cancel_on_signals(token: CancellationToken) {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Help and usage errors in colour only when stdout is a terminal too
+    // (clap itself checks the stream it writes to and NO_COLOR).
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        command = command.color(clap::ColorChoice::Never);
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // The demo narrates on stdout; its log shows only problems unless RUST_LOG says otherwise.
     let level = if matches!(cli.command, Command::Demo(_)) {
         "warn"
@@ -205,23 +200,29 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let rt = runtime()?;
             rt.block_on(async move {
                 let listener = listener(&config).await?;
+                let metrics_listener = crate::app::bind_metrics(&config).await.map_err(|e| {
+                    eprintln!("skillsync: {e:#}");
+                    ExitCode::from(2)
+                })?;
                 let token = CancellationToken::new();
                 cancel_on_signals(token.clone());
-                crate::run(config, listener, token).await.map_err(|e| {
-                    eprintln!("skillsync: {e:#}");
-                    // A database newer than this binary: exit 2 so systemd does not restart in a loop.
-                    let too_new = e.chain().any(|c| {
-                        matches!(
-                            c.downcast_ref::<crate::store::StoreError>(),
-                            Some(crate::store::StoreError::TooNew { .. })
-                        )
-                    });
-                    if too_new {
-                        ExitCode::from(2)
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                })?;
+                crate::app::run_with(config, listener, metrics_listener, token)
+                    .await
+                    .map_err(|e| {
+                        eprintln!("skillsync: {e:#}");
+                        // A database newer than this binary: exit 2 so systemd does not restart in a loop.
+                        let too_new = e.chain().any(|c| {
+                            matches!(
+                                c.downcast_ref::<crate::store::StoreError>(),
+                                Some(crate::store::StoreError::TooNew { .. })
+                            )
+                        });
+                        if too_new {
+                            ExitCode::from(2)
+                        } else {
+                            ExitCode::FAILURE
+                        }
+                    })?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -469,6 +470,9 @@ pub async fn reconcile_now(
             .sum();
         println!("{t}: fetches still queued {queued}, dead documents {dead}; events {counts:?}");
     }
-    let _ = store.checkpoint().await;
+    // No checkpoint here: `serve` may be running, and a checkpoint that
+    // waits for readers holds its writers (webhook intake) meanwhile.
+    // SQLite's automatic checkpoints are passive; `serve` truncates the WAL
+    // at its own stop.
     Ok(all_ok)
 }

@@ -81,6 +81,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time a client has to send a request's headers (slow-loris guard).
     pub header_read_timeout_secs: u64,
+    /// Where `/metrics` (and detailed health) is served; `None` when "off".
+    /// Never the public `listen`: the metrics name tenants and scan tables.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +195,24 @@ impl Config {
             let key = unknown_field_name(&msg)
                 .or_else(|| start.and_then(|o| key_at(text, o)))
                 .unwrap_or_else(|| "(file)".to_string());
+            // The line the error points at: an inline table (`tenant = [{ …,
+            // app_secret = 1 }]`) names its secret key only there.
+            let line = start
+                .map(|o| {
+                    let from = text[..o].rfind('\n').map_or(0, |i| i + 1);
+                    text[from..]
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            let mentions_secret = line.contains("secret") || line.contains("password");
+            let msg = if names_a_public_key(&key) && !mentions_secret {
+                msg
+            } else {
+                without_value(&msg)
+            };
             let at = start
                 .map(|o| format!(" (line {})", text[..o].matches('\n').count() + 1))
                 .unwrap_or_default();
@@ -209,12 +230,36 @@ impl Config {
 /// The dotted key written on the line holding `offset` (`table.key`), for
 /// parse errors that only carry a position.
 fn key_at(text: &str, offset: usize) -> Option<String> {
-    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let mut line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    // Inside a list spread over several lines: the key is on the line that
+    // opened it (a bracket still open at `offset`).
+    while !text[line_start..].lines().next()?.contains('=') && line_start > 0 {
+        let prev = text[..line_start - 1].rfind('\n').map_or(0, |i| i + 1);
+        let opened =
+            text[prev..offset].matches('[').count() > text[prev..offset].matches(']').count();
+        if text[prev..line_start].contains('=') && !opened {
+            return None;
+        }
+        line_start = prev;
+    }
     let line = text[line_start..].lines().next()?;
-    let key = line.split('=').next()?.trim();
-    if key.is_empty() || key.starts_with('[') || !line.contains('=') {
+    let outer = line.split('=').next()?.trim();
+    if outer.is_empty() || outer.starts_with('[') || !line.contains('=') {
         return None;
     }
+    // Inside an inline table (`tenant = [{ name = "a", app_secret = 1 }]`):
+    // the key written just before the value.
+    let before = &text[line_start..offset.max(line_start)];
+    let inner = before
+        .contains('{')
+        .then(|| before.rsplit_once('=')?.0.rsplit([',', '{']).next())
+        .flatten()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && *k != outer);
+    let key = match inner {
+        Some(k) => format!("{outer}.{k}"),
+        None => outer.to_string(),
+    };
     let table = text[..line_start]
         .lines()
         .rev()
@@ -225,6 +270,48 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         Some(t) if !t.is_empty() => format!("{t}.{key}"),
         _ => key.to_string(),
     })
+}
+
+/// Whether the value of `key` may be quoted in an error: not a secret, and
+/// positively identified (a parse error inside a multi-line list may point
+/// at a line that names no key at all).
+fn names_a_public_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let secret_ish = last.contains("secret") || last.contains("password");
+    let names_source = last.ends_with("_file") || last.ends_with("_env");
+    key != "(file)" && (!secret_ish || names_source)
+}
+
+/// A serde/toml message with the offending value taken out: `invalid type:
+/// string "…", expected a sequence` becomes `wrong type: a string where a
+/// sequence was expected (value not shown)`.
+fn without_value(msg: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+            // The kind comes before the quoted value: `string "…"`, `integer `…``.
+            let kind = found.split(['"', '`', '\'']).next().unwrap_or("").trim();
+            let expected = expected.trim();
+            let what = if prefix.starts_with("invalid type") {
+                "wrong type"
+            } else {
+                "invalid value"
+            };
+            return match (kind.is_empty(), expected.is_empty()) {
+                (false, false) => {
+                    format!("{what}: {kind} where {expected} was expected (value not shown)")
+                }
+                (true, false) => format!("{what}: expected {expected} (value not shown)"),
+                _ => format!("{what} (value not shown)"),
+            };
+        }
+    }
+    // Other messages (syntax, duplicate or unknown keys) carry no value;
+    // anything quoted is dropped all the same.
+    match msg.find(['"', '`', '\'']) {
+        Some(i) => format!("{} (value not shown)", msg[..i].trim_end()),
+        None => msg.to_string(),
+    }
 }
 
 fn unknown_field_name(msg: &str) -> Option<String> {
@@ -260,6 +347,7 @@ struct RawServer {
     trusted_proxies: Option<Vec<String>>,
     max_connections: Option<i64>,
     header_read_timeout_secs: Option<i64>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -482,6 +570,34 @@ fn base_url(key: &str, v: Option<String>) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
+/// `server.metrics_listen`: an address:port (port 0 picks a free one), or
+/// "off"; never the public listener's address.
+fn parse_metrics_listen(
+    v: Option<String>,
+    listen: SocketAddr,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    const KEY: &str = "server.metrics_listen";
+    let text = v.unwrap_or_else(|| "127.0.0.1:9187".to_string());
+    if text.trim() == "off" {
+        return Ok(None);
+    }
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        err(
+            KEY,
+            format!("`{text}` is not an address:port (e.g. \"127.0.0.1:9187\") or \"off\""),
+        )
+    })?;
+    let overlaps =
+        addr.ip() == listen.ip() || addr.ip().is_unspecified() || listen.ip().is_unspecified();
+    if addr.port() != 0 && addr.port() == listen.port() && overlaps {
+        return Err(err(
+            KEY,
+            "must differ from server.listen: /metrics is never served on the public listener",
+        ));
+    }
+    Ok(Some(addr))
+}
+
 fn required_text(key: &str, v: Option<String>) -> Result<String, ConfigError> {
     match v {
         Some(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
@@ -535,7 +651,9 @@ impl RawConfig {
             .iter()
             .map(|p| parse_cidr("server.trusted_proxies", p))
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics_listen = parse_metrics_listen(s.metrics_listen, listen)?;
         let server = ServerConfig {
+            metrics_listen,
             listen,
             webhook_path,
             max_body_bytes: int_in(
@@ -892,6 +1010,63 @@ mod tests {
         let c = Config::from_toml(EXAMPLE_CONFIG, None)?;
         assert!(!c.tenants.is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn metrics_listen_defaults_turns_off_and_names_its_key() -> TestResult {
+        let c = Config::from_toml(&tenant(""), None)?;
+        assert_eq!(
+            c.server.metrics_listen,
+            Some("127.0.0.1:9187".parse::<SocketAddr>()?)
+        );
+        let off = Config::from_toml(
+            &format!("[server]\nmetrics_listen = \"off\"\n{}", tenant("")),
+            None,
+        )?;
+        assert_eq!(off.server.metrics_listen, None);
+        for bad in ["nowhere", "127.0.0.1:8080"] {
+            let e = Config::from_toml(
+                &format!("[server]\nmetrics_listen = \"{bad}\"\n{}", tenant("")),
+                None,
+            )
+            .err()
+            .ok_or("accepted")?;
+            assert_eq!(e.key, "server.metrics_listen", "{bad}: {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn type_errors_on_secret_keys_hide_the_value() {
+        for (toml, value) in [
+            (
+                tenant("").replace("[\"s3cret-acme-1\"]", "\"s3cret-acme-1\""),
+                "s3cret-acme-1",
+            ),
+            (
+                tenant("").replace("\"app-s3cret\"", "123456789"),
+                "123456789",
+            ),
+            (
+                "tenant = [{ name = \"acme\", app_secret = 987654321 }]\n".to_string(),
+                "987654321",
+            ),
+        ] {
+            let e = Config::from_toml(&toml, None).err().map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(e.contains("secret"), "key not named: {e}");
+            assert!(e.contains("expected"), "expected type not said: {e}");
+            assert!(!e.contains(value), "value quoted: {e}");
+        }
+        // A public key keeps its value in the message: it helps.
+        let e = Config::from_toml(
+            &format!("[fetch]\nconcurrency = \"lots\"\n{}", tenant("")),
+            None,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("lots"), "{e}");
     }
 
     #[test]

@@ -39,6 +39,7 @@ fn demo_config(db: &std::path::Path, base: &str) -> anyhow::Result<Config> {
         r#"
 [server]
 listen = "127.0.0.1:0"
+metrics_listen = "off"
 [database]
 path = {db:?}
 [fetch]

@@ -4,7 +4,8 @@
 //! - [`config`]: the TOML config, validated at load; secrets redacted.
 //! - [`store`]: the only place with SQL: pool, single group-committing writer,
 //!   schema and migrations; events, fetch queue, mirror, reconciliation state.
-//! - [`webhook`]: warp filters and handlers for the webhook, `/healthz`, `/metrics`.
+//! - [`webhook`]: warp filters and handlers for the public listener: the webhook and `/healthz`.
+//! - [`health`]: the daemon's periodic durable-write probe that `/healthz` answers from.
 //! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
 //! - [`tls`]: built-in TLS (rustls) and certificate rotation without a restart.
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
@@ -12,15 +13,19 @@
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`retention`]: pruning old events and history in small batches.
-//! - [`metrics`]: the Prometheus recorder and counters.
+//! - [`metrics`]: the Prometheus recorder, counters, HELP text and the metrics listener's routes.
+//! - [`logging`]: text, JSON or the systemd journal; colours only on a terminal.
 //! - [`model`]: shared domain types and the timestamp format.
-//! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo.
+//! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo;
+//!   SIGHUP reloads.
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod fetcher;
+pub mod health;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;

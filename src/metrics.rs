@@ -3,13 +3,24 @@
 //! the gauges read from the database when `/metrics` is scraped (queue depth,
 //! last reconciliation, drift, database size), so they are true across
 //! processes (`serve` and `reconcile` share the database, not memory).
+//!
+//! Every metric is described (HELP text, unit in the name) in [`describe`],
+//! so the scrape passes `promtool check metrics`. The routes of the separate
+//! metrics listener (`server.metrics_listen`) live here too: `/metrics` and
+//! a detailed `/healthz`, never on the public webhook listener.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::{Filter, Reply};
 
+use crate::health::Health;
 use crate::store::Store;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -33,7 +44,10 @@ impl Metrics {
                 )
                 .ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    describe();
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
@@ -100,7 +114,8 @@ impl Metrics {
                     gauge!("skillsync_deleted_documents", &base).set(r.deleted as f64);
                     gauge!("skillsync_upstream_auth_failing_documents", &base)
                         .set(r.auth_failing as f64);
-                    gauge!("skillsync_reconcile_missed_total", &base).set(r.missed_total as f64);
+                    gauge!("skillsync_reconcile_missed_documents", &base)
+                        .set(r.missed_total as f64);
                     if let Some(m) = r.last_run_missed {
                         gauge!("skillsync_reconcile_last_run_missed", &base).set(m as f64);
                     }
@@ -126,12 +141,140 @@ impl Metrics {
                 }
                 gauge!("skillsync_database_size_bytes").set(snap.db_bytes as f64);
                 gauge!("skillsync_database_up").set(1.0);
+                gauge!("skillsync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: database not readable");
                 gauge!("skillsync_database_up").set(0.0);
+                gauge!("skillsync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             }
         }
         self.handle.as_ref().map(|h| h.render()).unwrap_or_default()
     }
+}
+
+/// HELP text and unit of every metric this crate exports. Names carry their
+/// unit (`_seconds`, `_bytes`) and only counters end in `_total`.
+fn describe() {
+    describe_counter!(
+        "skillsync_webhook_requests_total",
+        Unit::Count,
+        "Webhook requests by tenant and outcome (accepted, ignored, unauthorized, bad_request, unavailable, ...)."
+    );
+    describe_counter!(
+        "skillsync_fetches_total",
+        Unit::Count,
+        "Upstream document fetches by tenant, type and outcome (ok, gone, or the error class: auth, rate_limited, server, timeout, network, malformed, client)."
+    );
+    describe_histogram!(
+        "skillsync_fetch_duration_seconds",
+        Unit::Seconds,
+        "Time one upstream document fetch took, in seconds."
+    );
+    describe_counter!(
+        "skillsync_documents_stored_total",
+        Unit::Count,
+        "Fetched documents by what they did to the mirror (inserted, changed, unchanged, stale)."
+    );
+    describe_counter!(
+        "skillsync_dead_documents_total",
+        Unit::Count,
+        "Documents whose events went dead after fetch.max_attempts failures."
+    );
+    describe_gauge!(
+        "skillsync_queue_depth",
+        Unit::Count,
+        "Work waiting, by tenant, type and status (pending_events, queued_fetches, retrying_fetches, dead_events)."
+    );
+    describe_gauge!(
+        "skillsync_mirrored_documents",
+        Unit::Count,
+        "Live (not deleted) documents in the mirror."
+    );
+    describe_gauge!(
+        "skillsync_deleted_documents",
+        Unit::Count,
+        "Documents marked deleted upstream (kept, with deleted_at set)."
+    );
+    describe_gauge!(
+        "skillsync_upstream_auth_failing_documents",
+        Unit::Count,
+        "Documents whose latest fetch failed with 401/403 (credentials need fixing)."
+    );
+    describe_gauge!(
+        "skillsync_reconcile_missed_documents",
+        Unit::Count,
+        "Changed documents no webhook had announced, summed over the recorded reconciliation runs (drift)."
+    );
+    describe_gauge!(
+        "skillsync_reconcile_last_run_missed",
+        Unit::Count,
+        "Changed documents no webhook had announced, found by the latest reconciliation run (drift per run)."
+    );
+    describe_gauge!(
+        "skillsync_reconcile_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When the last successful reconciliation finished, in Unix seconds."
+    );
+    describe_gauge!(
+        "skillsync_oldest_pending_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest pending event, in seconds (0 when none)."
+    );
+    describe_gauge!(
+        "skillsync_database_size_bytes",
+        Unit::Bytes,
+        "Size of the SQLite database file and its WAL, in bytes."
+    );
+    describe_gauge!(
+        "skillsync_database_up",
+        Unit::Count,
+        "1 when the database could be read for this scrape, else 0."
+    );
+    describe_gauge!(
+        "skillsync_build_info",
+        Unit::Count,
+        "Always 1; the version label says which skillsync is running."
+    );
+}
+
+/// The routes of the metrics listener (`server.metrics_listen`): `/metrics`
+/// (each scrape reads the database for the gauges) and `/healthz` with the
+/// detail the public one leaves out.
+pub fn routes(
+    store: Store,
+    metrics: Metrics,
+    health: Health,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
+    let scrape = warp::path!("metrics").and(warp::get()).then(move || {
+        let store = store.clone();
+        let metrics = metrics.clone();
+        async move {
+            let text = metrics.render(&store).await;
+            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
+                .into_response()
+        }
+    });
+    let healthz = warp::path!("healthz").and(warp::get()).map(move || {
+        let r = health.report();
+        let status = if r.healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        warp::reply::with_status(warp::reply::json(&r), status).into_response()
+    });
+    scrape
+        .or(healthz)
+        .unify()
+        .recover(|_rej: warp::Rejection| async move {
+            Ok::<_, std::convert::Infallible>(
+                warp::reply::with_status(
+                    warp::reply::json(&json!({"error": "not found"})),
+                    StatusCode::NOT_FOUND,
+                )
+                .into_response(),
+            )
+        })
+        .unify()
 }

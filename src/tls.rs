@@ -2,10 +2,11 @@
 //! 1.2 and 1.3 only) and certificate rotation without a restart.
 //!
 //! The certificate lives behind a resolver that every new handshake asks,
-//! so swapping it never touches connections in flight. A reloader task
-//! re-reads the PEM files on SIGHUP and when their modification time
-//! changes (ACME clients rotate every few weeks); a bad new certificate is
-//! logged loudly and the old one keeps serving.
+//! so swapping it never touches connections in flight. A watcher task
+//! re-reads the PEM files when their modification time changes (ACME
+//! clients rotate every few weeks), and the daemon's SIGHUP handler
+//! (`app`) calls [`Tls::reload`]; a bad new certificate is logged loudly and
+//! the old one keeps serving.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -132,26 +133,12 @@ impl Tls {
         (m(&self.cert), m(&self.key))
     }
 
-    /// Reloads on SIGHUP and when the files' modification times change, until `shutdown`.
+    /// Reloads when the files' modification times change, until `shutdown`.
     pub async fn watch(self, shutdown: CancellationToken) {
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seen = self.mtimes();
         loop {
-            let hangup = async {
-                match hup.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = hangup => {
-                    tracing::info!("SIGHUP: reloading the TLS certificate");
-                    self.reload();
-                    seen = self.mtimes();
-                }
                 _ = tokio::time::sleep(POLL) => {
                     let now = self.mtimes();
                     if now != seen {

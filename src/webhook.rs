@@ -1,7 +1,9 @@
 //! The webhook listener: warp filters (read the request), the handler
 //! (verify the secret, parse and validate the payload, record the event) and
 //! the one place that maps every error to its HTTP status and JSON body.
-//! Also `/healthz` and `/metrics`.
+//! Also the public `/healthz`, answered from [`Health`] (no write per
+//! request). `/metrics` is not here: it is served only on the metrics
+//! listener (see [`crate::metrics::routes`]), since it names tenants.
 //!
 //! Order of checks: path, then the secret (so an unauthenticated client
 //! never gets its body read or learns anything), then size, content type,
@@ -24,6 +26,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
 use crate::config::{Config, TenantConfig};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::server::ClientAddr;
 use crate::store::queue::NewEvent;
@@ -50,6 +53,8 @@ pub struct WebhookState {
     /// Wakes a tenant's fetch workers when an event is queued.
     wake: Arc<HashMap<String, Arc<Notify>>>,
     metrics: Metrics,
+    /// Answers `/healthz`; every commit or refused commit of an event is evidence for it.
+    health: Health,
 }
 
 impl WebhookState {
@@ -58,6 +63,7 @@ impl WebhookState {
         store: Store,
         wake: Arc<HashMap<String, Arc<Notify>>>,
         metrics: Metrics,
+        health: Health,
     ) -> Self {
         let tenants = config
             .tenants
@@ -78,6 +84,7 @@ impl WebhookState {
             config,
             wake,
             metrics,
+            health,
         }
     }
 }
@@ -566,7 +573,8 @@ where
     Ok((tenant.name.clone(), id, ignored))
 }
 
-/// All routes of the daemon: the webhook, `/healthz`, `/metrics`.
+/// All routes of the public listener: the webhook and `/healthz`. Any
+/// other path answers 404 (`/metrics` included).
 pub fn routes(
     state: WebhookState,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
@@ -577,32 +585,24 @@ pub fn routes(
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .and(with_state.clone())
-        .then(|s: WebhookState| async move {
-            match s.store.probe_write(crate::model::now_ts()).await {
-                Ok(()) => warp::reply::with_status(
+        .map(|s: WebhookState| {
+            // Only the verdict here: the detail (and its error text) is on
+            // the metrics listener.
+            if s.health.report().healthy {
+                warp::reply::with_status(
                     warp::reply::json(&json!({"status": "ok"})),
                     StatusCode::OK,
                 )
-                .into_response_inner(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "health check: database not writable");
-                    warp::reply::with_status(
-                        warp::reply::json(
-                            &json!({"status": "unavailable", "error": "database not writable"}),
-                        ),
-                        StatusCode::SERVICE_UNAVAILABLE,
-                    )
-                    .into_response_inner()
-                }
-            }
-        });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(with_state.clone())
-        .then(|s: WebhookState| async move {
-            let text = s.metrics.render(&s.store).await;
-            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response_inner()
+            } else {
+                warp::reply::with_status(
+                    warp::reply::json(
+                        &json!({"status": "unavailable", "error": "database not writable"}),
+                    ),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                )
+                .into_response_inner()
+            }
         });
     let webhook = warp::method()
         .and(warp::path::full())
@@ -615,6 +615,7 @@ pub fn routes(
                 let ip = client_ip(&s.config, peer, &headers);
                 match handle_webhook(s.clone(), method, path.as_str().to_string(), headers, Box::pin(body)).await {
                     Ok((tenant, id, ignored)) => {
+                        s.health.ok();
                         let status = if ignored { "ignored" } else { "accepted" };
                         s.metrics.webhook(&tenant, status);
                         tracing::debug!(tenant = %tenant, event_id = id, status, client = ?ip, "event recorded");
@@ -624,7 +625,11 @@ pub fn routes(
                         let t = tenant.as_deref().unwrap_or("unknown");
                         s.metrics.webhook(t, e.outcome());
                         match &e {
-                            WebhookError::Unavailable(err) | WebhookError::Internal(err) => {
+                            WebhookError::Unavailable(err) => {
+                                s.health.failed(err.to_string());
+                                tracing::error!(tenant = t, error = %err, client = ?ip, "event not recorded: database cannot commit");
+                            }
+                            WebhookError::Internal(err) => {
                                 tracing::error!(tenant = t, error = %err, client = ?ip, "event not recorded: database cannot commit");
                             }
                             _ => tracing::info!(tenant = t, outcome = e.outcome(), error = %e, client = ?ip, "webhook refused"),
@@ -635,8 +640,6 @@ pub fn routes(
             },
         );
     healthz
-        .or(metrics)
-        .unify()
         .or(webhook)
         .unify()
         .recover(|rej: warp::Rejection| async move {

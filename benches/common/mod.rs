@@ -36,6 +36,7 @@ pub fn daemon_toml(
         r#"
 [server]
 listen = "127.0.0.1:0"
+metrics_listen = "off"
 {server}
 [database]
 path = "{db}"

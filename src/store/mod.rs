@@ -310,8 +310,10 @@ impl Store {
         .await
     }
 
-    /// Checkpoints the WAL into the main file and truncates it (at shutdown),
-    /// so a copied database file is complete on its own.
+    /// Checkpoints the WAL into the main file and truncates it (at `serve`'s
+    /// own stop), so a copied database file is complete on its own. It waits
+    /// for readers and holds writers meanwhile: never call it where `serve`
+    /// may be running (`reconcile`, `retry`, the demo's steps).
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.inner

@@ -46,6 +46,7 @@ pub fn config_toml(db: &std::path::Path, sim_base: &str, fetch: &str, extra: &st
         r#"
 [server]
 listen = "127.0.0.1:0"
+{metrics_listen}
 [database]
 path = "{db}"
 busy_timeout_ms = 1000
@@ -63,7 +64,11 @@ reconcile_schedule = "off"
 full_sweep_schedule = "off"
 {extra}
 "#,
-        db = db.display()
+        db = db.display(),
+        // Port 0: every daemon under test gets its own metrics port. Written
+        // as a literal string so tests that swap `listen = "127.0.0.1:0"`
+        // for a fixed port leave this line alone.
+        metrics_listen = "metrics_listen = '127.0.0.1:0'",
     )
 }
 
@@ -79,6 +84,8 @@ pub struct TestApp {
     pub sim: Simulator,
     pub webhook_url: String,
     pub base_url: String,
+    /// `http://{metrics listener}`, unless the config says `metrics_listen = "off"`.
+    pub metrics_url: Option<String>,
     pub token: CancellationToken,
     pub sim_token: CancellationToken,
     pub handle: Option<JoinHandle<anyhow::Result<()>>>,
@@ -114,8 +121,19 @@ pub async fn spawn_app_edited(
     let config = Config::from_toml(&toml, None).expect("valid test config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind daemon");
     let addr = listener.local_addr().expect("addr");
+    let metrics_listener = skillsync::app::bind_metrics(&config)
+        .await
+        .expect("bind metrics listener");
+    let metrics_url = metrics_listener
+        .as_ref()
+        .map(|l| format!("http://{}", l.local_addr().expect("metrics addr")));
     let token = CancellationToken::new();
-    let handle = tokio::spawn(skillsync::run(config.clone(), listener, token.clone()));
+    let handle = tokio::spawn(skillsync::app::run_with(
+        config.clone(),
+        listener,
+        metrics_listener,
+        token.clone(),
+    ));
     let store = skillsync::app::open_store(&config)
         .await
         .expect("open store");
@@ -127,6 +145,7 @@ pub async fn spawn_app_edited(
         sim,
         webhook_url: format!("http://{addr}/skillsevent"),
         base_url: format!("http://{addr}"),
+        metrics_url,
         token,
         sim_token,
         handle: Some(handle),

@@ -153,6 +153,7 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
         store.clone(),
         Arc::new(HashMap::new()),
         Metrics::install(),
+        skillsync::health::Health::new(Duration::from_secs(5), Duration::from_secs(1)),
     );
     let filter = routes(state);
     let mut runner = TestRunner::new(PtConfig {

@@ -9,6 +9,8 @@ mod fetch;
 mod helpers;
 mod hostile;
 mod listing;
+mod observability;
+mod operator;
 mod ops;
 mod readme;
 mod reconcile;

@@ -396,9 +396,10 @@ async fn healthz_and_metrics_answer() {
         || async { count(&app.sql(), "SELECT count(*) FROM jobs") == 1 },
     )
     .await;
+    let metrics_url = app.metrics_url.clone().expect("a metrics listener");
     let text = app
         .client
-        .get(format!("{}/metrics", app.base_url))
+        .get(format!("{metrics_url}/metrics"))
         .send()
         .await
         .unwrap()
