@@ -10,6 +10,7 @@
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
 //! - [`fetcher`]: workers that turn queued documents into mirror rows.
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
+//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`metrics`]: the Prometheus recorder and counters.
@@ -24,6 +25,7 @@ pub mod fetcher;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod reporting;
 pub mod retention;
 pub mod server;
 pub mod simulator;
