@@ -97,6 +97,16 @@ enum Command {
         #[arg(long, requires = "full")]
         force: bool,
     },
+    /// Survey the mirrored documents: each field with its JSON types and fill rate, and the
+    /// `[reporting]` lines that add it to job_report / project_report.
+    Columns {
+        /// Only this type (default: both).
+        #[arg(long, value_enum)]
+        r#type: Option<TypeArg>,
+        /// Database file to read (default: database.path from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
     /// Put dead events back in the queue (a running `serve` picks them up within seconds).
     Retry {
         /// One event by id.
@@ -240,6 +250,30 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 (None, None) => return Err(ExitCode::from(2)),
             };
             Ok(crate::status::print_status(&path, config.as_ref(), json))
+        }
+        Command::Columns { r#type, db } => {
+            // Like status: no secret needed, and --db works without a config.
+            let config = match &db {
+                Some(_) => Config::load_without_secrets(&cli.config).ok(),
+                None => Some(Config::load_without_secrets(&cli.config).map_err(|e| {
+                    eprintln!("skillsync: {e}");
+                    ExitCode::from(2)
+                })?),
+            };
+            let path = match (db, &config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => c.database.path.clone(),
+                (None, None) => return Err(ExitCode::from(2)),
+            };
+            let types: Vec<DocType> = match r#type {
+                Some(t) => vec![t.into()],
+                None => DocType::ALL.to_vec(),
+            };
+            Ok(crate::columns::print_columns(
+                &path,
+                config.as_ref(),
+                &types,
+            ))
         }
         Command::Retry { event, dead } => {
             if event.is_none() && !dead {

@@ -14,11 +14,13 @@
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`metrics`]: the Prometheus recorder and counters.
+//! - [`columns`]: `skillsync columns`, the field survey that suggests `[reporting]` lines.
 //! - [`model`]: shared domain types and the timestamp format.
 //! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo.
 
 pub mod app;
 pub mod cli;
+pub mod columns;
 pub mod config;
 pub mod demo;
 pub mod fetcher;
