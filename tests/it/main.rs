@@ -11,5 +11,6 @@ mod hostile;
 mod ops;
 mod readme;
 mod reconcile;
+mod reporting;
 mod tls;
 mod webhook;
