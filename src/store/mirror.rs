@@ -100,16 +100,15 @@ pub(crate) fn upsert_document(
         "INSERT INTO document_history (tenant, doc_type, id, revision, document, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![tenant, doc_type.as_str(), id, revision, doc.document, now])?;
-    super::report::record(
-        c,
-        report,
+    let stored = super::report::Revision {
         tenant,
         doc_type,
         id,
         revision,
-        &doc.document,
-        now,
-    )?;
+        document: &doc.document,
+        fetched_at: now,
+    };
+    super::report::record(c, report, &stored)?;
     Ok(if revision == 1 {
         StoreOutcome::Inserted
     } else {

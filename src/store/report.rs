@@ -324,31 +324,32 @@ fn write_values(
     Ok(())
 }
 
+/// One stored revision of a document, as the report tables record it.
+pub(crate) struct Revision<'a> {
+    pub tenant: &'a str,
+    pub doc_type: DocType,
+    pub id: &'a str,
+    pub revision: i64,
+    pub document: &'a str,
+    pub fetched_at: &'a str,
+}
+
 /// Records a stored revision's report values and stage (inside the write
 /// that stored it, so the views never lag the mirror).
-pub(crate) fn record(
-    conn: &Connection,
-    spec: &ReportSpec,
-    tenant: &str,
-    ty: DocType,
-    id: &str,
-    revision: i64,
-    document: &str,
-    fetched_at: &str,
-) -> Result<(), StoreError> {
-    let doc = parse(document);
-    write_values(conn, spec, ty, tenant, id, &doc)?;
+pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
+    let doc = parse(r.document);
+    write_values(conn, spec, r.doc_type, r.tenant, r.id, &doc)?;
     conn.prepare_cached(
         "INSERT OR REPLACE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
-        tenant,
-        ty.as_str(),
-        id,
-        revision,
+        r.tenant,
+        r.doc_type.as_str(),
+        r.id,
+        r.revision,
         spec.stage(&doc),
-        fetched_at
+        r.fetched_at
     ])?;
     Ok(())
 }
