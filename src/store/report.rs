@@ -68,7 +68,8 @@ fn table_sql(spec: &ReportSpec) -> Vec<String> {
     revision   INTEGER NOT NULL,
     stage      TEXT,
     fetched_at TEXT NOT NULL,
-    PRIMARY KEY (tenant, doc_type, id, revision)
+    -- type first: the stage views read one type in (tenant, id, revision) order
+    PRIMARY KEY (doc_type, tenant, id, revision)
 )"
         .to_string(),
     );
