@@ -148,6 +148,16 @@ fn values_hash(spec: &ReportSpec) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn stored_hash(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM daemon_state WHERE key = ?1",
+            [HASH_KEY],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 /// Brings the reporting objects in line with `spec` (at start-up, on the
 /// writer's connection, before it serves writes): rebuilds the derived tables
 /// when the extraction rules changed, replaces any view whose SQL differs.
@@ -156,14 +166,7 @@ pub(crate) fn ensure(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreEr
     let hash = values_hash(spec);
     let views = view_sql(spec);
     let up_to_date = |c: &Connection| -> Result<bool, StoreError> {
-        let stored: Option<String> = c
-            .query_row(
-                "SELECT value FROM daemon_state WHERE key = ?1",
-                [HASH_KEY],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if stored.as_deref() != Some(hash.as_str()) {
+        if stored_hash(c)?.as_deref() != Some(hash.as_str()) {
             return Ok(false);
         }
         for (name, sql) in &views {
@@ -192,14 +195,7 @@ pub(crate) fn ensure(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreEr
         for v in VIEWS {
             conn.execute_batch(&format!("DROP VIEW IF EXISTS {v}"))?;
         }
-        let stored: Option<String> = conn
-            .query_row(
-                "SELECT value FROM daemon_state WHERE key = ?1",
-                [HASH_KEY],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let rebuilt = if stored.as_deref() != Some(hash.as_str()) {
+        let rebuilt = if stored_hash(conn)?.as_deref() != Some(hash.as_str()) {
             Some(rebuild(conn, spec, &hash)?)
         } else {
             None
