@@ -39,7 +39,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let busy = Duration::from_millis(config.database.busy_timeout_ms);
     let shown = path.display().to_string();
     let group = config.database.group_commit;
-    run_blocking(move || Store::open_with(&path, busy, group))
+    let report = crate::reporting::ReportSpec::new(&config.reporting);
+    run_blocking(move || Store::open_with_report(&path, busy, group, report))
         .await
         .with_context(|| format!("cannot use database {shown}"))
 }

@@ -97,6 +97,16 @@ enum Command {
         #[arg(long, requires = "full")]
         force: bool,
     },
+    /// Survey the mirrored documents: each field with its JSON types and fill rate, and the
+    /// `[reporting]` lines that add it to job_report / project_report.
+    Columns {
+        /// Only this type (default: both).
+        #[arg(long, value_enum)]
+        r#type: Option<TypeArg>,
+        /// Database file to read (default: database.path from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
     /// Put dead events back in the queue (a running `serve` picks them up within seconds).
     Retry {
         /// One event by id.
@@ -227,20 +237,20 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             })
         }
         Command::Status { json, db } => {
-            // Status reads no secret: a monitoring user needs no credentials.
-            let config = match &db {
-                Some(_) => Config::load_without_secrets(&cli.config).ok(),
-                None => Some(Config::load_without_secrets(&cli.config).map_err(|e| {
-                    eprintln!("skillsync: {e}");
-                    ExitCode::from(2)
-                })?),
-            };
-            let path = match (db, &config) {
-                (Some(p), _) => p,
-                (None, Some(c)) => c.database.path.clone(),
-                (None, None) => return Err(ExitCode::from(2)),
-            };
+            let (path, config) = database_to_read(&cli.config, db)?;
             Ok(crate::status::print_status(&path, config.as_ref(), json))
+        }
+        Command::Columns { r#type, db } => {
+            let (path, config) = database_to_read(&cli.config, db)?;
+            let types: Vec<DocType> = match r#type {
+                Some(t) => vec![t.into()],
+                None => DocType::ALL.to_vec(),
+            };
+            Ok(crate::columns::print_columns(
+                &path,
+                config.as_ref(),
+                &types,
+            ))
         }
         Command::Retry { event, dead } => {
             if event.is_none() && !dead {
@@ -328,6 +338,28 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The database a read-only command (`status`, `columns`) reads, and the
+/// config if it loads. No secret is read: a monitoring or reporting user
+/// needs no credentials; with `--db` a missing or broken config is fine.
+fn database_to_read(
+    config_path: &std::path::Path,
+    db: Option<PathBuf>,
+) -> Result<(PathBuf, Option<Config>), ExitCode> {
+    let config = match &db {
+        Some(_) => Config::load_without_secrets(config_path).ok(),
+        None => Some(Config::load_without_secrets(config_path).map_err(|e| {
+            eprintln!("skillsync: {e}");
+            ExitCode::from(2)
+        })?),
+    };
+    let path = match (db, &config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => c.database.path.clone(),
+        (None, None) => return Err(ExitCode::from(2)),
+    };
+    Ok((path, config))
 }
 
 /// The listening socket: the one systemd passed (socket activation,

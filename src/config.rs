@@ -65,6 +65,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub retention: RetentionConfig,
     pub tenants: Vec<TenantConfig>,
+    /// `[reporting]`: extra or overriding report view columns, the stage field.
+    pub reporting: crate::reporting::ReportingConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -332,6 +334,8 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    reporting: RawReporting,
     #[serde(default, rename = "tenant")]
     tenants: Vec<RawTenant>,
 }
@@ -396,6 +400,101 @@ struct RawUpstream {
 struct RawRetention {
     events_days: Option<i64>,
     history_days: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReporting {
+    stage_field: Option<String>,
+    job: Option<toml::Table>,
+    project: Option<toml::Table>,
+}
+
+impl RawReporting {
+    fn validate(self) -> Result<crate::reporting::ReportingConfig, ConfigError> {
+        use crate::reporting::{
+            ColumnType, ConfiguredColumn, FieldPath, RESERVED_COLUMNS, ReportingConfig,
+            is_column_name,
+        };
+        let stage_field = match self.stage_field {
+            Some(s) => FieldPath::parse(&s).map_err(|m| err("reporting.stage_field", m))?,
+            None => ReportingConfig::default().stage_field,
+        };
+        let columns = |ty: &str, table: Option<toml::Table>| {
+            let mut out = Vec::new();
+            for (name, v) in table.unwrap_or_default() {
+                let key = format!("reporting.{ty}.{name}");
+                if !is_column_name(&name) || RESERVED_COLUMNS.contains(&name.as_str()) {
+                    return Err(err(
+                        key,
+                        "a column name is a snake_case identifier ([a-z][a-z0-9_]*, at most 63 characters), not tenant or id",
+                    ));
+                }
+                let (path, ty_name) = match v {
+                    toml::Value::String(p) => (p, None),
+                    toml::Value::Table(mut t) => {
+                        let path = match t.remove("path") {
+                            Some(toml::Value::String(p)) => p,
+                            _ => {
+                                return Err(err(
+                                    format!("{key}.path"),
+                                    "is required (a string such as \"$.Budget\")",
+                                ));
+                            }
+                        };
+                        let ty_name = match t.remove("type") {
+                            None => None,
+                            Some(toml::Value::String(s)) => Some(s),
+                            Some(_) => return Err(err(format!("{key}.type"), "must be a string")),
+                        };
+                        if let Some(extra) = t.keys().next() {
+                            return Err(err(
+                                format!("{key}.{extra}"),
+                                "unknown key (a column takes `path` and `type`)",
+                            ));
+                        }
+                        (path, ty_name)
+                    }
+                    _ => {
+                        return Err(err(
+                            key,
+                            "must be a path (\"$.Field\") or a table { path = \"$.Field\", type = \"real\" }",
+                        ));
+                    }
+                };
+                let path = FieldPath::parse(&path).map_err(|m| {
+                    err(
+                        if ty_name.is_some() {
+                            format!("{key}.path")
+                        } else {
+                            key.clone()
+                        },
+                        m,
+                    )
+                })?;
+                let col_ty = match ty_name {
+                    None => ColumnType::Text,
+                    Some(t) => ColumnType::parse(&t).ok_or_else(|| {
+                        err(
+                            format!("{key}.type"),
+                            format!("`{t}` is not one of text, integer, real, timestamp"),
+                        )
+                    })?,
+                };
+                out.push(ConfiguredColumn {
+                    name,
+                    path,
+                    ty: col_ty,
+                });
+            }
+            Ok(out)
+        };
+        Ok(ReportingConfig {
+            stage_field,
+            job: columns("job", self.job)?,
+            project: columns("project", self.project)?,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -805,6 +904,7 @@ impl RawConfig {
             )?,
         };
 
+        let reporting = self.reporting.validate()?;
         let retention = RetentionConfig {
             events_days: int_in(
                 "retention.events_days",
@@ -960,6 +1060,7 @@ impl RawConfig {
             upstream,
             retention,
             tenants,
+            reporting,
         })
     }
 }
@@ -1032,6 +1133,48 @@ mod tests {
             .err()
             .ok_or("accepted")?;
             assert_eq!(e.key, "server.metrics_listen", "{bad}: {e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn reporting_columns_validate_naming_the_key() -> TestResult {
+        let ok = "[reporting]\nstage_field = \"Status\"\n[reporting.job]\nclient = \"$.Customer\"\nbudget = { path = \"$.Budget.Amount\", type = \"real\" }\n";
+        let c = Config::from_toml(&format!("{}{ok}", tenant("")), None)?;
+        assert_eq!(c.reporting.job.len(), 2);
+        assert_eq!(c.reporting.stage_field.to_string(), "$.Status");
+        for (bad, key) in [
+            (
+                "[reporting.job]\nBudget = \"$.Budget\"\n",
+                "reporting.job.Budget",
+            ),
+            ("[reporting.job]\nid = \"$.Other\"\n", "reporting.job.id"),
+            (
+                "[reporting.project]\nbudget = \"$.A.B.C\"\n",
+                "reporting.project.budget",
+            ),
+            (
+                "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"money\" }\n",
+                "reporting.job.budget.type",
+            ),
+            (
+                "[reporting.job]\nbudget = { type = \"real\" }\n",
+                "reporting.job.budget.path",
+            ),
+            (
+                "[reporting.job]\nbudget = { path = \"$.B\", kind = \"real\" }\n",
+                "reporting.job.budget.kind",
+            ),
+            (
+                "[reporting]\nstage_field = \"$.\"\n",
+                "reporting.stage_field",
+            ),
+            ("[reporting]\nstages = \"Stage\"\n", "stages"),
+        ] {
+            match Config::from_toml(&format!("{}{bad}", tenant("")), None) {
+                Err(e) => assert_eq!(e.key, key, "{bad}: {e}"),
+                Ok(_) => panic!("accepted {bad}"),
+            }
         }
         Ok(())
     }

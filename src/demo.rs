@@ -253,7 +253,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let db = std::fs::canonicalize(&args.db).unwrap_or(args.db.clone());
     println!("\nDatabase: {}", db.display());
     println!(
-        "Try:  sqlite3 -readonly {} \"SELECT number, name, json_extract(document, '$.Stage') AS stage, revision FROM jobs ORDER BY number LIMIT 10\"",
+        "Try:  sqlite3 -readonly {} \"SELECT stage, client, count(*) AS jobs FROM job_report GROUP BY stage, client\"",
         db.display()
     );
     println!(

@@ -11,16 +11,19 @@
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
 //! - [`fetcher`]: workers that turn queued documents into mirror rows.
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
+//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`metrics`]: the Prometheus recorder, counters, HELP text and the metrics listener's routes.
 //! - [`logging`]: text, JSON or the systemd journal; colours only on a terminal.
+//! - [`columns`]: `skillsync columns`, the field survey that suggests `[reporting]` lines.
 //! - [`model`]: shared domain types and the timestamp format.
 //! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo;
 //!   SIGHUP reloads.
 
 pub mod app;
 pub mod cli;
+pub mod columns;
 pub mod config;
 pub mod demo;
 pub mod fetcher;
@@ -29,6 +32,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod reporting;
 pub mod retention;
 pub mod server;
 pub mod simulator;

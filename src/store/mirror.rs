@@ -52,6 +52,7 @@ pub(crate) fn upsert_document(
     id: &str,
     doc: &FetchedDoc,
     now: &str,
+    report: &crate::reporting::ReportSpec,
 ) -> Result<StoreOutcome, StoreError> {
     let table = doc_type.table();
     let existing: Option<(Option<String>, Option<i64>, String, i64)> = c
@@ -99,6 +100,15 @@ pub(crate) fn upsert_document(
         "INSERT INTO document_history (tenant, doc_type, id, revision, document, fetched_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![tenant, doc_type.as_str(), id, revision, doc.document, now])?;
+    let stored = super::report::Revision {
+        tenant,
+        doc_type,
+        id,
+        revision,
+        document: &doc.document,
+        fetched_at: now,
+    };
+    super::report::record(c, report, &stored)?;
     Ok(if revision == 1 {
         StoreOutcome::Inserted
     } else {
@@ -116,10 +126,18 @@ impl Store {
         doc: FetchedDoc,
         now: DateTime<Utc>,
     ) -> Result<StoreOutcome, StoreError> {
+        let report = self.inner.report.clone();
         self.write(move |c| {
             let now = fmt_ts(now);
-            let outcome =
-                upsert_document(c, &claim.tenant, claim.doc_type, &claim.doc_id, &doc, &now)?;
+            let outcome = upsert_document(
+                c,
+                &claim.tenant,
+                claim.doc_type,
+                &claim.doc_id,
+                &doc,
+                &now,
+                &report,
+            )?;
             settle_success(c, &claim, &owner, &now)?;
             Ok(outcome)
         })

@@ -13,10 +13,12 @@
 //!
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
-//! locks), `status` (what `status`, `/metrics` and health read).
+//! locks), `status` (what `status`, `/metrics` and health read), `report`
+//! (the report and stage views and the derived tables behind them).
 
 pub mod mirror;
 pub mod queue;
+pub mod report;
 pub mod status;
 pub mod sync;
 
@@ -104,6 +106,9 @@ struct Inner {
     pool: r2d2::Pool<SqliteConnectionManager>,
     writer: mpsc::Sender<WriterMsg>,
     path: PathBuf,
+    /// The report columns and stage field every stored revision is recorded
+    /// with (fixed for the process: the views were built for them at open).
+    report: Arc<crate::reporting::ReportSpec>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -151,6 +156,22 @@ impl Store {
         busy_timeout: Duration,
         group_commit: bool,
     ) -> Result<Store, StoreError> {
+        Store::open_with_report(
+            path,
+            busy_timeout,
+            group_commit,
+            crate::reporting::ReportSpec::default(),
+        )
+    }
+
+    /// [`Store::open_with`], with the report views built for `report` (the
+    /// `[reporting]` config): see [`report`].
+    pub fn open_with_report(
+        path: &Path,
+        busy_timeout: Duration,
+        group_commit: bool,
+        report: crate::reporting::ReportSpec,
+    ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.is_dir() {
                 return Err(StoreError::Unavailable(format!(
@@ -183,6 +204,7 @@ impl Store {
         // Room for every statement the writer runs (the default of 16 would evict).
         writer_conn.set_prepared_statement_cache_capacity(64);
         migrate(&writer_conn)?;
+        report::ensure(&writer_conn, &report)?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -206,6 +228,7 @@ impl Store {
                 pool,
                 writer: tx,
                 path: path.to_path_buf(),
+                report: Arc::new(report),
             }),
         })
     }

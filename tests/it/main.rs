@@ -14,5 +14,6 @@ mod operator;
 mod ops;
 mod readme;
 mod reconcile;
+mod reporting;
 mod tls;
 mod webhook;
