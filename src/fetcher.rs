@@ -96,6 +96,9 @@ pub struct Fetcher {
     /// Per tenant and type: when a GET last served a document. A 404 soon
     /// after one is trusted without a control GET.
     last_served: Mutex<HashMap<(String, DocType), Instant>>,
+    /// One control check at a time: the 404s of a sweep's candidates arrive
+    /// `concurrency` at once, and one control GET answers for all of them.
+    control: tokio::sync::Mutex<()>,
 }
 
 impl Fetcher {
@@ -114,6 +117,7 @@ impl Fetcher {
             owner,
             paused_until: Mutex::new(HashMap::new()),
             last_served: Mutex::new(HashMap::new()),
+            control: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -150,6 +154,11 @@ impl Fetcher {
     /// documents the mirror holds live are fetched as a control, and the
     /// 404 stands only if one of them is served.
     async fn judge_gone(&self, tenant: &TenantConfig, claim: &Claim) -> GoneVerdict {
+        if self.served_recently(&claim.tenant, claim.doc_type) {
+            return GoneVerdict::Trusted;
+        }
+        let _one_at_a_time = self.control.lock().await;
+        // Another fetch's control check may have just settled it.
         if self.served_recently(&claim.tenant, claim.doc_type) {
             return GoneVerdict::Trusted;
         }

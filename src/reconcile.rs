@@ -75,7 +75,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TenantConfig};
-use crate::model::{DocType, ErrorClass, fmt_ts, parse_upstream_ts};
+use crate::model::{DocType, ErrorClass, IdSet, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
@@ -228,7 +228,7 @@ impl Cursor {
 /// (it needs them to find deletion candidates); an incremental run keeps
 /// only the ids at the latest time, which is all a `>=` request re-reads.
 struct Seen {
-    all: Option<HashSet<String>>,
+    all: Option<IdSet>,
     boundary_time: Option<String>,
     boundary: HashSet<String>,
 }
@@ -236,7 +236,7 @@ struct Seen {
 impl Seen {
     fn new(kind: Kind) -> Seen {
         Seen {
-            all: (kind == Kind::Full).then(HashSet::new),
+            all: (kind == Kind::Full).then(IdSet::default),
             boundary_time: None,
             boundary: HashSet::new(),
         }
@@ -245,7 +245,7 @@ impl Seen {
     /// True the first time a row is seen (at this time, for an incremental run).
     fn first_time(&mut self, row: &ListedDoc) -> bool {
         if let Some(all) = &mut self.all {
-            return all.insert(row.id.clone());
+            return all.insert(&row.id);
         }
         if row.modified_on != self.boundary_time {
             self.boundary_time = row.modified_on.clone();
@@ -735,20 +735,16 @@ impl Reconciler {
     async fn queue_candidates(
         &self,
         run: &Run<'_>,
-        seen: HashSet<String>,
+        seen: IdSet,
         counts: &mut RunCounts,
     ) -> Result<(), Failure> {
         let tenant = run.lock.tenant.clone();
         let doc_type = run.doc_type;
-        let (live_before, live) = self
+        let (candidates, live) = self
             .store
-            .live_ids(tenant.clone(), doc_type, run.start_time)
+            .unlisted_live_ids(tenant.clone(), doc_type, run.start_time, seen)
             .await
             .map_err(|e| Failure::Failed(e.to_string()))?;
-        let candidates: Vec<String> = live_before
-            .into_iter()
-            .filter(|id| !seen.contains(id))
-            .collect();
         let limit = (run.tcfg.max_delete_fraction * live as f64).floor() as u64;
         if candidates.len() as u64 > limit && !run.force {
             return Err(Failure::Failed(format!(

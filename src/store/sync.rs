@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError};
-use crate::model::{DocType, fmt_ts};
+use crate::model::{DocType, IdSet, fmt_ts};
 
 /// How one reconciliation run ended, as written to `sync_runs`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -299,22 +299,31 @@ impl Store {
         .await
     }
 
-    /// Live (not deleted) ids first seen before `before`: the candidates a
-    /// full sweep may mark deleted.
-    pub async fn live_ids(
+    /// A full sweep's deletion candidates: live (not deleted) documents
+    /// first seen before `before` whose id is not in `listed`, read as a
+    /// stream (no list of every live id is built). Returns them with the
+    /// number of live documents of the type, which the valve measures against.
+    pub async fn unlisted_live_ids(
         &self,
         tenant: String,
         doc_type: DocType,
         before: DateTime<Utc>,
+        listed: IdSet,
     ) -> Result<(Vec<String>, u64), StoreError> {
         self.read(move |c| {
+            let _snapshot = c.unchecked_transaction()?;
             let mut s = c.prepare(&format!(
                 "SELECT id FROM {} WHERE tenant = ?1 AND deleted_at IS NULL AND first_seen_at < ?2",
                 doc_type.table()
             ))?;
-            let ids = s
-                .query_map(params![tenant, fmt_ts(before)], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()?;
+            let mut rows = s.query(params![tenant, fmt_ts(before)])?;
+            let mut candidates = Vec::new();
+            while let Some(r) = rows.next()? {
+                let id = r.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+                if !listed.contains(id) {
+                    candidates.push(id.to_string());
+                }
+            }
             let live: i64 = c.query_row(
                 &format!(
                     "SELECT count(*) FROM {} WHERE tenant = ?1 AND deleted_at IS NULL",
@@ -323,7 +332,7 @@ impl Store {
                 [&tenant],
                 |r| r.get(0),
             )?;
-            Ok((ids, live.max(0) as u64))
+            Ok((candidates, live.max(0) as u64))
         })
         .await
     }
