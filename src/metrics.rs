@@ -114,6 +114,8 @@ impl Metrics {
                     gauge!("skillsync_deleted_documents", &base).set(r.deleted as f64);
                     gauge!("skillsync_upstream_auth_failing_documents", &base)
                         .set(r.auth_failing as f64);
+                    gauge!("skillsync_unconfirmed_gone_documents", &base)
+                        .set(r.unconfirmed_gone as f64);
                     gauge!("skillsync_reconcile_missed_documents", &base)
                         .set(r.missed_total as f64);
                     if let Some(m) = r.last_run_missed {
@@ -200,6 +202,11 @@ fn describe() {
         "skillsync_upstream_auth_failing_documents",
         Unit::Count,
         "Documents whose latest fetch failed with 401/403 (credentials need fixing)."
+    );
+    describe_gauge!(
+        "skillsync_unconfirmed_gone_documents",
+        Unit::Count,
+        "Documents whose 404/410 was not recorded as a deletion because documents the mirror holds live answered 404 too (check job_path / project_path and app_user)."
     );
     describe_gauge!(
         "skillsync_reconcile_missed_documents",
