@@ -161,7 +161,7 @@ async fn a_server_page_cap_does_not_end_the_listing() {
 async fn a_listing_that_lags_gets_cannot_delete_a_job_it_does_not_show_yet() {
     let app = spawn_app().await;
     let rec = reconciler(&app);
-    app.sim.seed(DocType::Job, 5);
+    let seeded = app.sim.seed(DocType::Job, 5);
     assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
     wait_all_jobs_mirrored(&app).await;
 
@@ -171,7 +171,7 @@ async fn a_listing_that_lags_gets_cannot_delete_a_job_it_does_not_show_yet() {
     let (fresh, status, _) = app.create_and_notify(DocType::Job).await;
     assert_eq!(status, 200);
     wait_all_jobs_mirrored(&app).await;
-    let gone = app.sim.ids(DocType::Job)[0].clone();
+    let gone = seeded[0].clone();
     assert!(app.sim.delete(DocType::Job, &gone));
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let s = run_jobs(&rec, Kind::Full, true).await;
