@@ -29,18 +29,21 @@ use crate::health::{Health, PROBE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
 use crate::server::{self, Limits};
+use crate::store::report::ReportRole;
 use crate::store::{Store, run_blocking};
 use crate::upstream::Upstream;
 use crate::webhook::{WebhookState, routes};
 
-/// Opens the database on a blocking thread.
-pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+/// Opens the database on a blocking thread. `serve` opens it as the
+/// [`ReportRole::Owner`] of the report tables; operator commands beside it
+/// as a follower, so they never rebuild those tables under a running daemon.
+pub async fn open_store(config: &Config, role: ReportRole) -> anyhow::Result<Store> {
     let path = config.database.path.clone();
     let busy = Duration::from_millis(config.database.busy_timeout_ms);
     let shown = path.display().to_string();
     let group = config.database.group_commit;
     let report = crate::reporting::ReportSpec::new(&config.reporting);
-    run_blocking(move || Store::open_with_report(&path, busy, group, report))
+    run_blocking(move || Store::open_with_report(&path, busy, group, report, role))
         .await
         .with_context(|| format!("cannot use database {shown}"))
 }
@@ -77,7 +80,7 @@ pub async fn run_with(
     // Before anything can take a while: from here on SIGHUP never stops us.
     let hangups = hangup_signals();
     let config = Arc::new(config);
-    let store = open_store(&config).await?;
+    let store = open_store(&config, ReportRole::Owner).await?;
     let metrics = Metrics::install();
     let upstream = Upstream::new(&config)?;
     let fetcher = Fetcher::new(

@@ -260,10 +260,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async move {
-                let store = crate::app::open_store(&config).await.map_err(|e| {
-                    eprintln!("skillsync: {e:#}");
-                    ExitCode::FAILURE
-                })?;
+                let store =
+                    crate::app::open_store(&config, crate::store::report::ReportRole::Follower)
+                        .await
+                        .map_err(|e| {
+                            eprintln!("skillsync: {e:#}");
+                            ExitCode::FAILURE
+                        })?;
                 match store.retry_dead(event, chrono::Utc::now()).await {
                     Ok(n) => {
                         println!(
@@ -407,7 +410,7 @@ pub async fn reconcile_now(
     force: bool,
     token: CancellationToken,
 ) -> anyhow::Result<bool> {
-    let store = crate::app::open_store(&config).await?;
+    let store = crate::app::open_store(&config, crate::store::report::ReportRole::Follower).await?;
     let metrics = crate::metrics::Metrics::install();
     let upstream = crate::upstream::Upstream::new(&config)?;
     let fetcher =

@@ -127,7 +127,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         config.server.webhook_path
     );
     let daemon = tokio::spawn(crate::run(config.clone(), listener, token.clone()));
-    let store = crate::app::open_store(&config).await?;
+    let store = crate::app::open_store(&config, crate::store::report::ReportRole::Follower).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     if daemon.is_finished() {
         return daemon

@@ -52,7 +52,7 @@ pub(crate) fn upsert_document(
     id: &str,
     doc: &FetchedDoc,
     now: &str,
-    report: &crate::reporting::ReportSpec,
+    report: Option<&crate::reporting::ReportSpec>,
 ) -> Result<StoreOutcome, StoreError> {
     let table = doc_type.table();
     let existing: Option<(Option<String>, Option<i64>, String, i64)> = c
@@ -108,7 +108,9 @@ pub(crate) fn upsert_document(
         document: &doc.document,
         fetched_at: now,
     };
-    super::report::record(c, report, &stored)?;
+    if let Some(spec) = report {
+        super::report::record(c, spec, &stored)?;
+    }
     Ok(if revision == 1 {
         StoreOutcome::Inserted
     } else {
@@ -136,7 +138,7 @@ impl Store {
                 &claim.doc_id,
                 &doc,
                 &now,
-                &report,
+                report.as_deref(),
             )?;
             settle_success(c, &claim, &owner, &now)?;
             Ok(outcome)

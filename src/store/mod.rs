@@ -108,7 +108,9 @@ struct Inner {
     path: PathBuf,
     /// The report columns and stage field every stored revision is recorded
     /// with (fixed for the process: the views were built for them at open).
-    report: Arc<crate::reporting::ReportSpec>,
+    /// `None`: this process stores no report values (an operator command
+    /// whose `[reporting]` differs from the tables'; see [`report::ReportRole`]).
+    report: Option<Arc<crate::reporting::ReportSpec>>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -161,6 +163,7 @@ impl Store {
             busy_timeout,
             group_commit,
             crate::reporting::ReportSpec::default(),
+            report::ReportRole::Owner,
         )
     }
 
@@ -171,6 +174,7 @@ impl Store {
         busy_timeout: Duration,
         group_commit: bool,
         report: crate::reporting::ReportSpec,
+        role: report::ReportRole,
     ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.is_dir() {
@@ -204,7 +208,7 @@ impl Store {
         // Room for every statement the writer runs (the default of 16 would evict).
         writer_conn.set_prepared_statement_cache_capacity(64);
         migrate(&writer_conn)?;
-        report::ensure(&writer_conn, &report)?;
+        let record_values = report::ensure(&writer_conn, &report, role)?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -228,7 +232,7 @@ impl Store {
                 pool,
                 writer: tx,
                 path: path.to_path_buf(),
-                report: Arc::new(report),
+                report: record_values.then(|| Arc::new(report)),
             }),
         })
     }

@@ -26,6 +26,31 @@ use crate::reporting::{ReportSpec, Source, Typed};
 /// `daemon_state` key holding the hash of the extraction rules the derived tables were built with.
 const HASH_KEY: &str = "reporting_values_hash";
 
+/// `daemon_state` key holding the hash of the stage rule `document_stages`
+/// was filled with: while it is unchanged a rebuild keeps those rows, which
+/// outlive the `document_history` rows retention prunes.
+const STAGE_HASH_KEY: &str = "reporting_stage_hash";
+
+/// The hash value meaning "a process with another `[reporting]` config
+/// stored documents without their report values: rebuild on the next start
+/// of `serve`".
+const STALE: &str = "stale";
+
+/// Who may rebuild the derived tables when the `[reporting]` config differs
+/// from the one they were built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportRole {
+    /// `serve` (and tests, benchmarks): rebuilds at start-up, then records
+    /// the values of every revision it stores.
+    Owner,
+    /// Operator commands beside a possibly running `serve` (`reconcile`,
+    /// `retry`, the demo's own commands): never rebuild under it. With the
+    /// same config they record values as usual; with another one they record
+    /// none, mark the tables stale so the next `serve` start rebuilds them,
+    /// and say so.
+    Follower,
+}
+
 /// The views this module owns, dropped before the derived tables are rebuilt.
 const VIEWS: [&str; 5] = [
     "sync_status",
@@ -161,8 +186,42 @@ fn stored_hash(conn: &Connection) -> Result<Option<String>, StoreError> {
 /// Brings the reporting objects in line with `spec` (at start-up, on the
 /// writer's connection, before it serves writes): rebuilds the derived tables
 /// when the extraction rules changed, replaces any view whose SQL differs.
-/// Idempotent and safe when two processes start at once.
-pub(crate) fn ensure(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
+/// Idempotent and safe when two processes start at once. Returns whether
+/// this process should record report values for the revisions it stores
+/// (always for an owner; for a follower only when its config matches).
+pub(crate) fn ensure(
+    conn: &Connection,
+    spec: &ReportSpec,
+    role: ReportRole,
+) -> Result<bool, StoreError> {
+    if role == ReportRole::Follower {
+        let hash = values_hash(spec);
+        match stored_hash(conn)? {
+            // Never built (a new database): nothing can be running on it
+            // with other tables, so build them as an owner would.
+            None => {}
+            Some(h) if h == hash => return Ok(true),
+            Some(h) => {
+                if h != STALE {
+                    conn.execute(
+                        "UPDATE daemon_state SET value = ?2 WHERE key = ?1",
+                        params![HASH_KEY, STALE],
+                    )?;
+                }
+                tracing::warn!(
+                    "the [reporting] config differs from the one the report tables were built with; \
+                     this command leaves them alone (a running serve keeps using them) and stores no report values; \
+                     restart serve to rebuild them with the new config"
+                );
+                return Ok(false);
+            }
+        }
+    }
+    ensure_owner(conn, spec)?;
+    Ok(true)
+}
+
+fn ensure_owner(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
     let hash = values_hash(spec);
     let views = view_sql(spec);
     let up_to_date = |c: &Connection| -> Result<bool, StoreError> {
@@ -233,8 +292,30 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
     for ty in DocType::ALL {
         conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", values_table(ty)))?;
     }
-    conn.execute_batch("DROP TABLE IF EXISTS document_stages")?;
+    let stage_hash = stage_rule_hash(spec);
+    let stages_kept = conn
+        .query_row(
+            "SELECT value FROM daemon_state WHERE key = ?1",
+            [STAGE_HASH_KEY],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .is_some_and(|h| h == stage_hash)
+        && conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'document_stages'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+    if !stages_kept {
+        conn.execute_batch("DROP TABLE IF EXISTS document_stages")?;
+    }
     for sql in table_sql(spec) {
+        if stages_kept && sql.starts_with("CREATE TABLE document_stages") {
+            continue;
+        }
         conn.execute_batch(&sql)?;
     }
     let mut n = 0u64;
@@ -246,6 +327,29 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
             write_values(conn, spec, ty, &tenant, &id, &parse(&doc))?;
             n += 1;
         }
+    }
+    if stages_kept {
+        // Same stage rule: the rows stay, including those of revisions
+        // whose history retention has pruned; the new revisions of any
+        // document that reached the mirror without them are added.
+        conn.execute(
+            "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![HASH_KEY, hash],
+        )?;
+        return fill_missing_stages(conn, spec).map(|m| n + m);
+    }
+    let pruned: i64 = conn.query_row(
+        "SELECT (SELECT coalesce(sum(revision), 0) FROM jobs) + (SELECT coalesce(sum(revision), 0) FROM projects)
+              - (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
+        [],
+        |r| r.get(0),
+    )?;
+    if pruned > 0 {
+        tracing::warn!(
+            pruned_revisions = pruned,
+            "the stage rule changed: stage history is recomputed from document_history; revisions that retention already pruned cannot be recomputed and drop out of job_stages / project_stages"
+        );
     }
     let mut read = conn.prepare(
         "SELECT tenant, doc_type, id, revision, document, fetched_at FROM document_history",
@@ -272,10 +376,47 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
         n += 1;
     }
     conn.execute(
-        "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
+        "INSERT INTO daemon_state (key, value) VALUES (?1, ?2), (?3, ?4)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![HASH_KEY, hash],
+        params![HASH_KEY, hash, STAGE_HASH_KEY, stage_hash],
     )?;
+    Ok(n)
+}
+
+/// The hash of what decides `document_stages`' content.
+fn stage_rule_hash(spec: &ReportSpec) -> String {
+    let text = format!("v1\n{:?}\n", spec.stage_field);
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Adds the stage of every history revision `document_stages` lacks (those
+/// a follower stored without report values); returns how many.
+fn fill_missing_stages(conn: &Connection, spec: &ReportSpec) -> Result<u64, StoreError> {
+    let mut read = conn.prepare(
+        "SELECT h.tenant, h.doc_type, h.id, h.revision, h.document, h.fetched_at FROM document_history h
+         WHERE h.doc_type IN ('job', 'project') AND NOT EXISTS (
+             SELECT 1 FROM document_stages s
+             WHERE s.doc_type = h.doc_type AND s.tenant = h.tenant AND s.id = h.id AND s.revision = h.revision)",
+    )?;
+    let mut rows = read.query([])?;
+    let mut n = 0u64;
+    while let Some(r) = rows.next()? {
+        let doc: String = r.get(4)?;
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+            spec.stage(&parse(&doc)),
+            r.get::<_, String>(5)?
+        ])?;
+        n += 1;
+    }
     Ok(n)
 }
 

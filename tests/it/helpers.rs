@@ -134,7 +134,7 @@ pub async fn spawn_app_edited(
         metrics_listener,
         token.clone(),
     ));
-    let store = skillsync::app::open_store(&config)
+    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
         .await
         .expect("open store");
     TestApp {

@@ -147,7 +147,12 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
     let base = "https://integration-api-we.skillsworkflow.com".to_string();
     let toml = config_toml(&dir.path().join("p.db"), &base, FAST_FETCH, "");
     let config = Arc::new(Config::from_toml(&toml, None).unwrap());
-    let store = rt.block_on(skillsync::app::open_store(&config)).unwrap();
+    let store = rt
+        .block_on(skillsync::app::open_store(
+            &config,
+            skillsync::store::report::ReportRole::Owner,
+        ))
+        .unwrap();
     let state = WebhookState::new(
         config.clone(),
         store.clone(),

@@ -260,6 +260,7 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
             Duration::from_secs(5),
             true,
             skillsync::reporting::ReportSpec::new(&config.reporting),
+            skillsync::store::report::ReportRole::Owner,
         )
         .expect("open")
     };
@@ -304,6 +305,111 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
     let c = app.sql();
     assert!(c.prepare("SELECT budget FROM job_report").is_err());
     assert_eq!(count(&c, "SELECT count(*) FROM job_report"), 5);
+}
+
+#[tokio::test]
+async fn an_operator_command_with_another_reporting_config_never_rebuilds_under_serve() {
+    // serve runs with an extra `budget` column.
+    let app = spawn_app_with(
+        FAST_FETCH,
+        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
+    )
+    .await;
+    let ids = app.sim.seed(DocType::Job, 3);
+    mirror_jobs(&app, &ids).await;
+    // `skillsync reconcile` with the default [reporting] (no budget) beside it.
+    let plain = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        plain.path(),
+        config_toml(&app.db, &app.sim.base_url(), FAST_FETCH, ""),
+    )
+    .expect("write config");
+    app.sim.update(DocType::Job, &ids[0]);
+    // Async: the simulator and serve run on this test's runtime.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["reconcile", "--type", "job", "--config"])
+        .arg(plain.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("reconcile");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("restart serve"), "{stderr}");
+    let c = app.sql();
+    assert!(
+        c.prepare("SELECT budget FROM job_report_values").is_ok(),
+        "the command rebuilt serve's report tables"
+    );
+    // serve still stores documents into its tables.
+    let (fresh, status, _) = app.create_and_notify(DocType::Job).await;
+    assert_eq!(status, 200);
+    wait_until(
+        Duration::from_secs(20),
+        "the new job in job_report",
+        || async {
+            count(
+                &app.sql(),
+                &format!("SELECT count(*) FROM job_report WHERE id = '{fresh}'"),
+            ) == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status = 'pending'"
+        ),
+        0
+    );
+}
+
+#[tokio::test]
+async fn stage_history_outlives_pruned_history_through_a_column_change() {
+    let mut app = spawn_app().await;
+    let ids = app.sim.seed(DocType::Job, 1);
+    let job = &ids[0];
+    mirror_jobs(&app, &ids).await;
+    for _ in 0..2 {
+        app.sim.update(DocType::Job, job);
+        mirror_jobs(&app, std::slice::from_ref(job)).await;
+    }
+    app.stop().await;
+    let stays = |db: &std::path::Path| {
+        let c = rusqlite::Connection::open(db).expect("open");
+        rows(
+            &c,
+            &format!(
+                "SELECT stage, entered_at FROM job_stages WHERE id = '{job}' ORDER BY entered_at"
+            ),
+        )
+    };
+    let before = stays(&app.db);
+    assert_eq!(before.len(), 3, "{before:?}");
+    // Retention prunes all but the latest revision's history.
+    {
+        let c = rusqlite::Connection::open(&app.db).expect("open");
+        c.execute(
+            &format!("DELETE FROM document_history WHERE id = '{job}' AND revision < 3"),
+            [],
+        )
+        .expect("prune");
+    }
+    // A [reporting] column change rebuilds the value tables at the next start.
+    let toml = config_toml(
+        &app.db,
+        &app.sim.base_url(),
+        FAST_FETCH,
+        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
+    );
+    let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
+    drop(
+        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+            .await
+            .expect("open"),
+    );
+    assert!(app.sql().prepare("SELECT budget FROM job_report").is_ok());
+    assert_eq!(stays(&app.db), before, "stage history lost in the rebuild");
 }
 
 #[tokio::test]
@@ -371,7 +477,11 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
         String::from_utf8_lossy(&check.stderr)
     );
     let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
-    drop(skillsync::app::open_store(&config).await.expect("open"));
+    drop(
+        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+            .await
+            .expect("open"),
+    );
     assert_eq!(
         rows(
             &app.sql(),
