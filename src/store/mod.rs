@@ -17,6 +17,7 @@
 //! (the report and stage views and the derived tables behind them).
 
 pub mod mirror;
+pub mod outbox;
 pub mod queue;
 pub mod report;
 pub mod status;
@@ -35,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("migrations/002_deferred_queue.sql"),
     include_str!("migrations/003_deletion_evidence.sql"),
+    include_str!("migrations/004_postgres_outbox.sql"),
 ];
 
 /// The schema version this binary writes.
@@ -109,6 +111,8 @@ struct Inner {
     /// The report columns and stage field every stored revision is recorded
     /// with (fixed for the process: the views were built for them at open).
     report: Arc<crate::reporting::ReportSpec>,
+    /// Wakes the PostgreSQL sink after a mirror change commits (see [`outbox`]).
+    outbox_wake: Arc<outbox::Wake>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -229,6 +233,7 @@ impl Store {
                 writer: tx,
                 path: path.to_path_buf(),
                 report: Arc::new(report),
+                outbox_wake: Arc::default(),
             }),
         })
     }
