@@ -570,11 +570,14 @@ async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
     let db = dir.path().join("skillsync.db");
     // Documents to backfill, stored by a daemon without PostgreSQL.
     let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
-    let mut ids = Vec::new();
-    for _ in 0..200 {
-        let id = sim.create(DocType::Job);
-        plain.notify(&sim, DocType::Job, &id, "created").await;
-        ids.push(id);
+    let ids: Vec<String> = (0..1000).map(|_| sim.create(DocType::Job)).collect();
+    for chunk in ids.chunks(50) {
+        let sent = chunk
+            .iter()
+            .map(|id| plain.notify(&sim, DocType::Job, id, "created"));
+        for status in futures_util::future::join_all(sent).await {
+            assert_eq!(status, 200);
+        }
     }
     drained(&db).await;
     plain.stop().await;
@@ -597,6 +600,22 @@ async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
             .and_then(|l| l.split('"').nth(1))
             .expect("listen")
             .to_string();
+        if round == 0 {
+            // The first kill lands inside the backfill.
+            wait_until(PATIENCE, "the backfill to start", || {
+                let log = p.log();
+                async move { log.contains("backfill starting") }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
+            let log = p.log();
+            p.kill();
+            assert!(
+                !log.contains("backfill done"),
+                "the kill came too late:\n{log}"
+            );
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(150..900))).await;
         for id in ids.iter().skip(round * 20).take(20) {
             sim.update(DocType::Job, id);
@@ -615,7 +634,7 @@ async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
     let p = Process::spawn(dir.path(), &db, &sim, &extra, 99);
     drained(&db).await;
     let r = wait_equal(&db, &pg, PATIENCE).await;
-    assert_eq!(r.postgres_documents, 200);
+    assert_eq!(r.postgres_documents, 1000);
     let s = format!("\"{schema}\"");
     assert_eq!(
         pg_i64(&pg, format!("SELECT count(*) FROM {s}.document_history")).await,
@@ -661,10 +680,14 @@ async fn a_second_sqlite_database_or_a_restored_backup_is_refused() {
     let dir_b = tempfile::tempdir().expect("tempdir");
     let db_b = dir_b.path().join("b.db");
     let b = Process::spawn(dir_b.path(), &db_b, &sim, &section, 0);
-    wait_until(PATIENCE, "the second database to be refused", || {
-        let log = b.log();
-        async move { log.contains("fed by another SQLite database") }
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the second database to be refused",
+        || {
+            let log = b.log();
+            async move { log.contains("fed by another SQLite database") }
+        },
+    )
     .await;
     drop(b);
     // The restored backup is behind the cursor.
