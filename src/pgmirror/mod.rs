@@ -313,6 +313,52 @@ fn tls_config(root_cert: Option<&std::path::Path>) -> Result<rustls::ClientConfi
 mod tests {
     use super::*;
 
+    fn config(pg: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::Config::from_toml(
+            &format!(
+                "[database]\npath = \"/tmp/x.db\"\n[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"s3cret-acme-1\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://x.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"app-s3cret\"\n{pg}"
+            ),
+            None,
+        )
+    }
+
+    #[test]
+    fn postgres_section_is_optional_validated_and_never_shows_the_password() {
+        assert!(config("").expect("valid").postgres.is_none());
+        let c = config("[postgres]\nurl = \"postgres://sk@db:6543/reports\"\n")
+            .expect("valid")
+            .postgres
+            .expect("on");
+        assert_eq!(c.schema, "skillsync");
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.target, "sk@db:6543/reports schema skillsync");
+        let with_pw = config("[postgres]\nurl = \"postgres://sk:hunter2-pw@db/reports\"\n")
+            .expect("valid")
+            .postgres
+            .expect("on");
+        assert!(!format!("{with_pw:?}").contains("hunter2-pw"));
+        assert!(!with_pw.target.contains("hunter2-pw"));
+        let e = config(
+            "[postgres]\nurl = \"postgres://sk:hunter2-pw@db/reports\"\npassword_env = \"X\"\n",
+        )
+        .expect_err("two passwords");
+        assert!(e.to_string().contains("postgres.url") && !e.to_string().contains("hunter2"));
+        let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nschema = \"Bad-Name\"\n")
+            .expect_err("bad schema");
+        assert!(e.to_string().contains("postgres.schema"), "{e}");
+        let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nbatch_size = 0\n")
+            .expect_err("batch");
+        assert!(e.to_string().contains("postgres.batch_size"), "{e}");
+        let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nbogus = 1\n")
+            .expect_err("unknown key");
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = config("[postgres]\nurl = \"mysql://sk@db/r\"\n").expect_err("scheme");
+        assert!(e.to_string().contains("postgres.url"), "{e}");
+        let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\npassword_env = \"SKILLSYNC_TEST_UNSET_PG_PW\"\n")
+            .expect_err("unset env");
+        assert!(e.to_string().contains("postgres.password_env"), "{e}");
+    }
+
     #[test]
     fn libpq_sslmodes_map_to_what_the_client_knows() {
         let n = normalise_url(

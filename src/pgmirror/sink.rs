@@ -6,12 +6,14 @@
 //! why. With no usable cursor it backfills: switches the outbox on, notes
 //! the outbox seq S0, copies every mirrored row and history row in batches
 //! (rows stamped `source_seq = S0`), then sets the cursor to S0. From then
-//! on it reads the outbox after the cursor, collapses repeated changes to one
-//! document into one row, and in one PostgreSQL transaction per batch locks
+//! on it reads the outbox after the cursor (at most every 100 ms while
+//! changes trickle in, at once while a backlog fills batches), collapses
+//! repeated changes to one document into one row, and in one PostgreSQL transaction per batch locks
 //! the cursor row, upserts current rows guarded by `source_seq` (a row never
 //! goes back), inserts history idempotently, writes the report values and
 //! stages, and advances the cursor. Only after that commit does SQLite learn
-//! the acknowledged seq and prune its outbox up to there.
+//! the acknowledged seq (at most once a second while busy, and when idle)
+//! and prune its outbox up to there.
 //!
 //! Any failure ends the session; the thread backs off (0.5 s doubling to
 //! 10 s) and starts a new one that resumes from the cursor. PostgreSQL being
@@ -40,6 +42,10 @@ use crate::store::outbox::{self, DocRow, HistoryRow, OutboxBatch, QueueRow, RunR
 const POLL: Duration = Duration::from_secs(1);
 /// How often the `source_queue` and `sync_runs` copies are refreshed at most.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// The least time between two batches while changes trickle in.
+const LINGER: Duration = Duration::from_millis(100);
+/// How often SQLite learns what PostgreSQL holds (and prunes) while busy.
+const ACK_EVERY: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -307,11 +313,26 @@ impl Sink {
             runs_floor,
             last: None,
         };
+        // Batches of a busy stream come at most every LINGER (unless full), so
+        // a burst becomes a few large transactions rather than one per commit;
+        // SQLite hears the acknowledgement at most every ACK_EVERY (or when idle).
+        let mut last_batch: Option<(Instant, bool)> = None;
+        let mut acked = (at, Instant::now());
         while !self.stopped() {
+            if let Some((t, false)) = last_batch {
+                if let Some(rest) = LINGER.checked_sub(t.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
             let seen = self.wake.seen();
             let batch = outbox::outbox_batch(&sqlite, at, self.cfg.batch_size)?;
             let due = status.last.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
             if batch.changes == 0 && !due {
+                last_batch = None;
+                if acked.0 < at {
+                    self.ack(at)?;
+                    acked = (at, Instant::now());
+                }
                 self.wake.wait(seen, POLL);
                 continue;
             }
@@ -349,7 +370,11 @@ impl Sink {
                 status.last = Some(Instant::now());
             }
             if batch.changes > 0 {
-                self.ack(next)?;
+                last_batch = Some((Instant::now(), batch.changes >= self.cfg.batch_size));
+                if acked.1.elapsed() >= ACK_EVERY {
+                    self.ack(next)?;
+                    acked = (next, Instant::now());
+                }
                 self.record_delay(&batch);
                 metrics::counter!("skillsync_postgres_batches_total", "outcome" => "ok")
                     .increment(1);

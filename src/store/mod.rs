@@ -14,7 +14,8 @@
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
-//! (the report and stage views and the derived tables behind them).
+//! (the report and stage views and the derived tables behind them),
+//! `outbox` (what feeds the PostgreSQL mirror).
 
 pub mod mirror;
 pub mod outbox;
