@@ -689,6 +689,12 @@ async fn a_second_sqlite_database_or_a_restored_backup_is_refused() {
         },
     )
     .await;
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        assert!(
+            !b.log().contains(&pw),
+            "the log shows the PostgreSQL password"
+        );
+    }
     drop(b);
     // The restored backup is behind the cursor.
     let restored = Process::spawn(dir_a.path(), &backup, &sim, &section, 1);
