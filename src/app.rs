@@ -123,6 +123,8 @@ pub async fn run_with(
         shutdown.clone(),
     ));
 
+    let pg_sink = crate::pgmirror::sink::serve_start(&config, &store).await?;
+
     let watchdog = watchdog_interval();
     let probe_every = watchdog.map_or(PROBE_INTERVAL, |w| w.min(PROBE_INTERVAL));
     let health = Health::new(
@@ -190,6 +192,9 @@ pub async fn run_with(
     tasks.wait().await;
     fetcher.release().await;
     reconciler.release_locks().await;
+    if let Some(sink) = pg_sink {
+        run_blocking(move || sink.stop()).await;
+    }
     if let Err(e) = store.checkpoint().await {
         tracing::warn!(error = %e, "WAL checkpoint at stop failed");
     }

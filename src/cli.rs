@@ -107,6 +107,13 @@ enum Command {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+    /// Compare the PostgreSQL copy with SQLite row by row (revision, deleted_at, document hash);
+    /// exit 0 when equal, 1 when they differ, 2 when either cannot be read.
+    PostgresCheck {
+        /// Compare again until equal, for up to this many seconds (changes in flight settle).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
     /// Put dead events back in the queue (a running `serve` picks them up within seconds).
     Retry {
         /// One event by id.
@@ -323,6 +330,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     }
                 }
             })
+        }
+        Command::PostgresCheck { wait } => {
+            let config = load(&cli.config)?;
+            Ok(crate::pgmirror::check::run_cli(&config, wait))
         }
         Command::Demo(args) => {
             let rt = runtime()?;

@@ -67,6 +67,8 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// `[reporting]`: extra or overriding report view columns, the stage field.
     pub reporting: crate::reporting::ReportingConfig,
+    /// `[postgres]`: the PostgreSQL mirror; `None` (off) when absent.
+    pub postgres: Option<crate::pgmirror::PostgresConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -336,6 +338,7 @@ struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     reporting: RawReporting,
+    postgres: Option<crate::pgmirror::RawPostgres>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<RawTenant>,
 }
@@ -905,6 +908,24 @@ impl RawConfig {
         };
 
         let reporting = self.reporting.validate()?;
+        let postgres = match self.postgres {
+            None => None,
+            Some(p) => Some(p.validate(
+                |key, file, env| match (file, env) {
+                    (Some(path), _) => {
+                        let key = format!("postgres.{key}");
+                        let mut list = secrets_from_file(&key, path, base_dir)?;
+                        if list.len() != 1 {
+                            return Err(err(key, "must hold exactly one secret"));
+                        }
+                        Ok(list.pop())
+                    }
+                    (None, Some(var)) => secret_from_env(&format!("postgres.{key}"), var).map(Some),
+                    (None, None) => Ok(None),
+                },
+                read_secrets,
+            )?),
+        };
         let retention = RetentionConfig {
             events_days: int_in(
                 "retention.events_days",
@@ -1061,6 +1082,7 @@ impl RawConfig {
             retention,
             tenants,
             reporting,
+            postgres,
         })
     }
 }

@@ -14,6 +14,8 @@
 //! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`retention`]: pruning old events and history in small batches.
+//! - [`pgmirror`]: the PostgreSQL mirror: `[postgres]`, the sink thread fed by the outbox, its
+//!   schema and views in PostgreSQL, `postgres-check`.
 //! - [`metrics`]: the Prometheus recorder, counters, HELP text and the metrics listener's routes.
 //! - [`logging`]: text, JSON or the systemd journal; colours only on a terminal.
 //! - [`columns`]: `skillsync columns`, the field survey that suggests `[reporting]` lines.
@@ -31,6 +33,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod pgmirror;
 pub mod reconcile;
 pub mod reporting;
 pub mod retention;

@@ -141,6 +141,11 @@ impl Metrics {
                         gauge!("skillsync_oldest_pending_age_seconds", &base).set(0.0);
                     }
                 }
+                if let Ok(Some(lag)) = store.pg_lag().await {
+                    let secs = crate::pgmirror::lag_seconds(&lag, chrono::Utc::now());
+                    gauge!("skillsync_postgres_lag_rows").set(lag.rows as f64);
+                    gauge!("skillsync_postgres_lag_seconds").set(secs);
+                }
                 gauge!("skillsync_database_size_bytes").set(snap.db_bytes as f64);
                 gauge!("skillsync_database_up").set(1.0);
                 gauge!("skillsync_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -237,6 +242,36 @@ fn describe() {
         "skillsync_database_up",
         Unit::Count,
         "1 when the database could be read for this scrape, else 0."
+    );
+    describe_gauge!(
+        "skillsync_postgres_lag_rows",
+        Unit::Count,
+        "Mirror changes in the SQLite outbox not yet acknowledged by PostgreSQL (only with [postgres])."
+    );
+    describe_gauge!(
+        "skillsync_postgres_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest mirror change not yet in PostgreSQL, in seconds (0 when none; only with [postgres])."
+    );
+    describe_gauge!(
+        "skillsync_postgres_up",
+        Unit::Count,
+        "1 while the PostgreSQL sink is connected and copying, 0 while it backs off or refuses."
+    );
+    describe_counter!(
+        "skillsync_postgres_batches_total",
+        Unit::Count,
+        "PostgreSQL sink transactions by outcome (ok, failed)."
+    );
+    describe_counter!(
+        "skillsync_postgres_documents_written_total",
+        Unit::Count,
+        "Document rows the PostgreSQL sink wrote after collapsing repeated changes."
+    );
+    describe_histogram!(
+        "skillsync_postgres_sink_delay_seconds",
+        Unit::Seconds,
+        "Per sink batch: seconds from the oldest change's SQLite commit to its PostgreSQL commit."
     );
     describe_gauge!(
         "skillsync_build_info",

@@ -87,7 +87,8 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         }
     };
     let now = Utc::now();
-    let mut healthy = true;
+    let postgres = crate::pgmirror::status_of(path, config, now);
+    let mut healthy = postgres.as_ref().is_none_or(|p| p.problem.is_none());
     let mut out = Vec::new();
     for r in &rows {
         let problems = problems(r, config, now);
@@ -124,7 +125,7 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
     if as_json {
         println!(
             "{}",
-            json!({"healthy": healthy, "database": path.display().to_string(), "tenants": out})
+            json!({"healthy": healthy, "database": path.display().to_string(), "tenants": out, "postgres": postgres.as_ref().map(|p| p.json())})
         );
     } else {
         println!("database: {}", path.display());
@@ -160,6 +161,9 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         }
         if rows.is_empty() {
             println!("(nothing mirrored yet)");
+        }
+        if let Some(p) = &postgres {
+            println!("{}", p.line());
         }
         println!("{}", if healthy { "healthy" } else { "DEGRADED" });
     }

@@ -129,21 +129,28 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<StoreOutcome, StoreError> {
         let report = self.inner.report.clone();
-        self.write(move |c| {
-            let now = fmt_ts(now);
-            let outcome = upsert_document(
-                c,
-                &claim.tenant,
-                claim.doc_type,
-                &claim.doc_id,
-                &doc,
-                &now,
-                report.as_deref(),
-            )?;
-            settle_success(c, &claim, &owner, &now)?;
-            Ok(outcome)
-        })
-        .await
+        let outcome = self
+            .write(move |c| {
+                let now = fmt_ts(now);
+                let outcome = upsert_document(
+                    c,
+                    &claim.tenant,
+                    claim.doc_type,
+                    &claim.doc_id,
+                    &doc,
+                    &now,
+                    report.as_deref(),
+                )?;
+                settle_success(c, &claim, &owner, &now)?;
+                Ok(outcome)
+            })
+            .await;
+        // Any outbox row (a trigger: a new revision, or an undeletion even
+        // when unchanged or stale) committed with the change: wake the PostgreSQL sink.
+        if outcome.is_ok() {
+            self.inner.outbox_wake.notify();
+        }
+        outcome
     }
 
     /// Records that upstream answered 404/410: sets `deleted_at` (row kept)
@@ -154,7 +161,7 @@ impl Store {
         owner: String,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        self.write(move |c| {
+        let marked = self.write(move |c| {
             let now = fmt_ts(now);
             let marked = c
                 .prepare_cached(&format!(
@@ -174,7 +181,11 @@ impl Store {
             settle_success(c, &claim, &owner, &now)?;
             Ok(marked > 0)
         })
-        .await
+        .await;
+        if matches!(marked, Ok(true)) {
+            self.inner.outbox_wake.notify();
+        }
+        marked
     }
 
     /// Up to `n` live documents of a tenant and type other than `except`

@@ -14,9 +14,11 @@
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
-//! (the report and stage views and the derived tables behind them).
+//! (the report and stage views and the derived tables behind them),
+//! `outbox` (what feeds the PostgreSQL mirror).
 
 pub mod mirror;
+pub mod outbox;
 pub mod queue;
 pub mod report;
 pub mod status;
@@ -35,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("migrations/002_deferred_queue.sql"),
     include_str!("migrations/003_deletion_evidence.sql"),
+    include_str!("migrations/004_postgres_outbox.sql"),
 ];
 
 /// The schema version this binary writes.
@@ -111,6 +114,8 @@ struct Inner {
     /// `None`: this process stores no report values (an operator command
     /// whose `[reporting]` differs from the tables'; see [`report::ReportRole`]).
     report: Option<Arc<crate::reporting::ReportSpec>>,
+    /// Wakes the PostgreSQL sink after a mirror change commits (see [`outbox`]).
+    outbox_wake: Arc<outbox::Wake>,
 }
 
 /// A handle to the database; cheap to clone.
@@ -233,6 +238,7 @@ impl Store {
                 writer: tx,
                 path: path.to_path_buf(),
                 report: record_values.then(|| Arc::new(report)),
+                outbox_wake: Arc::default(),
             }),
         })
     }

@@ -12,6 +12,7 @@ mod listing;
 mod observability;
 mod operator;
 mod ops;
+mod postgres;
 mod readme;
 mod reconcile;
 mod reporting;

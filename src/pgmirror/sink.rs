@@ -1,0 +1,855 @@
+//! The sink: one thread that keeps PostgreSQL in step with SQLite.
+//!
+//! A session connects, creates or upgrades the schema, checks the cursor
+//! row (`sink_cursor`): it must name this SQLite database and must not be
+//! ahead of its outbox (a restored backup), else the sink refuses and says
+//! why. With no usable cursor it backfills: switches the outbox on, notes
+//! the outbox seq S0, copies every mirrored row and history row in batches
+//! (rows stamped `source_seq = S0`), then sets the cursor to S0. From then
+//! on it reads the outbox after the cursor (at most every 100 ms while
+//! changes trickle in, at once while a backlog fills batches), collapses
+//! repeated changes to one document into one row, and in one PostgreSQL transaction per batch locks
+//! the cursor row, upserts current rows guarded by `source_seq` (a row never
+//! goes back), inserts history idempotently, writes the report values and
+//! stages, and advances the cursor. Only after that commit does SQLite learn
+//! the acknowledged seq (at most once a second while busy, and when idle)
+//! and prune its outbox up to there.
+//!
+//! Any failure ends the session; the thread backs off (0.5 s doubling to
+//! 10 s) and starts a new one that resumes from the cursor. PostgreSQL being
+//! down never touches intake: the outbox simply grows in SQLite.
+//! It wakes on each mirror commit ([`crate::store::outbox::Wake`]) and polls
+//! every second for changes made by other processes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use postgres::Transaction;
+use postgres::types::ToSql;
+use rusqlite::Connection;
+use serde_json::{Map, Value};
+
+use super::schema::{self, Ensured};
+use super::{PgError, PostgresConfig};
+use crate::model::DocType;
+use crate::reporting::{ColumnType, ReportSpec, Typed};
+use crate::store::Store;
+use crate::store::outbox::{self, DocRow, HistoryRow, OutboxBatch, QueueRow, RunRow, Wake};
+
+/// How often the sink looks at the outbox when nothing woke it (changes by
+/// `reconcile` in another process) and refreshes the queue figures.
+const POLL: Duration = Duration::from_secs(1);
+/// How often the `source_queue` and `sync_runs` copies are refreshed at most.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// The least time between two batches while changes trickle in.
+const LINGER: Duration = Duration::from_millis(100);
+/// How often SQLite learns what PostgreSQL holds (and prunes) while busy.
+const ACK_EVERY: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// PostgreSQL or SQLite failed: retry after a backoff.
+    #[error("{0}")]
+    Retry(String),
+    /// The cursor belongs to another database or is ahead of ours: retrying
+    /// will not help until an operator acts.
+    #[error("{0}")]
+    Refused(String),
+    /// The failpoint fired (tests).
+    #[error("injected crash")]
+    Crash,
+}
+
+impl From<PgError> for SessionError {
+    fn from(e: PgError) -> Self {
+        SessionError::Retry(e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for SessionError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SessionError::Retry(e.to_string())
+    }
+}
+
+/// A running sink; stop it with [`SinkHandle::stop`].
+pub struct SinkHandle {
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    crash_in: Arc<AtomicI64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SinkHandle {
+    /// Stops the sink (finishing the batch in flight) and waits for its thread.
+    /// Blocking: call it from a blocking context.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Test failpoint: the session dies abruptly after `steps` more steps
+    /// (a step: a statement in a PostgreSQL transaction, a commit, an
+    /// acknowledgement in SQLite), as if the process were killed there;
+    /// the sink then starts over from the cursor like a restarted daemon.
+    pub fn crash_after(&self, steps: i64) {
+        self.crash_in.store(steps, Ordering::SeqCst);
+    }
+}
+
+/// For `serve`: starts the sink when `[postgres]` is configured, else
+/// switches the outbox off (nobody would read it) and says so if it was on.
+pub async fn serve_start(
+    config: &crate::config::Config,
+    store: &Store,
+) -> anyhow::Result<Option<SinkHandle>> {
+    match &config.postgres {
+        Some(pg) => {
+            let spec = ReportSpec::new(&config.reporting);
+            let handle = start(
+                pg.clone(),
+                store.clone(),
+                spec,
+                tokio::runtime::Handle::current(),
+            )
+            .map_err(|e| anyhow::anyhow!("cannot start the PostgreSQL sink thread: {e}"))?;
+            Ok(Some(handle))
+        }
+        None => {
+            if store.pg_switch_off().await? {
+                tracing::info!(
+                    "no [postgres] section: the PostgreSQL outbox is switched off and emptied; a later switch-on copies everything again"
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Starts the sink thread. `rt` is the daemon's runtime, used only to wait
+/// for the store's writer; PostgreSQL calls never run inside it.
+pub fn start(
+    cfg: PostgresConfig,
+    store: Store,
+    spec: ReportSpec,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<SinkHandle> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = store.outbox_wake();
+    let crash_in = Arc::new(AtomicI64::new(-1));
+    let sink = Sink {
+        cfg,
+        store,
+        spec,
+        rt,
+        stop: stop.clone(),
+        wake: wake.clone(),
+        crash_in: crash_in.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("skillsync-postgres".into())
+        .spawn(move || sink.run())?;
+    Ok(SinkHandle {
+        stop,
+        wake,
+        crash_in,
+        thread: Some(thread),
+    })
+}
+
+struct Sink {
+    cfg: PostgresConfig,
+    store: Store,
+    spec: ReportSpec,
+    rt: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    crash_in: Arc<AtomicI64>,
+}
+
+/// One session's memory of what it last copied of the small tables.
+struct StatusCopy {
+    /// `sync_runs` rows from this id on may still change (running) or are new.
+    runs_floor: i64,
+    last: Option<Instant>,
+}
+
+impl Sink {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Counts a step toward the failpoint.
+    fn step(&self) -> Result<(), SessionError> {
+        let left = self.crash_in.load(Ordering::SeqCst);
+        if left < 0 {
+            return Ok(());
+        }
+        if left == 0 {
+            self.crash_in.store(-1, Ordering::SeqCst);
+            return Err(SessionError::Crash);
+        }
+        self.crash_in.store(left - 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Sleeps `d`, or less when stopped (commits wake the wait; it resumes).
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            self.wake.wait(self.wake.seen(), until - now);
+        }
+    }
+
+    fn run(self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut failing_since: Option<Instant> = None;
+        tracing::info!(target_db = %self.cfg.target, "PostgreSQL sink starting");
+        while !self.stopped() {
+            let started = Instant::now();
+            match self.session() {
+                Ok(()) => break,
+                Err(SessionError::Refused(why)) => {
+                    metrics::gauge!("skillsync_postgres_up").set(0.0);
+                    tracing::error!(target_db = %self.cfg.target, error = %why, "PostgreSQL sink refuses to run; retrying in 60 s");
+                    self.sleep(Duration::from_secs(60));
+                }
+                Err(e) => {
+                    metrics::gauge!("skillsync_postgres_up").set(0.0);
+                    metrics::counter!("skillsync_postgres_batches_total", "outcome" => "failed")
+                        .increment(1);
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = BACKOFF_MIN;
+                    }
+                    // Warn on the first failure and then about once a minute.
+                    let first = failing_since.is_none();
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if first || backoff == BACKOFF_MAX {
+                        tracing::warn!(
+                            target_db = %self.cfg.target,
+                            error = %e,
+                            failing_secs = since.elapsed().as_secs(),
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "PostgreSQL sink failed; changes wait in the SQLite outbox"
+                        );
+                    }
+                    let jitter =
+                        Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 4));
+                    self.sleep(backoff + jitter);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+            failing_since = None;
+        }
+        tracing::info!("PostgreSQL sink stopped");
+    }
+
+    fn session(&self) -> Result<(), SessionError> {
+        let mut client = self.cfg.connect()?;
+        let pg = |e: postgres::Error| SessionError::Retry(self.cfg.error(&e).to_string());
+        let s = schema::quoted(&self.cfg.schema);
+        let ensured = {
+            let mut tx = client.transaction().map_err(pg)?;
+            let r = schema::ensure(&mut tx, &self.cfg.schema, &self.spec)
+                .map_err(SessionError::Retry)?;
+            tx.commit().map_err(pg)?;
+            r
+        };
+        let sqlite = Store::open_read_only(self.store.path())?;
+        let state = self
+            .rt
+            .block_on(self.store.pg_switch_on(self.cfg.target.clone()))?;
+        let cursor: Option<(String, Option<i64>)> = client
+            .query_opt(
+                &format!("SELECT source_db, seq FROM {s}.sink_cursor WHERE id = 1"),
+                &[],
+            )
+            .map_err(pg)?
+            .map(|r| (r.get(0), r.get(1)));
+        if let Some((db, seq)) = &cursor {
+            if db != &state.database_id {
+                return Err(SessionError::Refused(format!(
+                    "PostgreSQL schema {} is fed by another SQLite database ({db}; this one is {}): a second instance or a copy must use its own schema (postgres.schema), or drop that schema to start over",
+                    self.cfg.schema, state.database_id
+                )));
+            }
+            if let Some(seq) = seq {
+                if *seq > state.max_seq {
+                    return Err(SessionError::Refused(format!(
+                        "PostgreSQL schema {} holds changes up to outbox seq {seq} but this database's outbox only reaches {}: is this a restored backup? Drop the schema (or use another) to copy this database whole",
+                        self.cfg.schema, state.max_seq
+                    )));
+                }
+            }
+        }
+        let since = state.since_seq.unwrap_or(1);
+        let mut at = match cursor.and_then(|c| c.1) {
+            Some(seq) if ensured == Ensured::UpToDate && seq >= since - 1 => seq,
+            _ => self.backfill(&mut client, &sqlite, &state.database_id)?,
+        };
+        metrics::gauge!("skillsync_postgres_up").set(1.0);
+        let runs_floor: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT coalesce(min(id) FILTER (WHERE status = 'running'), max(id) + 1, 0) FROM {s}.sync_runs"
+                ),
+                &[],
+            )
+            .map_err(pg)?
+            .get(0);
+        let mut status = StatusCopy {
+            runs_floor,
+            last: None,
+        };
+        // Batches of a busy stream come at most every LINGER (unless full), so
+        // a burst becomes a few large transactions rather than one per commit;
+        // SQLite hears the acknowledgement at most every ACK_EVERY (or when idle).
+        let mut last_batch: Option<(Instant, bool)> = None;
+        let mut acked = (at, Instant::now());
+        while !self.stopped() {
+            if let Some((t, false)) = last_batch {
+                if let Some(rest) = LINGER.checked_sub(t.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            let seen = self.wake.seen();
+            let batch = outbox::outbox_batch(&sqlite, at, self.cfg.batch_size)?;
+            let due = status.last.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
+            if batch.changes == 0 && !due {
+                last_batch = None;
+                if acked.0 < at {
+                    self.ack(at)?;
+                    acked = (at, Instant::now());
+                }
+                self.wake.wait(seen, POLL);
+                continue;
+            }
+            let refresh = if due {
+                Some(self.read_status(&sqlite, &status)?)
+            } else {
+                None
+            };
+            let mut tx = client.transaction().map_err(pg)?;
+            self.lock_cursor(&mut tx, &state.database_id, Some(at))?;
+            if batch.changes > 0 {
+                self.write_docs(&mut tx, &batch.docs, batch.last_seq)?;
+                self.write_history(&mut tx, &batch.history)?;
+            }
+            if let Some((runs, queue)) = &refresh {
+                self.write_status(&mut tx, runs, queue, &sqlite, batch.last_seq.max(at))?;
+            }
+            let next = batch.last_seq.max(at);
+            tx.execute(
+                &format!("UPDATE {s}.sink_cursor SET seq = $1, updated_at = now() WHERE id = 1"),
+                &[&next],
+            )
+            .map_err(pg)?;
+            self.step()?;
+            tx.commit().map_err(pg)?;
+            self.step()?;
+            if let Some((runs, _)) = refresh {
+                status.runs_floor = runs
+                    .iter()
+                    .filter(|r| r.status == "running")
+                    .map(|r| r.id)
+                    .min()
+                    .or_else(|| runs.iter().map(|r| r.id + 1).max())
+                    .unwrap_or(status.runs_floor);
+                status.last = Some(Instant::now());
+            }
+            if batch.changes > 0 {
+                last_batch = Some((Instant::now(), batch.changes >= self.cfg.batch_size));
+                if acked.1.elapsed() >= ACK_EVERY {
+                    self.ack(next)?;
+                    acked = (next, Instant::now());
+                }
+                self.record_delay(&batch);
+                metrics::counter!("skillsync_postgres_batches_total", "outcome" => "ok")
+                    .increment(1);
+                metrics::counter!("skillsync_postgres_documents_written_total")
+                    .increment(batch.docs.len() as u64);
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    fn record_delay(&self, batch: &OutboxBatch) {
+        if let Some(t) = batch
+            .oldest_changed_at
+            .as_deref()
+            .and_then(crate::model::parse_upstream_ts)
+        {
+            let secs = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("skillsync_postgres_sink_delay_seconds").record(secs);
+        }
+    }
+
+    fn ack(&self, seq: i64) -> Result<(), SessionError> {
+        self.rt.block_on(
+            self.store
+                .pg_ack(seq, crate::model::fmt_ts(chrono::Utc::now())),
+        )?;
+        self.step()
+    }
+
+    /// Locks the cursor row for this transaction and checks it is still ours
+    /// (and, when `expect` is given, where we left it: another sink moving it
+    /// means two daemons feed one schema, so start over from the cursor).
+    fn lock_cursor(
+        &self,
+        tx: &mut Transaction<'_>,
+        database_id: &str,
+        expect: Option<i64>,
+    ) -> Result<(), SessionError> {
+        let s = schema::quoted(&self.cfg.schema);
+        let row = tx
+            .query_opt(
+                &format!("SELECT source_db, seq FROM {s}.sink_cursor WHERE id = 1 FOR UPDATE"),
+                &[],
+            )
+            .map_err(|e| SessionError::Retry(self.cfg.error(&e).to_string()))?;
+        match row {
+            Some(r) => {
+                let db: String = r.get(0);
+                let seq: Option<i64> = r.get(1);
+                if db != database_id {
+                    return Err(SessionError::Refused(format!(
+                        "PostgreSQL schema {} was taken over by another SQLite database ({db})",
+                        self.cfg.schema
+                    )));
+                }
+                if expect.is_some() && seq != expect {
+                    return Err(SessionError::Retry(format!(
+                        "the cursor moved under us ({seq:?}, expected {expect:?}): is another skillsync feeding schema {}?",
+                        self.cfg.schema
+                    )));
+                }
+                Ok(())
+            }
+            None if expect.is_none() => Ok(()),
+            None => Err(SessionError::Retry("the cursor row disappeared".into())),
+        }
+    }
+
+    /// Copies every mirrored row and history row; returns the cursor (S0).
+    fn backfill(
+        &self,
+        client: &mut postgres::Client,
+        sqlite: &Connection,
+        database_id: &str,
+    ) -> Result<i64, SessionError> {
+        let pg = |e: postgres::Error| SessionError::Retry(self.cfg.error(&e).to_string());
+        let s = schema::quoted(&self.cfg.schema);
+        // The outbox is on (switched on before this): every change after s0 is in it.
+        let s0 = outbox::sink_state(sqlite)?.max_seq;
+        let started = Instant::now();
+        {
+            let mut tx = client.transaction().map_err(pg)?;
+            self.lock_cursor(&mut tx, database_id, None)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.sink_cursor (id, source_db, seq, updated_at) VALUES (1, $1, NULL, now())
+                     ON CONFLICT (id) DO UPDATE SET seq = NULL, updated_at = now()"
+                ),
+                &[&database_id],
+            )
+            .map_err(pg)?;
+            tx.commit().map_err(pg)?;
+        }
+        tracing::info!(target_db = %self.cfg.target, "PostgreSQL backfill starting: copying every mirrored document");
+        let mut total = 0u64;
+        let mut last_log = Instant::now();
+        for ty in DocType::ALL {
+            let mut after: Option<(String, String)> = None;
+            loop {
+                if self.stopped() {
+                    return Err(SessionError::Retry("stopping during the backfill".into()));
+                }
+                let page = outbox::mirror_page(sqlite, ty, after.as_ref(), self.cfg.batch_size)?;
+                let Some(last) = page.last() else { break };
+                after = Some((last.tenant.clone(), last.id.clone()));
+                let mut tx = client.transaction().map_err(pg)?;
+                self.lock_cursor(&mut tx, database_id, None)?;
+                self.write_docs(&mut tx, &page, s0)?;
+                self.step()?;
+                tx.commit().map_err(pg)?;
+                total += page.len() as u64;
+                if last_log.elapsed() >= Duration::from_secs(5) {
+                    tracing::info!(
+                        documents = total,
+                        secs = started.elapsed().as_secs(),
+                        "PostgreSQL backfill in progress"
+                    );
+                    last_log = Instant::now();
+                }
+            }
+        }
+        let mut after = 0i64;
+        let mut history = 0u64;
+        loop {
+            if self.stopped() {
+                return Err(SessionError::Retry("stopping during the backfill".into()));
+            }
+            let page = outbox::history_page(sqlite, after, self.cfg.batch_size)?;
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            let rows: Vec<HistoryRow> = page.into_iter().map(|(_, h)| h).collect();
+            let mut tx = client.transaction().map_err(pg)?;
+            self.lock_cursor(&mut tx, database_id, None)?;
+            self.write_history(&mut tx, &rows)?;
+            self.step()?;
+            tx.commit().map_err(pg)?;
+            history += rows.len() as u64;
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                tracing::info!(
+                    documents = total,
+                    history_rows = history,
+                    secs = started.elapsed().as_secs(),
+                    "PostgreSQL backfill in progress"
+                );
+                last_log = Instant::now();
+            }
+        }
+        {
+            let mut tx = client.transaction().map_err(pg)?;
+            self.lock_cursor(&mut tx, database_id, None)?;
+            tx.execute(
+                &format!("UPDATE {s}.sink_cursor SET seq = $1, updated_at = now() WHERE id = 1"),
+                &[&s0],
+            )
+            .map_err(pg)?;
+            tx.commit().map_err(pg)?;
+        }
+        self.ack(s0)?;
+        tracing::info!(
+            documents = total,
+            history_rows = history,
+            ms = started.elapsed().as_millis() as u64,
+            "PostgreSQL backfill done; following the outbox from here"
+        );
+        Ok(s0)
+    }
+
+    fn write_docs(
+        &self,
+        tx: &mut Transaction<'_>,
+        docs: &[DocRow],
+        seq: i64,
+    ) -> Result<(), SessionError> {
+        let s = schema::quoted(&self.cfg.schema);
+        for ty in DocType::ALL {
+            let rows: Vec<&DocRow> = docs.iter().filter(|d| d.doc_type == ty).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let col = |f: &dyn Fn(&DocRow) -> Option<String>| -> Vec<Option<String>> {
+                rows.iter().map(|d| f(d)).collect()
+            };
+            let tenant = col(&|d| Some(d.tenant.clone()));
+            let id = col(&|d| Some(d.id.clone()));
+            let document = col(&|d| Some(jsonb_safe(&d.document)));
+            let number = col(&|d| d.number.as_deref().map(text_safe));
+            let name = col(&|d| d.name.as_deref().map(text_safe));
+            let modified = col(&|d| d.modified_on.as_deref().and_then(timestamp));
+            let first_seen = col(&|d| Some(d.first_seen_at.clone()));
+            let fetched = col(&|d| Some(d.fetched_at.clone()));
+            let deleted = col(&|d| d.deleted_at.clone());
+            let version: Vec<Option<i64>> = rows.iter().map(|d| d.version).collect();
+            let revision: Vec<i64> = rows.iter().map(|d| d.revision).collect();
+            let params: [&(dyn ToSql + Sync); 12] = [
+                &tenant,
+                &id,
+                &document,
+                &number,
+                &name,
+                &modified,
+                &version,
+                &revision,
+                &first_seen,
+                &fetched,
+                &deleted,
+                &seq,
+            ];
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.{t} AS t (tenant, id, document, number, name, modified_on, version, revision,
+                                           first_seen_at, fetched_at, deleted_at, source_seq, synced_at)
+                     SELECT u.tenant, u.id::uuid, u.document::jsonb, u.number, u.name, u.modified_on::timestamptz,
+                            u.version, u.revision, u.first_seen_at::timestamptz, u.fetched_at::timestamptz,
+                            u.deleted_at::timestamptz, $12, clock_timestamp()
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                 $7::int8[], $8::int8[], $9::text[], $10::text[], $11::text[])
+                          AS u(tenant, id, document, number, name, modified_on, version, revision,
+                               first_seen_at, fetched_at, deleted_at)
+                     ON CONFLICT (tenant, id) DO UPDATE SET
+                         document = excluded.document, number = excluded.number, name = excluded.name,
+                         modified_on = excluded.modified_on, version = excluded.version,
+                         revision = excluded.revision, first_seen_at = excluded.first_seen_at,
+                         fetched_at = excluded.fetched_at, deleted_at = excluded.deleted_at,
+                         source_seq = excluded.source_seq, synced_at = excluded.synced_at
+                     WHERE t.source_seq <= excluded.source_seq",
+                    t = ty.table()
+                ),
+                &params,
+            )
+            .map_err(|e| SessionError::Retry(self.cfg.error(&e).to_string()))?;
+            self.step()?;
+            self.write_values(tx, ty, &rows)?;
+        }
+        Ok(())
+    }
+
+    /// The report values of the rows (computed like SQLite's, in Rust).
+    fn write_values(
+        &self,
+        tx: &mut Transaction<'_>,
+        ty: DocType,
+        rows: &[&DocRow],
+    ) -> Result<(), SessionError> {
+        let s = schema::quoted(&self.cfg.schema);
+        let cols: Vec<(String, ColumnType)> = self
+            .spec
+            .stored_columns(ty)
+            .map(|(c, _)| (c.name.clone(), c.ty))
+            .collect();
+        let values: Vec<Vec<Typed>> = rows
+            .iter()
+            .map(|d| self.spec.values(ty, &parse(&d.document)))
+            .collect();
+        let tenant: Vec<String> = rows.iter().map(|d| d.tenant.clone()).collect();
+        let id: Vec<String> = rows.iter().map(|d| d.id.clone()).collect();
+        let mut owned: Vec<Box<dyn ToSql + Sync>> = vec![Box::new(tenant), Box::new(id)];
+        let mut select = vec!["u.c0".to_string(), "u.c1::uuid".to_string()];
+        let mut arrays = vec!["$1::text[]".to_string(), "$2::text[]".to_string()];
+        let mut names = vec!["tenant".to_string(), "id".to_string()];
+        for (i, (name, cty)) in cols.iter().enumerate() {
+            let n = i + 3;
+            let at = |v: &Vec<Typed>| v.get(i).cloned().unwrap_or(Typed::Null);
+            match cty {
+                ColumnType::Integer => {
+                    let col: Vec<Option<i64>> = values
+                        .iter()
+                        .map(|v| match at(v) {
+                            Typed::Integer(x) => Some(x),
+                            _ => None,
+                        })
+                        .collect();
+                    owned.push(Box::new(col));
+                    arrays.push(format!("${n}::int8[]"));
+                    select.push(format!("u.c{}", n - 1));
+                }
+                ColumnType::Real => {
+                    let col: Vec<Option<f64>> = values
+                        .iter()
+                        .map(|v| match at(v) {
+                            Typed::Real(x) => Some(x),
+                            Typed::Integer(x) => Some(x as f64),
+                            _ => None,
+                        })
+                        .collect();
+                    owned.push(Box::new(col));
+                    arrays.push(format!("${n}::float8[]"));
+                    select.push(format!("u.c{}", n - 1));
+                }
+                ColumnType::Text | ColumnType::Timestamp => {
+                    let col: Vec<Option<String>> = values
+                        .iter()
+                        .map(|v| match at(v) {
+                            Typed::Text(x) if *cty == ColumnType::Timestamp => timestamp(&x),
+                            Typed::Text(x) => Some(text_safe(&x)),
+                            Typed::Integer(x) if *cty == ColumnType::Text => Some(x.to_string()),
+                            Typed::Real(x) if *cty == ColumnType::Text => Some(x.to_string()),
+                            _ => None,
+                        })
+                        .collect();
+                    owned.push(Box::new(col));
+                    arrays.push(format!("${n}::text[]"));
+                    select.push(if *cty == ColumnType::Timestamp {
+                        format!("u.c{}::timestamptz", n - 1)
+                    } else {
+                        format!("u.c{}", n - 1)
+                    });
+                }
+            }
+            names.push(schema::quoted(name));
+        }
+        let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        let updates: Vec<String> = names
+            .iter()
+            .skip(2)
+            .map(|n| format!("{n} = excluded.{n}"))
+            .collect();
+        let conflict = if updates.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", updates.join(", "))
+        };
+        let sql = format!(
+            "INSERT INTO {s}.{ty}_report_values ({}) SELECT {} FROM unnest({}) AS u({}) ON CONFLICT (tenant, id) {conflict}",
+            names.join(", "),
+            select.join(", "),
+            arrays.join(", "),
+            aliases.join(", "),
+        );
+        let params: Vec<&(dyn ToSql + Sync)> = owned.iter().map(|b| b.as_ref()).collect();
+        tx.execute(&sql, &params)
+            .map_err(|e| SessionError::Retry(self.cfg.error(&e).to_string()))?;
+        self.step()
+    }
+
+    fn write_history(
+        &self,
+        tx: &mut Transaction<'_>,
+        rows: &[HistoryRow],
+    ) -> Result<(), SessionError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let s = schema::quoted(&self.cfg.schema);
+        let pg = |e: postgres::Error| SessionError::Retry(self.cfg.error(&e).to_string());
+        let tenant: Vec<&str> = rows.iter().map(|h| h.tenant.as_str()).collect();
+        let ty: Vec<&str> = rows.iter().map(|h| h.doc_type.as_str()).collect();
+        let id: Vec<&str> = rows.iter().map(|h| h.id.as_str()).collect();
+        let revision: Vec<i64> = rows.iter().map(|h| h.revision).collect();
+        let document: Vec<String> = rows.iter().map(|h| jsonb_safe(&h.document)).collect();
+        let fetched: Vec<&str> = rows.iter().map(|h| h.fetched_at.as_str()).collect();
+        let stage: Vec<Option<String>> = rows
+            .iter()
+            .map(|h| self.spec.stage(&parse(&h.document)).map(|s| text_safe(&s)))
+            .collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.document_history (tenant, doc_type, id, revision, document, fetched_at)
+                 SELECT u.tenant, u.doc_type, u.id::uuid, u.revision, u.document::jsonb, u.fetched_at::timestamptz
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
+                      AS u(tenant, doc_type, id, revision, document, fetched_at)
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[&tenant, &ty, &id, &revision, &document, &fetched],
+        )
+        .map_err(pg)?;
+        self.step()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {s}.document_stages (tenant, doc_type, id, revision, stage, fetched_at)
+                 SELECT u.tenant, u.doc_type, u.id::uuid, u.revision, u.stage, u.fetched_at::timestamptz
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
+                      AS u(tenant, doc_type, id, revision, stage, fetched_at)
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[&tenant, &ty, &id, &revision, &stage, &fetched],
+        )
+        .map_err(pg)?;
+        self.step()
+    }
+
+    /// The runs and queue figures, when they differ from the last copy.
+    fn read_status(
+        &self,
+        sqlite: &Connection,
+        last: &StatusCopy,
+    ) -> Result<(Vec<RunRow>, Vec<QueueRow>), SessionError> {
+        let runs = outbox::runs_since(sqlite, last.runs_floor)?;
+        let queue = outbox::queue_rows(sqlite)?;
+        Ok((runs, queue))
+    }
+
+    fn write_status(
+        &self,
+        tx: &mut Transaction<'_>,
+        runs: &[RunRow],
+        queue: &[QueueRow],
+        sqlite: &Connection,
+        copied_to: i64,
+    ) -> Result<(), SessionError> {
+        let s = schema::quoted(&self.cfg.schema);
+        let pg = |e: postgres::Error| SessionError::Retry(self.cfg.error(&e).to_string());
+        for r in runs {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.sync_runs (id, tenant, doc_type, kind, started_at, finished_at, status, listed,
+                                                enqueued, marked_deleted, missed, candidates, error)
+                     VALUES ($1, $2, $3, $4, $5::text::timestamptz, $6::text::timestamptz, $7, $8, $9, $10, $11, $12, $13)
+                     ON CONFLICT (id) DO UPDATE SET finished_at = excluded.finished_at, status = excluded.status,
+                         listed = excluded.listed, enqueued = excluded.enqueued, marked_deleted = excluded.marked_deleted,
+                         missed = excluded.missed, candidates = excluded.candidates, error = excluded.error"
+                ),
+                &[
+                    &r.id, &r.tenant, &r.doc_type, &r.kind, &r.started_at, &r.finished_at, &r.status,
+                    &r.listed, &r.enqueued, &r.marked_deleted, &r.missed, &r.candidates,
+                    &r.error.as_deref().map(text_safe),
+                ],
+            )
+            .map_err(pg)?;
+        }
+        // Changes not yet copied hold this copy's "complete as of" back.
+        let waiting: Option<String> = outbox::oldest_change_after(sqlite, copied_to)?;
+        tx.execute(&format!("DELETE FROM {s}.source_queue"), &[])
+            .map_err(pg)?;
+        for q in queue {
+            let complete = match (&q.complete_as_of, &waiting) {
+                (Some(c), Some(w)) if w < c => Some(w.clone()),
+                (c, _) => c.clone(),
+            };
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.source_queue (tenant, doc_type, pending_events, queued_fetches, retrying_fetches,
+                                                   dead_events, dead_documents, oldest_pending_at, complete_as_of)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::timestamptz, $9::text::timestamptz)"
+                ),
+                &[
+                    &q.tenant, &q.doc_type, &q.pending_events, &q.queued_fetches, &q.retrying_fetches,
+                    &q.dead_events, &q.dead_documents, &q.oldest_pending_at, &complete,
+                ],
+            )
+            .map_err(pg)?;
+        }
+        self.step()
+    }
+}
+
+fn parse(doc: &str) -> Map<String, Value> {
+    match serde_json::from_str(doc) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+/// PostgreSQL text cannot hold NUL.
+fn text_safe(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{fffd}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// jsonb refuses the escape `\u0000`; such a document is stored with U+FFFD
+/// instead (and `postgres-check` reports it as different).
+fn jsonb_safe(doc: &str) -> String {
+    if doc.contains("\\u0000") {
+        doc.replace("\\u0000", "\\ufffd")
+    } else {
+        doc.to_string()
+    }
+}
+
+/// Table-format times only (anything else would fail the whole batch's cast).
+fn timestamp(s: &str) -> Option<String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|_| s.to_string())
+}

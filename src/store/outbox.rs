@@ -1,0 +1,482 @@
+//! The SQLite side of the PostgreSQL mirror: the outbox (`pg_outbox`, filled
+//! by triggers in the same transaction as every revision or `deleted_at`
+//! change, see migration 004), the sink's bookkeeping row (`pg_sink`), the
+//! database's identity, and the reads the sink and `postgres-check` make.
+//!
+//! The reads are plain functions over a [`Connection`] because their callers
+//! are blocking threads with their own read-only connection (the sink's
+//! thread, `postgres-check`); writes go through the store's writer.
+//! Nothing here knows about PostgreSQL.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Store, StoreError};
+use crate::model::DocType;
+
+/// Wakes the sink after a commit that may have appended to the outbox.
+/// A counter under a mutex, so a wake-up between two waits is never lost.
+#[derive(Default)]
+pub struct Wake {
+    changes: Mutex<u64>,
+    signal: Condvar,
+}
+
+impl Wake {
+    /// Says something was committed.
+    pub fn notify(&self) {
+        if let Ok(mut n) = self.changes.lock() {
+            *n = n.wrapping_add(1);
+            self.signal.notify_all();
+        }
+    }
+
+    /// The current change count (pass it to [`Wake::wait`]).
+    pub fn seen(&self) -> u64 {
+        self.changes.lock().map(|n| *n).unwrap_or(0)
+    }
+
+    /// Blocks until the count differs from `seen` or `timeout` passes.
+    pub fn wait(&self, seen: u64, timeout: Duration) {
+        if let Ok(guard) = self.changes.lock() {
+            let _ = self
+                .signal
+                .wait_timeout_while(guard, timeout, |n| *n == seen);
+        }
+    }
+}
+
+/// One mirrored row as the sink sends it and `postgres-check` compares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocRow {
+    pub doc_type: DocType,
+    pub tenant: String,
+    pub id: String,
+    pub document: String,
+    pub number: Option<String>,
+    pub name: Option<String>,
+    pub modified_on: Option<String>,
+    pub version: Option<i64>,
+    pub revision: i64,
+    pub first_seen_at: String,
+    pub fetched_at: String,
+    pub deleted_at: Option<String>,
+}
+
+/// One `document_history` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub tenant: String,
+    pub doc_type: DocType,
+    pub id: String,
+    pub revision: i64,
+    pub document: String,
+    pub fetched_at: String,
+}
+
+/// One `sync_runs` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    pub id: i64,
+    pub tenant: String,
+    pub doc_type: String,
+    pub kind: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub status: String,
+    pub listed: i64,
+    pub enqueued: i64,
+    pub marked_deleted: i64,
+    pub missed: i64,
+    pub candidates: i64,
+    pub error: Option<String>,
+}
+
+/// The queue side of `sync_status` for one tenant and type (what only
+/// SQLite knows: events and fetches waiting).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueRow {
+    pub tenant: String,
+    pub doc_type: String,
+    pub pending_events: i64,
+    pub queued_fetches: i64,
+    pub retrying_fetches: i64,
+    pub dead_events: i64,
+    pub dead_documents: i64,
+    pub oldest_pending_at: Option<String>,
+    pub complete_as_of: Option<String>,
+}
+
+/// Changes to send: the outbox rows after a cursor, collapsed to one current
+/// row per document, with the history rows they name.
+#[derive(Debug, Default)]
+pub struct OutboxBatch {
+    /// The highest seq read (the cursor after this batch); 0 when empty.
+    pub last_seq: i64,
+    /// Outbox rows read (before collapsing).
+    pub changes: usize,
+    /// When the oldest change in the batch was written.
+    pub oldest_changed_at: Option<String>,
+    pub docs: Vec<DocRow>,
+    pub history: Vec<HistoryRow>,
+}
+
+/// The sink's bookkeeping as SQLite has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkState {
+    /// This database's identity (`daemon_state.database_id`).
+    pub database_id: String,
+    /// The outbox is complete from this seq on; `None` before the sink was switched on.
+    pub since_seq: Option<i64>,
+    pub acked_seq: Option<i64>,
+    /// The highest seq ever given out (0 when none).
+    pub max_seq: i64,
+}
+
+/// How far PostgreSQL is behind, from the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lag {
+    /// Outbox rows not yet acknowledged by PostgreSQL.
+    pub rows: i64,
+    /// When the oldest of them was written (`None` when there are none).
+    pub oldest_changed_at: Option<String>,
+    /// What the sink writes to (host, database, schema).
+    pub target: Option<String>,
+}
+
+const DOC_COLUMNS: &str = "tenant, id, document, number, name, modified_on, version, revision, first_seen_at, fetched_at, deleted_at";
+
+fn doc_row(ty: DocType, r: &rusqlite::Row) -> rusqlite::Result<DocRow> {
+    Ok(DocRow {
+        doc_type: ty,
+        tenant: r.get(0)?,
+        id: r.get(1)?,
+        document: r.get(2)?,
+        number: r.get(3)?,
+        name: r.get(4)?,
+        modified_on: r.get(5)?,
+        version: r.get(6)?,
+        revision: r.get(7)?,
+        first_seen_at: r.get(8)?,
+        fetched_at: r.get(9)?,
+        deleted_at: r.get(10)?,
+    })
+}
+
+/// The sink's state: identity, switch-on point, acknowledged seq.
+pub fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
+    let database_id: Option<String> = c
+        .query_row(
+            "SELECT value FROM daemon_state WHERE key = 'database_id'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let database_id = database_id
+        .ok_or_else(|| StoreError::Other("the database has no database_id (schema 4)".into()))?;
+    let row: Option<(i64, i64)> = c
+        .query_row(
+            "SELECT since_seq, acked_seq FROM pg_sink WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(SinkState {
+        database_id,
+        since_seq: row.map(|r| r.0),
+        acked_seq: row.map(|r| r.1),
+        max_seq: max_seq(c)?,
+    })
+}
+
+fn max_seq(c: &Connection) -> Result<i64, StoreError> {
+    Ok(c.query_row(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'pg_outbox'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()?
+    .unwrap_or(0))
+}
+
+/// Reads the outbox after `after` (up to `limit` rows) and the current rows
+/// and history they name, in one read transaction.
+pub fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+    c.execute_batch("BEGIN")?;
+    let r = outbox_batch_in(c, after, limit);
+    let _ = c.execute_batch("COMMIT");
+    r
+}
+
+fn outbox_batch_in(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+    let mut s = c.prepare_cached(
+        "SELECT seq, doc_type, tenant, id, revision, changed_at FROM pg_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = s
+        .query_map(params![after, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut batch = OutboxBatch {
+        changes: rows.len(),
+        oldest_changed_at: rows.first().map(|r| r.5.clone()),
+        ..OutboxBatch::default()
+    };
+    let mut seen_doc = std::collections::HashSet::new();
+    let mut seen_rev = std::collections::HashSet::new();
+    for (seq, ty, tenant, id, revision, _) in rows {
+        batch.last_seq = seq;
+        let Some(ty) = DocType::parse(&ty) else {
+            continue;
+        };
+        if seen_doc.insert((ty, tenant.clone(), id.clone())) {
+            let row = c
+                .prepare_cached(&format!(
+                    "SELECT {DOC_COLUMNS} FROM {} WHERE tenant = ?1 AND id = ?2",
+                    ty.table()
+                ))?
+                .query_row(params![tenant, id], |r| doc_row(ty, r))
+                .optional()?;
+            batch.docs.extend(row);
+        }
+        if seen_rev.insert((ty, tenant.clone(), id.clone(), revision)) {
+            let h = c
+                .prepare_cached(
+                    "SELECT document, fetched_at FROM document_history
+                     WHERE tenant = ?1 AND doc_type = ?2 AND id = ?3 AND revision = ?4",
+                )?
+                .query_row(params![tenant, ty.as_str(), id, revision], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .optional()?;
+            // Retention may have pruned it: then there is nothing to copy.
+            if let Some((document, fetched_at)) = h {
+                batch.history.push(HistoryRow {
+                    tenant,
+                    doc_type: ty,
+                    id,
+                    revision,
+                    document,
+                    fetched_at,
+                });
+            }
+        }
+    }
+    Ok(batch)
+}
+
+/// Up to `limit` rows of a mirror table after `after` in (tenant, id) order
+/// (the backfill and `postgres-check` page through the tables with it).
+pub fn mirror_page(
+    c: &Connection,
+    ty: DocType,
+    after: Option<&(String, String)>,
+    limit: usize,
+) -> Result<Vec<DocRow>, StoreError> {
+    let (t, i) = after
+        .map(|(t, i)| (t.as_str(), i.as_str()))
+        .unwrap_or(("", ""));
+    let mut s = c.prepare_cached(&format!(
+        "SELECT {DOC_COLUMNS} FROM {} WHERE (tenant, id) > (?1, ?2) ORDER BY tenant, id LIMIT ?3",
+        ty.table()
+    ))?;
+    let rows = s
+        .query_map(params![t, i, limit as i64], |r| doc_row(ty, r))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
+pub fn history_page(
+    c: &Connection,
+    after_rowid: i64,
+    limit: usize,
+) -> Result<Vec<(i64, HistoryRow)>, StoreError> {
+    let mut s = c.prepare_cached(
+        "SELECT rowid, tenant, doc_type, id, revision, document, fetched_at FROM document_history
+         WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+    )?;
+    let rows = s
+        .query_map(params![after_rowid, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(rowid, tenant, ty, id, revision, document, fetched_at)| {
+            Some((
+                rowid,
+                HistoryRow {
+                    tenant,
+                    doc_type: DocType::parse(&ty)?,
+                    id,
+                    revision,
+                    document,
+                    fetched_at,
+                },
+            ))
+        })
+        .collect())
+}
+
+/// `sync_runs` rows with `id >= floor`.
+pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
+    let mut s = c.prepare_cached(
+        "SELECT id, tenant, doc_type, kind, started_at, finished_at, status, listed, enqueued,
+                marked_deleted, missed, candidates, error
+         FROM sync_runs WHERE id >= ?1 ORDER BY id",
+    )?;
+    let rows = s
+        .query_map([floor], |r| {
+            Ok(RunRow {
+                id: r.get(0)?,
+                tenant: r.get(1)?,
+                doc_type: r.get(2)?,
+                kind: r.get(3)?,
+                started_at: r.get(4)?,
+                finished_at: r.get(5)?,
+                status: r.get(6)?,
+                listed: r.get(7)?,
+                enqueued: r.get(8)?,
+                marked_deleted: r.get(9)?,
+                missed: r.get(10)?,
+                candidates: r.get(11)?,
+                error: r.get(12)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The queue figures of `sync_status`, per tenant and type.
+pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
+    let mut s = c.prepare_cached(
+        "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
+                dead_documents, oldest_pending_at, complete_as_of
+         FROM sync_status ORDER BY tenant, doc_type",
+    )?;
+    let rows = s
+        .query_map([], |r| {
+            Ok(QueueRow {
+                tenant: r.get(0)?,
+                doc_type: r.get(1)?,
+                pending_events: r.get(2)?,
+                queued_fetches: r.get(3)?,
+                retrying_fetches: r.get(4)?,
+                dead_events: r.get(5)?,
+                dead_documents: r.get(6)?,
+                oldest_pending_at: r.get(7)?,
+                complete_as_of: r.get(8)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// When the oldest change after `seq` was written (`None` when none waits).
+pub fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
+    Ok(c.query_row(
+        "SELECT changed_at FROM pg_outbox WHERE seq > ?1 ORDER BY seq LIMIT 1",
+        [seq],
+        |r| r.get(0),
+    )
+    .optional()?)
+}
+
+/// The sink's lag, or `None` when no sink was ever switched on for this database.
+pub fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
+    let sink: Option<(i64, Option<String>)> = c
+        .query_row(
+            "SELECT acked_seq, target FROM pg_sink WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((acked, target)) = sink else {
+        return Ok(None);
+    };
+    let (rows, oldest): (i64, Option<String>) = c.query_row(
+        "SELECT count(*), min(changed_at) FROM pg_outbox WHERE seq > ?1",
+        [acked],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(Some(Lag {
+        rows,
+        oldest_changed_at: oldest,
+        target,
+    }))
+}
+
+impl Store {
+    /// The commit signal the PostgreSQL sink waits on.
+    pub fn outbox_wake(&self) -> Arc<Wake> {
+        self.inner.outbox_wake.clone()
+    }
+
+    /// Switches the outbox on (idempotent): from the next change on, every
+    /// revision or `deleted_at` change appends a row. Records the target
+    /// (never a password) for `status`.
+    pub async fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
+        self.write(move |c| {
+            let next = max_seq(c)? + 1;
+            c.execute(
+                "INSERT INTO pg_sink (id, since_seq, acked_seq, target) VALUES (1, ?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET target = excluded.target",
+                params![next, next - 1, target],
+            )?;
+            sink_state(c)
+        })
+        .await
+    }
+
+    /// Switches the outbox off and empties it (`serve` without `[postgres]`),
+    /// so it does not grow with nobody to read it. A later switch-on copies
+    /// the tables whole again. Returns whether it was on.
+    pub async fn pg_switch_off(&self) -> Result<bool, StoreError> {
+        self.write(|c| {
+            let was_on = c.execute("DELETE FROM pg_sink", [])? > 0;
+            c.execute("DELETE FROM pg_outbox", [])?;
+            Ok(was_on)
+        })
+        .await
+    }
+
+    /// Records that PostgreSQL holds every change up to `seq` and prunes
+    /// the outbox up to there (never further).
+    pub async fn pg_ack(&self, seq: i64, now: String) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE pg_sink SET acked_seq = max(acked_seq, ?1), acked_at = ?2 WHERE id = 1",
+            )?
+            .execute(params![seq, now])?;
+            c.prepare_cached(
+                "DELETE FROM pg_outbox WHERE seq <= ?1 AND seq <= (SELECT acked_seq FROM pg_sink WHERE id = 1)",
+            )?
+            .execute([seq])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The sink's lag (for `/metrics`).
+    pub async fn pg_lag(&self) -> Result<Option<Lag>, StoreError> {
+        self.read(lag).await
+    }
+}

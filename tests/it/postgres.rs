@@ -1,0 +1,817 @@
+//! The PostgreSQL mirror against a real server: the PG* variables name it
+//! (`.ci/run` runs the suite under `pg_virtualenv`, which sets them). Each
+//! test uses its own schema. Without a server these tests print a notice
+//! and pass; `SKILLSYNC_REQUIRE_POSTGRES=1` (set by CI) makes that a failure.
+//!
+//! Equality is always judged by `pgmirror::check::compare`, the function
+//! behind `skillsync postgres-check`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skillsync::config::Config;
+use skillsync::model::DocType;
+use skillsync::pgmirror::check::{Report, compare};
+use skillsync::pgmirror::{PostgresConfig, sink};
+use skillsync::simulator::Simulator;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml, count, start_sim, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Where the test server is, from the PG* variables.
+struct Server {
+    host: String,
+    port: u16,
+    user: String,
+    database: String,
+    has_password: bool,
+}
+
+/// The server, or `None` (with a notice) when there is none.
+fn server(test: &str) -> Option<Server> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("PGHOST"), var("PGPORT"), var("PGUSER")) {
+        (Some(host), Some(port), Some(user)) => Some(Server {
+            host,
+            port: port.parse().expect("PGPORT is a port"),
+            user,
+            database: var("PGDATABASE").unwrap_or_else(|| "postgres".into()),
+            has_password: var("PGPASSWORD").is_some(),
+        }),
+        _ => {
+            assert!(
+                std::env::var("SKILLSYNC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                "SKILLSYNC_REQUIRE_POSTGRES=1 but PGHOST/PGPORT/PGUSER are not set (run under pg_virtualenv)"
+            );
+            eprintln!(
+                "notice: {test} skipped: no PostgreSQL (set PGHOST, PGPORT, PGUSER[, PGPASSWORD], e.g. `pg_virtualenv cargo test`)"
+            );
+            None
+        }
+    }
+}
+
+impl Server {
+    /// The `[postgres]` section for `schema`, reaching the server at `host_port`.
+    fn section(&self, host_port: &str, schema: &str) -> String {
+        format!(
+            "[postgres]\nurl = \"postgres://{}@{host_port}/{}?sslmode=disable\"\n{}schema = \"{schema}\"\nbatch_size = 50\nlag_alert_secs = 2\n",
+            self.user,
+            self.database,
+            if self.has_password {
+                "password_env = \"PGPASSWORD\"\n"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn direct(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn fresh_schema() -> String {
+    format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Runs blocking PostgreSQL work on a plain thread (the sync client must
+/// not run on a runtime thread).
+async fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await.expect("thread finished")
+}
+
+async fn check(db: &Path, pg: &PostgresConfig) -> Report {
+    let (db, pg) = (db.to_path_buf(), pg.clone());
+    on_thread(move || compare(&db, &pg).expect("postgres-check comparison ran")).await
+}
+
+/// Waits until PostgreSQL equals SQLite (by `postgres-check`'s comparison).
+async fn wait_equal(db: &Path, pg: &PostgresConfig, timeout: Duration) -> Report {
+    let start = Instant::now();
+    loop {
+        let r = check(db, pg).await;
+        if r.equal() {
+            return r;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "PostgreSQL still differs from SQLite after {timeout:?}: {:#?}",
+            &r.differences[..r.differences.len().min(20)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One value from PostgreSQL.
+async fn pg_i64(pg: &PostgresConfig, sql: String) -> i64 {
+    let pg = pg.clone();
+    on_thread(move || {
+        let mut c = pg.connect().expect("connect");
+        c.query_one(sql.as_str(), &[])
+            .expect("query")
+            .get::<_, i64>(0)
+    })
+    .await
+}
+
+/// The `[postgres]` config for `schema` reaching the server directly.
+fn direct_config(server: &Server, db: &Path, sim: &Simulator, schema: &str) -> PostgresConfig {
+    let toml = config_toml(
+        db,
+        &sim.base_url(),
+        FAST_FETCH,
+        &server.section(&server.direct(), schema),
+    );
+    Config::from_toml(&toml, None)
+        .expect("config")
+        .postgres
+        .expect("postgres")
+}
+
+/// A daemon run in-process on a database of the test's choosing.
+struct Daemon {
+    config: Config,
+    webhook_url: String,
+    metrics_url: String,
+    token: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Daemon {
+    async fn start(dir: &Path, db: &Path, sim: &Simulator, extra: &str) -> Daemon {
+        let toml = config_toml(db, &sim.base_url(), FAST_FETCH, extra);
+        std::fs::write(dir.join("skillsync.toml"), &toml).expect("write config");
+        let config = Config::from_toml(&toml, None).expect("valid config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = skillsync::app::bind_metrics(&config)
+            .await
+            .expect("metrics")
+            .expect("metrics on");
+        let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("addr"));
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(skillsync::app::run_with(
+            config.clone(),
+            listener,
+            Some(metrics),
+            token.clone(),
+        ));
+        let d = Daemon {
+            config,
+            webhook_url: format!("http://{addr}/skillsevent"),
+            metrics_url,
+            token,
+            handle: Some(handle),
+        };
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/healthz");
+        wait_until(PATIENCE, "the daemon to serve", || {
+            let r = client.get(&url).send();
+            async move { r.await.map(|r| r.status() == 200).unwrap_or(false) }
+        })
+        .await;
+        d
+    }
+
+    fn pg(&self) -> &PostgresConfig {
+        self.config
+            .postgres
+            .as_ref()
+            .expect("[postgres] configured")
+    }
+
+    async fn notify(&self, sim: &Simulator, ty: DocType, id: &str, action: &str) -> u16 {
+        reqwest::Client::new()
+            .post(&self.webhook_url)
+            .header("content-type", "application/json")
+            .header("x-webhook-secret", SECRET_ACME)
+            .body(sim.webhook_payload(ty, id, action).to_string())
+            .send()
+            .await
+            .expect("webhook answered")
+            .status()
+            .as_u16()
+    }
+
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        text.lines()
+            .find(|l| l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("daemon task").expect("daemon returned ok");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Waits until SQLite has no work left (every event served, nothing queued).
+async fn drained(db: &Path) {
+    let db = db.to_path_buf();
+    wait_until(PATIENCE, "the fetch queue to drain", || {
+        let db = db.clone();
+        async move {
+            let c = rusqlite::Connection::open(&db).expect("open");
+            count(&c, "SELECT count(*) FROM fetch_queue") == 0
+                && count(&c, "SELECT count(*) FROM events WHERE status = 'pending'") == 0
+        }
+    })
+    .await;
+}
+
+fn sqlite_i64(db: &Path, sql: &str) -> i64 {
+    count(&rusqlite::Connection::open(db).expect("open"), sql)
+}
+
+#[tokio::test]
+async fn backfill_then_steady_state_match_sqlite() {
+    let Some(server) = server("backfill_then_steady_state_match_sqlite") else {
+        return;
+    };
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+
+    // A running installation without PostgreSQL: jobs, projects, edits, deletions.
+    let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
+    let mut jobs = Vec::new();
+    for _ in 0..30 {
+        let id = sim.create(DocType::Job);
+        assert_eq!(plain.notify(&sim, DocType::Job, &id, "created").await, 200);
+        jobs.push(id);
+    }
+    for _ in 0..5 {
+        let id = sim.create(DocType::Project);
+        assert_eq!(
+            plain.notify(&sim, DocType::Project, &id, "created").await,
+            200
+        );
+    }
+    drained(&db).await;
+    for id in &jobs[..5] {
+        sim.update(DocType::Job, id);
+        plain.notify(&sim, DocType::Job, id, "updated").await;
+    }
+    for id in &jobs[5..7] {
+        sim.delete(DocType::Job, id);
+        plain.notify(&sim, DocType::Job, id, "updated").await;
+    }
+    drained(&db).await;
+    plain.stop().await;
+    assert_eq!(
+        sqlite_i64(
+            &db,
+            "SELECT count(*) FROM jobs WHERE deleted_at IS NOT NULL"
+        ),
+        2
+    );
+
+    // Switch PostgreSQL on: the first start backfills everything.
+    let schema = fresh_schema();
+    let mut d = Daemon::start(
+        dir.path(),
+        &db,
+        &sim,
+        &server.section(&server.direct(), &schema),
+    )
+    .await;
+    let pg = d.pg().clone();
+    let r = wait_equal(&db, &pg, PATIENCE).await;
+    assert_eq!(r.postgres_documents, 35);
+    let s = format!("\"{schema}\"");
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT count(*) FROM {s}.document_history")).await,
+        sqlite_i64(&db, "SELECT count(*) FROM document_history")
+    );
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT count(*) FROM {s}.job_report")).await,
+        28
+    );
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT count(*) FROM {s}.job_report r JOIN {s}.jobs j USING (tenant, id) WHERE r.number IS NOT DISTINCT FROM j.number AND r.stage IS NOT DISTINCT FROM j.document->>'Stage'")).await,
+        28,
+        "report columns come from the documents"
+    );
+    assert_eq!(
+        pg_i64(
+            &pg,
+            format!("SELECT sum(mirrored)::bigint FROM {s}.sync_status")
+        )
+        .await,
+        sqlite_i64(&db, "SELECT sum(mirrored) FROM sync_status")
+    );
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT count(*) FROM {s}.job_stages")).await,
+        sqlite_i64(&db, "SELECT count(*) FROM job_stages")
+    );
+
+    // Steady state: edits, new documents, an undeletion arrive within seconds.
+    for id in &jobs[10..15] {
+        sim.update(DocType::Job, id);
+        assert_eq!(d.notify(&sim, DocType::Job, id, "updated").await, 200);
+    }
+    for _ in 0..5 {
+        let id = sim.create(DocType::Job);
+        d.notify(&sim, DocType::Job, &id, "created").await;
+    }
+    sim.undelete(DocType::Job, &jobs[5]);
+    d.notify(&sim, DocType::Job, &jobs[5], "updated").await;
+    drained(&db).await;
+    let r = wait_equal(&db, &pg, Duration::from_secs(20)).await;
+    assert_eq!(r.postgres_documents, 40);
+    assert_eq!(
+        pg_i64(
+            &pg,
+            format!("SELECT count(*) FROM {s}.jobs WHERE deleted_at IS NOT NULL")
+        )
+        .await,
+        1
+    );
+    // Acknowledged changes leave the outbox.
+    wait_until(Duration::from_secs(10), "the outbox to be pruned", || {
+        let db = db.clone();
+        async move { sqlite_i64(&db, "SELECT count(*) FROM pg_outbox") == 0 }
+    })
+    .await;
+    assert_eq!(d.metric("skillsync_postgres_lag_rows").await, Some(0.0));
+    d.stop().await;
+    token.cancel();
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = l.local_addr().expect("addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c2, k2) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                if c2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let up = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                k2.lock().expect("lock").push(task.abort_handle());
+            }
+        });
+        Proxy { addr, cut, conns }
+    }
+
+    /// Drops every connection and refuses new ones, like a server gone.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains() {
+    let Some(server) = server("postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains")
+    else {
+        return;
+    };
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    let proxy = Proxy::start(server.direct()).await;
+    let schema = fresh_schema();
+    let mut d = Daemon::start(
+        dir.path(),
+        &db,
+        &sim,
+        &server.section(&proxy.addr.to_string(), &schema),
+    )
+    .await;
+    // The test itself compares over a direct connection, not through the proxy.
+    let pg = direct_config(&server, &db, &sim, &schema);
+    for _ in 0..10 {
+        let id = sim.create(DocType::Job);
+        assert_eq!(d.notify(&sim, DocType::Job, &id, "created").await, 200);
+    }
+    drained(&db).await;
+    wait_equal(&db, &pg, PATIENCE).await;
+
+    proxy.cut();
+    let started = Instant::now();
+    for _ in 0..40 {
+        let id = sim.create(DocType::Job);
+        assert_eq!(
+            d.notify(&sim, DocType::Job, &id, "created").await,
+            200,
+            "a webhook was refused while PostgreSQL was unreachable"
+        );
+    }
+    let intake = started.elapsed();
+    drained(&db).await;
+    assert_eq!(
+        sqlite_i64(&db, "SELECT count(*) FROM jobs"),
+        50,
+        "fetches went on"
+    );
+    assert!(
+        intake < Duration::from_secs(10),
+        "intake slowed to {intake:?}"
+    );
+    assert!(d.metric("skillsync_postgres_lag_rows").await.unwrap_or(0.0) >= 40.0);
+    assert_eq!(d.metric("skillsync_postgres_up").await, Some(0.0));
+    assert!(!check(&db, &pg).await.equal());
+    // Past postgres.lag_alert_secs (2 s), `status` says degraded and why.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(dir.path().join("skillsync.toml"))
+        .output()
+        .expect("run status");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert!(v["postgres"]["lag_rows"].as_i64().unwrap_or(0) >= 40, "{v}");
+    assert!(
+        v["postgres"]["problem"]
+            .as_str()
+            .unwrap_or("")
+            .contains("lags"),
+        "{v}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout)
+            .contains(&std::env::var("PGPASSWORD").unwrap_or_else(|_| "\u{1}".into()))
+    );
+
+    proxy.restore();
+    let back = Instant::now();
+    wait_equal(&db, &pg, PATIENCE).await;
+    eprintln!(
+        "backlog of 40 drained {:?} after PostgreSQL came back",
+        back.elapsed()
+    );
+    wait_until(Duration::from_secs(10), "lag to reach 0", || {
+        let m = d.metric("skillsync_postgres_lag_rows");
+        async move { m.await == Some(0.0) }
+    })
+    .await;
+    assert_eq!(d.metric("skillsync_postgres_up").await, Some(1.0));
+    d.stop().await;
+    token.cancel();
+}
+
+/// `skillsync serve` as a process, killed with SIGKILL on drop.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(dir: &Path, db: &Path, sim: &Simulator, extra: &str, n: usize) -> Process {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let toml = config_toml(db, &sim.base_url(), FAST_FETCH, extra).replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+            1,
+        );
+        let config = dir.join(format!("serve-{n}.toml"));
+        std::fs::write(&config, toml).expect("write config");
+        let log = dir.join(format!("serve-{n}.log"));
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,tokio_cron_scheduler=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start serve");
+        Process { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
+    let Some(server) = server("sink_killed_at_random_points_resumes_from_the_postgres_cursor")
+    else {
+        return;
+    };
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    // Documents to backfill, stored by a daemon without PostgreSQL.
+    let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
+    let ids: Vec<String> = (0..1000).map(|_| sim.create(DocType::Job)).collect();
+    for chunk in ids.chunks(50) {
+        let sent = chunk
+            .iter()
+            .map(|id| plain.notify(&sim, DocType::Job, id, "created"));
+        for status in futures_util::future::join_all(sent).await {
+            assert_eq!(status, 200);
+        }
+    }
+    drained(&db).await;
+    plain.stop().await;
+
+    let schema = fresh_schema();
+    let extra = server
+        .section(&server.direct(), &schema)
+        .replace("batch_size = 50", "batch_size = 7");
+    let pg = direct_config(&server, &db, &sim, &schema);
+    let client = reqwest::Client::new();
+    // Kill -9 the daemon at random moments of the backfill and of the stream
+    // of changes after it; each restart resumes from the cursor in PostgreSQL.
+    for round in 0..6 {
+        let mut p = Process::spawn(dir.path(), &db, &sim, &extra, round);
+        let port_line = std::fs::read_to_string(dir.path().join(format!("serve-{round}.toml")))
+            .expect("config");
+        let listen = port_line
+            .lines()
+            .find(|l| l.starts_with("listen"))
+            .and_then(|l| l.split('"').nth(1))
+            .expect("listen")
+            .to_string();
+        if round == 0 {
+            // The first kill lands inside the backfill.
+            wait_until(PATIENCE, "the backfill to start", || {
+                let log = p.log();
+                async move { log.contains("backfill starting") }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
+            let log = p.log();
+            p.kill();
+            assert!(
+                !log.contains("backfill done"),
+                "the kill came too late:\n{log}"
+            );
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(150..900))).await;
+        for id in ids.iter().skip(round * 20).take(20) {
+            sim.update(DocType::Job, id);
+            let _ = client
+                .post(format!("http://{listen}/skillsevent"))
+                .header("content-type", "application/json")
+                .header("x-webhook-secret", SECRET_ACME)
+                .body(sim.webhook_payload(DocType::Job, id, "updated").to_string())
+                .send()
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..600))).await;
+        p.kill();
+    }
+    // A last, undisturbed run: everything arrives, nothing twice.
+    let p = Process::spawn(dir.path(), &db, &sim, &extra, 99);
+    drained(&db).await;
+    let r = wait_equal(&db, &pg, PATIENCE).await;
+    assert_eq!(r.postgres_documents, 1000);
+    let s = format!("\"{schema}\"");
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT count(*) FROM {s}.document_history")).await,
+        sqlite_i64(&db, "SELECT count(*) FROM document_history"),
+        "{}",
+        p.log()
+    );
+    token.cancel();
+}
+
+#[tokio::test]
+async fn a_second_sqlite_database_or_a_restored_backup_is_refused() {
+    let Some(server) = server("a_second_sqlite_database_or_a_restored_backup_is_refused") else {
+        return;
+    };
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let db_a = dir_a.path().join("a.db");
+    let schema = fresh_schema();
+    let section = server.section(&server.direct(), &schema);
+    let mut a = Daemon::start(dir_a.path(), &db_a, &sim, &section).await;
+    let pg = a.pg().clone();
+    for _ in 0..5 {
+        let id = sim.create(DocType::Job);
+        a.notify(&sim, DocType::Job, &id, "created").await;
+    }
+    drained(&db_a).await;
+    wait_equal(&db_a, &pg, PATIENCE).await;
+    a.stop().await;
+    // A backup of A, taken now (the daemon is stopped, the WAL checkpointed).
+    let backup = dir_a.path().join("backup.db");
+    std::fs::copy(&db_a, &backup).expect("copy");
+    let mut a = Daemon::start(dir_a.path(), &db_a, &sim, &section).await;
+    let id = sim.create(DocType::Job);
+    a.notify(&sim, DocType::Job, &id, "created").await;
+    drained(&db_a).await;
+    wait_equal(&db_a, &pg, PATIENCE).await;
+    a.stop().await;
+    let cursor_before = pg_i64(&pg, format!("SELECT seq FROM \"{schema}\".sink_cursor")).await;
+
+    // Another database pointed at the same schema.
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let db_b = dir_b.path().join("b.db");
+    let b = Process::spawn(dir_b.path(), &db_b, &sim, &section, 0);
+    wait_until(
+        Duration::from_secs(30),
+        "the second database to be refused",
+        || {
+            let log = b.log();
+            async move { log.contains("fed by another SQLite database") }
+        },
+    )
+    .await;
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        assert!(
+            !b.log().contains(&pw),
+            "the log shows the PostgreSQL password"
+        );
+    }
+    drop(b);
+    // The restored backup is behind the cursor.
+    let restored = Process::spawn(dir_a.path(), &backup, &sim, &section, 1);
+    wait_until(PATIENCE, "the restored backup to be refused", || {
+        let log = restored.log();
+        async move { log.contains("restored backup") }
+    })
+    .await;
+    drop(restored);
+    assert_eq!(
+        pg_i64(&pg, format!("SELECT seq FROM \"{schema}\".sink_cursor")).await,
+        cursor_before,
+        "a refused sink wrote nothing"
+    );
+    assert!(check(&db_a, &pg).await.equal(), "PostgreSQL still equals A");
+    token.cancel();
+}
+
+/// One random step of the property test.
+#[derive(Debug, Clone)]
+enum Op {
+    Upsert(usize),
+    Delete(usize),
+    Undelete(usize),
+    /// The sink dies after this many steps (mid-transaction, after a commit, after an ack).
+    Crash(i64),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0usize..8).prop_map(Op::Upsert),
+        2 => (0usize..8).prop_map(Op::Delete),
+        2 => (0usize..8).prop_map(Op::Undelete),
+        2 => (0i64..12).prop_map(Op::Crash),
+    ]
+}
+
+async fn property_case(server: &Server, ops: Vec<Op>) {
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    let mut d = Daemon::start(dir.path(), &db, &sim, "").await;
+    // The test owns the sink (to crash it at chosen steps); the daemon stores.
+    let schema = fresh_schema();
+    let config = Config::from_toml(
+        &config_toml(
+            &db,
+            &sim.base_url(),
+            FAST_FETCH,
+            &server.section(&server.direct(), &schema),
+        ),
+        None,
+    )
+    .expect("config");
+    let pg = config.postgres.clone().expect("postgres");
+    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+        .await
+        .expect("store");
+    let spec = skillsync::reporting::ReportSpec::new(&config.reporting);
+    let handle = tokio::runtime::Handle::current();
+    let sink = on_thread(move || sink::start(pg, store, spec, handle).expect("sink")).await;
+    let pg = config.postgres.clone().expect("postgres");
+    let ids: Vec<String> = (0..8).map(|_| sim.create(DocType::Job)).collect();
+    let mut known = vec![false; ids.len()];
+    for op in ops {
+        match op {
+            Op::Upsert(i) => {
+                if known[i] {
+                    sim.update(DocType::Job, &ids[i]);
+                }
+                known[i] = true;
+                d.notify(&sim, DocType::Job, &ids[i], "updated").await;
+            }
+            Op::Delete(i) => {
+                sim.delete(DocType::Job, &ids[i]);
+                d.notify(&sim, DocType::Job, &ids[i], "updated").await;
+            }
+            Op::Undelete(i) => {
+                sim.undelete(DocType::Job, &ids[i]);
+                d.notify(&sim, DocType::Job, &ids[i], "updated").await;
+            }
+            Op::Crash(steps) => sink.crash_after(steps),
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..60))).await;
+    }
+    drained(&db).await;
+    sink.crash_after(-1);
+    wait_equal(&db, &pg, PATIENCE).await;
+    on_thread(move || sink.stop()).await;
+    d.stop().await;
+    token.cancel();
+}
+
+#[test]
+fn property_postgres_equals_sqlite_after_random_changes_and_sink_crashes() {
+    use proptest::prelude::*;
+    let Some(server) =
+        server("property_postgres_equals_sqlite_after_random_changes_and_sink_crashes")
+    else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 4,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 10..30), |ops| {
+            rt.block_on(property_case(&server, ops));
+            Ok(())
+        })
+        .expect("PostgreSQL equals SQLite for every case");
+}
