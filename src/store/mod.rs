@@ -35,6 +35,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("migrations/002_deferred_queue.sql"),
     include_str!("migrations/003_deletion_evidence.sql"),
+    // Issue 16's 004 goes before this one when the branches merge.
+    include_str!("migrations/005_recorded_by_document.sql"),
 ];
 
 /// The schema version this binary writes.

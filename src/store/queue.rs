@@ -116,11 +116,13 @@ fn queue_recorded_events(
     if limit <= 0 {
         return Ok(0);
     }
+    // Read first, then one UPDATE per event that both takes it out of the
+    // inbox and, when a fetch already decided it, settles it: a covered
+    // event is written once, not twice.
     let rows: Vec<(i64, String, String, String)> = c
         .prepare_cached(
-            "UPDATE events SET queued = 1
-             WHERE id IN (SELECT id FROM events WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT ?2)
-             RETURNING id, doc_type, doc_id, received_at",
+            "SELECT id, doc_type, doc_id, received_at FROM events
+             WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT ?2",
         )?
         .query_map(params![tenant, limit], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
@@ -133,17 +135,29 @@ fn queue_recorded_events(
         "SELECT status, claimed_max_event, lease_owner IS NOT NULL AND lease_until > ?4, attempts, last_error
          FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
     )?;
+    let mut move_only = c.prepare_cached("UPDATE events SET queued = 1 WHERE id = ?1")?;
+    // One request per document for the whole batch, asked for the earliest
+    // of its events (a request per event only bumped the same row again).
+    // Deferring it past the loop changes no decision: rows are in id order,
+    // so every event at or below a document's `claimed_max_event` (the only
+    // ones whose branch reads the row's status) comes before any event that
+    // asks for a fetch.
+    let mut asks: std::collections::HashMap<(&str, &str), &str> = Default::default();
     for (id, doc_type, doc_id, received_at) in &rows {
         let last: Option<i64> = covered
             .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
             .optional()?;
         if last.is_some_and(|m| *id <= m) {
             // A fetch that began after this event arrived has stored the document.
-            c.prepare_cached(
-                "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
+            if c.prepare_cached(
+                "UPDATE events SET queued = 1, status = 'done', processed_at = ?1, next_attempt_at = NULL
                  WHERE id = ?2 AND status = 'pending'",
             )?
-            .execute(params![now, id])?;
+            .execute(params![now, id])?
+                == 0
+            {
+                move_only.execute([id])?;
+            }
             continue;
         }
         type Row = (String, Option<i64>, bool, i64, Option<String>);
@@ -155,30 +169,44 @@ fn queue_recorded_events(
         match row {
             // A fetch running now began after this event arrived: its outcome
             // settles the event (it is `queued = 1` now), so no new request.
-            Some((status, Some(m), true, _, _)) if status == "queued" && *id <= m => {}
+            Some((status, Some(m), true, _, _)) if status == "queued" && *id <= m => {
+                move_only.execute([id])?;
+            }
             // The document went dead in a fetch that began after this event
             // arrived: the event shares that fate (`retry --dead` revives both)
             // instead of reviving the document for another round of failures.
             Some((status, Some(m), _, attempts, last_error)) if status == "dead" && *id <= m => {
-                c.prepare_cached(
-                    "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
+                if c.prepare_cached(
+                    "UPDATE events SET queued = 1, status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
                      WHERE id = ?4 AND status = 'pending'",
                 )?
-                .execute(params![attempts, last_error, now, id])?;
+                .execute(params![attempts, last_error, now, id])?
+                    == 0
+                {
+                    move_only.execute([id])?;
+                }
             }
-            _ => enqueue(
-                c,
-                tenant,
-                doc_type,
-                doc_id,
-                Ask {
-                    reason: "webhook",
-                    requested_at: received_at,
-                    sweep_run: None,
-                },
-                received_at,
-            )?,
+            _ => {
+                move_only.execute([id])?;
+                asks.entry((doc_type.as_str(), doc_id.as_str()))
+                    .and_modify(|at| *at = (*at).min(received_at.as_str()))
+                    .or_insert(received_at.as_str());
+            }
         }
+    }
+    for ((doc_type, doc_id), requested_at) in asks {
+        enqueue(
+            c,
+            tenant,
+            doc_type,
+            doc_id,
+            Ask {
+                reason: "webhook",
+                requested_at,
+                sweep_run: None,
+            },
+            requested_at,
+        )?;
     }
     Ok(rows.len())
 }
