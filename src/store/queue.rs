@@ -116,9 +116,11 @@ fn queue_recorded_events(
     if limit <= 0 {
         return Ok(0);
     }
-    // Read first, then one UPDATE per event that both takes it out of the
-    // inbox and, when a fetch already decided it, settles it: a covered
-    // event is written once, not twice.
+    // Read first; write per event only where a fetch already decided the
+    // event (it leaves the inbox settled, in one write), then take the rest
+    // out of the inbox with one range UPDATE. Per document, its coverage and
+    // queue row are read once: nothing below changes them before the
+    // requests are made at the end.
     let rows: Vec<(i64, String, String, String)> = c
         .prepare_cached(
             "SELECT id, doc_type, doc_id, received_at FROM events
@@ -128,6 +130,9 @@ fn queue_recorded_events(
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?
         .collect::<Result<_, _>>()?;
+    let Some(last_id) = rows.last().map(|r| r.0) else {
+        return Ok(0);
+    };
     let mut covered = c.prepare_cached(
         "SELECT max_event FROM fetch_covered WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
     )?;
@@ -135,7 +140,11 @@ fn queue_recorded_events(
         "SELECT status, claimed_max_event, lease_owner IS NOT NULL AND lease_until > ?4, attempts, last_error
          FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
     )?;
-    let mut move_only = c.prepare_cached("UPDATE events SET queued = 1 WHERE id = ?1")?;
+    /// A document's queue row: status, claimed_max_event, leased, attempts, last_error.
+    type Row = (String, Option<i64>, bool, i64, Option<String>);
+    /// What the batch needs to know of a document: its coverage and queue row.
+    type Known = (Option<i64>, Option<Row>);
+    let mut documents: std::collections::HashMap<(&str, &str), Known> = Default::default();
     // One request per document for the whole batch, asked for the earliest
     // of its events (a request per event only bumped the same row again).
     // Deferring it past the loop changes no decision: rows are in id order,
@@ -144,56 +153,55 @@ fn queue_recorded_events(
     // asks for a fetch.
     let mut asks: std::collections::HashMap<(&str, &str), &str> = Default::default();
     for (id, doc_type, doc_id, received_at) in &rows {
-        let last: Option<i64> = covered
-            .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
-            .optional()?;
+        let key = (doc_type.as_str(), doc_id.as_str());
+        let (last, row) = &*match documents.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let last: Option<i64> = covered
+                    .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
+                    .optional()?;
+                let row: Option<Row> = queue_row
+                    .query_row(params![tenant, doc_type, doc_id, now], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?;
+                e.insert((last, row))
+            }
+        };
         if last.is_some_and(|m| *id <= m) {
             // A fetch that began after this event arrived has stored the document.
-            if c.prepare_cached(
+            c.prepare_cached(
                 "UPDATE events SET queued = 1, status = 'done', processed_at = ?1, next_attempt_at = NULL
                  WHERE id = ?2 AND status = 'pending'",
             )?
-            .execute(params![now, id])?
-                == 0
-            {
-                move_only.execute([id])?;
-            }
+            .execute(params![now, id])?;
             continue;
         }
-        type Row = (String, Option<i64>, bool, i64, Option<String>);
-        let row: Option<Row> = queue_row
-            .query_row(params![tenant, doc_type, doc_id, now], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .optional()?;
         match row {
             // A fetch running now began after this event arrived: its outcome
-            // settles the event (it is `queued = 1` now), so no new request.
-            Some((status, Some(m), true, _, _)) if status == "queued" && *id <= m => {
-                move_only.execute([id])?;
-            }
+            // settles the event (it is `queued = 1` below), so no new request.
+            Some((status, Some(m), true, _, _)) if status == "queued" && *id <= *m => {}
             // The document went dead in a fetch that began after this event
             // arrived: the event shares that fate (`retry --dead` revives both)
             // instead of reviving the document for another round of failures.
-            Some((status, Some(m), _, attempts, last_error)) if status == "dead" && *id <= m => {
-                if c.prepare_cached(
+            Some((status, Some(m), _, attempts, last_error)) if status == "dead" && *id <= *m => {
+                c.prepare_cached(
                     "UPDATE events SET queued = 1, status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
                      WHERE id = ?4 AND status = 'pending'",
                 )?
-                .execute(params![attempts, last_error, now, id])?
-                    == 0
-                {
-                    move_only.execute([id])?;
-                }
+                .execute(params![attempts, last_error, now, id])?;
             }
             _ => {
-                move_only.execute([id])?;
-                asks.entry((doc_type.as_str(), doc_id.as_str()))
+                asks.entry(key)
                     .and_modify(|at| *at = (*at).min(received_at.as_str()))
                     .or_insert(received_at.as_str());
             }
         }
     }
+    // Every recorded event up to the batch's last id is one of `rows` (ids
+    // only grow, and this transaction is the only writer).
+    c.prepare_cached("UPDATE events SET queued = 1 WHERE tenant = ?1 AND queued = 0 AND id <= ?2")?
+        .execute(params![tenant, last_id])?;
     for ((doc_type, doc_id), requested_at) in asks {
         enqueue(
             c,
