@@ -258,8 +258,10 @@ impl Store {
     /// moves the event's document into `fetch_queue` when it next claims
     /// work ([`queue_recorded_events`]).
     pub async fn insert_event(&self, ev: NewEvent) -> Result<i64, StoreError> {
+        // Formatted here, on the caller's thread: the writer thread is the
+        // one every acknowledgement waits for.
+        let now = fmt_ts(ev.received_at);
         self.write_one(move |c| {
-            let now = fmt_ts(ev.received_at);
             let status = if ev.ignored { "ignored" } else { "pending" };
             // Only an event with a document to fetch waits to be queued.
             let to_queue = !ev.ignored && ev.doc_type.is_some() && ev.doc_id.is_some();
