@@ -90,6 +90,12 @@ struct Sample {
     backlog: Option<(i64, f64)>,
     idle_rss_mb: Option<f64>,
     peak_rss_mb: Option<f64>,
+    /// Requests wrk completed.
+    requests: u64,
+    /// CPU time of the server process per answered request, µs, and of the
+    /// daemon's writer thread alone (from /proc, 10 ms ticks).
+    cpu_us: Option<f64>,
+    writer_cpu_us: Option<f64>,
 }
 
 fn ensure_wrk() {
@@ -188,8 +194,33 @@ fn run_wrk(url: &str, script: &Path, secs: u64) -> Sample {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         errors,
+        requests: text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         ..Sample::default()
     }
+}
+
+/// CPU seconds (user + system) of a process, or of one of its threads.
+fn cpu_secs(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    // Fields after the `(comm)`: state is 3rd overall, utime 14th, stime 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The stat file of `pid`'s thread named `name`.
+fn thread_stat(pid: u32, name: &str) -> Option<String> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    dir.flatten().find_map(|e| {
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == name).then(|| e.path().join("stat").display().to_string())
+    })
 }
 
 fn free_port() -> u16 {
@@ -515,7 +546,11 @@ fn main() {
                 Trial::Ceiling => {
                     let token = CancellationToken::new();
                     let url = rt.block_on(start_ceiling(token.clone()));
-                    let s = run_wrk(&url, &script, secs);
+                    // The simulator shares this process but is idle here.
+                    let before = cpu_secs("/proc/self/stat");
+                    let mut s = run_wrk(&url, &script, secs);
+                    let used = cpu_secs("/proc/self/stat") - before;
+                    s.cpu_us = Some(used * 1e6 / s.requests.max(1) as f64);
                     token.cancel();
                     s
                 }
@@ -549,7 +584,17 @@ fn main() {
                             .spawn()
                             .expect("perf record")
                     });
+                    let proc_stat = format!("/proc/{}/stat", d.pid());
+                    let writer_stat = thread_stat(d.pid(), "skillsync-write");
+                    let before = cpu_secs(&proc_stat);
+                    let writer_before = writer_stat.as_deref().map(cpu_secs);
                     let mut s = run_wrk(&d.url, &script, secs);
+                    let n = s.requests.max(1) as f64;
+                    s.cpu_us = Some((cpu_secs(&proc_stat) - before) * 1e6 / n);
+                    s.writer_cpu_us = writer_stat
+                        .as_deref()
+                        .zip(writer_before)
+                        .map(|(p, b)| (cpu_secs(p) - b) * 1e6 / n);
                     if let Some(mut p) = perf {
                         let _ = Command::new("kill")
                             .args(["-INT", &p.id().to_string()])
@@ -569,7 +614,7 @@ fn main() {
                 }
             };
             eprintln!(
-                "  {:<44} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  non-2xx {} errors {}  backlog {:?}  rss idle/peak {:?}/{:?} MB",
+                "  {:<44} {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  non-2xx {} errors {}  backlog {:?}  rss idle/peak {:?}/{:?} MB  cpu/req {:?} µs (writer {:?})",
                 trial.label(),
                 s.rate,
                 s.p50_ms,
@@ -578,7 +623,9 @@ fn main() {
                 s.errors,
                 s.backlog,
                 s.idle_rss_mb,
-                s.peak_rss_mb
+                s.peak_rss_mb,
+                s.cpu_us.map(|v| v.round()),
+                s.writer_cpu_us.map(|v| v.round())
             );
             results[ti].push(s);
         }
@@ -612,9 +659,9 @@ fn main() {
     );
     println!();
     println!(
-        "| server | events/s | p50 ms | p99 ms | ÷ ceiling (same round) | pending at stop → settled in s | idle RSS MB | peak RSS MB | non-200 |"
+        "| server | events/s | p50 ms | p99 ms | ÷ ceiling (same round) | pending at stop → settled in s | idle RSS MB | peak RSS MB | server CPU µs/event (writer thread) | non-200 |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (ti, &trial) in trials.iter().enumerate() {
         let s = &results[ti];
         let col = |f: &dyn Fn(&Sample) -> f64, p| cell(&s.iter().map(f).collect::<Vec<_>>(), p);
@@ -632,7 +679,7 @@ fn main() {
             }
         };
         println!(
-            "| {} | {} | {} | {} | {vs} | {} → {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {vs} | {} → {} | {} | {} | {} ({}) | {} |",
             trial.label(),
             col(&|s| s.rate, 0),
             col(&|s| s.p50_ms, 2),
@@ -641,6 +688,8 @@ fn main() {
             opt(&|s| s.backlog.map(|b| b.1), 1),
             opt(&|s| s.idle_rss_mb, 1),
             opt(&|s| s.peak_rss_mb, 1),
+            opt(&|s| s.cpu_us, 0),
+            opt(&|s| s.writer_cpu_us, 0),
             s.iter().map(|s| s.non_2xx + s.errors).sum::<u64>(),
         );
     }
