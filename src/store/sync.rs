@@ -271,13 +271,12 @@ impl Store {
             )?;
             // Documents whose webhook is recorded but not yet moved into the
             // queue are just as announced (normally none: the fetcher moves
-            // them within a second).
-            let recorded: std::collections::HashSet<String> = c
-                .prepare_cached(
-                    "SELECT doc_id FROM events WHERE tenant = ?1 AND queued = 0 AND doc_type = ?2",
-                )?
-                .query_map(params![tenant, doc_type.as_str()], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+            // them within a second). Looked up per id in the partial index
+            // of recorded events, so a page costs the same whatever the
+            // inbox backlog.
+            let mut recorded = c.prepare_cached(
+                "SELECT 1 FROM events WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND queued = 0",
+            )?;
             for id in ids {
                 if let Some(s) = m
                     .query_row(params![tenant, id], |r| {
@@ -290,7 +289,9 @@ impl Store {
                 {
                     state.mirror.insert(id.clone(), s);
                 }
-                if recorded.contains(&id) || q.exists(params![tenant, doc_type.as_str(), id])? {
+                if q.exists(params![tenant, doc_type.as_str(), id])?
+                    || recorded.exists(params![tenant, doc_type.as_str(), id])?
+                {
                     state.queued.insert(id);
                 }
             }

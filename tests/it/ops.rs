@@ -171,7 +171,15 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'events_recorded_by_document'"
+        ),
+        1,
+        "the upgrade ran every migration up to the last one"
+    );
     assert_eq!(
         count(&conn, "SELECT count(*) FROM events WHERE queued = 1"),
         1
