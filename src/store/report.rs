@@ -351,30 +351,8 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
             "the stage rule changed: stage history is recomputed from document_history; revisions that retention already pruned cannot be recomputed and drop out of job_stages / project_stages"
         );
     }
-    let mut read = conn.prepare(
-        "SELECT tenant, doc_type, id, revision, document, fetched_at FROM document_history",
-    )?;
-    let mut rows = read.query([])?;
-    while let Some(r) = rows.next()? {
-        let doc_type: String = r.get(1)?;
-        if DocType::parse(&doc_type).is_none() {
-            continue;
-        }
-        let doc: String = r.get(4)?;
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            r.get::<_, String>(0)?,
-            doc_type,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            spec.stage(&parse(&doc)),
-            r.get::<_, String>(5)?
-        ])?;
-        n += 1;
-    }
+    // The table is empty now: every history revision is missing from it.
+    n += fill_missing_stages(conn, spec)?;
     conn.execute(
         "INSERT INTO daemon_state (key, value) VALUES (?1, ?2), (?3, ?4)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
