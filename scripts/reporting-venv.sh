@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Builds the Python venv the reporting tests read the database with: DuckDB
 # with its sqlite extension (the offline wheel) and Datasette, pinned, from
-# PyPI. Prints the venv's python path on its last line. Idempotent: an
+# PyPI. Prints the venv's python path (absolute) on its last line. Idempotent: an
 # existing venv with the same pins is reused (target/ is CI's cache too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SKILLSYNC_READERS_VENV:-target/reporting-venv}
 PINS="duckdb==1.5.5 duckdb-extension-sqlite==1.5.5 datasette==0.65.5"
-if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.pins" 2>/dev/null)" = "$PINS" ]; then
-  echo "$VENV/bin/python"
+# Reused only if its Python still runs and imports what the tests need (a
+# cached venv outlives the interpreter it was made from).
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.pins" 2>/dev/null)" = "$PINS" ] \
+  && "$VENV/bin/python" -c 'import duckdb, datasette' >/dev/null 2>&1; then
+  echo "$(cd "$VENV" && pwd)/bin/python"
   exit 0
 fi
 if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
@@ -21,4 +24,4 @@ python3 -m venv "$VENV" >&2
 # shellcheck disable=SC2086
 "$VENV/bin/pip" install -q --disable-pip-version-check $PINS >&2
 echo "$PINS" > "$VENV/.pins"
-echo "$VENV/bin/python"
+echo "$(cd "$VENV" && pwd)/bin/python"

@@ -158,6 +158,15 @@ fn render(
         let filled = 100.0 * stats.filled() as f64 / survey.documents as f64;
         let column = match (shown_as(ty, field, spec, upstream), stats.suggested_type()) {
             (Some(c), _) => c,
+            // A field the config's path syntax cannot name (dots, quotes,
+            // brackets…) or whose column name would be refused: say so
+            // instead of printing a line check-config rejects.
+            (None, Some(_))
+                if crate::reporting::FieldPath::parse(&format!("$.{field}")).is_err()
+                    || !crate::reporting::is_column_name(&snake_case(field)) =>
+            {
+                "- (name not expressible in [reporting])".into()
+            }
             (None, Some(t)) => {
                 let base = snake_case(field);
                 let mut name = base.clone();

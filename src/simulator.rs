@@ -623,24 +623,40 @@ impl Simulator {
             Some(snap) => snap.get(&ty).unwrap_or(&empty),
             None => s.index.get(&ty).unwrap_or(&empty),
         };
-        // The index is in (ModifiedOn, id) order: a lower bound on
-        // ModifiedOn is a binary search, the other terms a filter.
-        let lower = filters
+        // The index is in (ModifiedOn, id) order, so the terms the daemon
+        // sends (bounds on ModifiedOn, and `id >` inside one ModifiedOn) are
+        // a range found by binary search: a page and its totalCount cost
+        // O(log n + page), not a scan of the rest of the index.
+        let (lo, hi) = key_range(index, &filters);
+        let range = &index[lo..hi];
+        let with_equal = filters
             .iter()
-            .filter(|f| f.on_modified && matches!(f.op.as_str(), ">=" | ">" | "="))
-            .filter_map(|f| f.value.clone())
-            .max()
-            .unwrap_or_default();
-        let from = index.partition_point(|(m, _)| *m < lower);
-        let matching: Vec<&(String, String)> = index[from..]
-            .iter()
-            .filter(|(m, id)| filters.iter().all(|f| f.matches(m, id)))
-            .collect();
-        let total = matching.len();
+            .any(|f| f.on_modified && f.op == "=" && f.value.is_some());
+        let exact = filters.iter().all(|f| f.is_range_term(with_equal));
+        let matching: Vec<&(String, String)> = if exact {
+            range
+                .iter()
+                .skip(skip as usize)
+                .take(take as usize)
+                .collect()
+        } else {
+            range
+                .iter()
+                .filter(|(m, id)| filters.iter().all(|f| f.matches(m, id)))
+                .collect()
+        };
+        let total = if exact { range.len() } else { matching.len() };
+        let matching: Vec<&(String, String)> = if exact {
+            matching
+        } else {
+            matching
+                .into_iter()
+                .skip(skip as usize)
+                .take(take as usize)
+                .collect()
+        };
         let data: Vec<Value> = matching
             .into_iter()
-            .skip(skip as usize)
-            .take(take as usize)
             .filter_map(|(m, id)| s.docs.get(&(ty, id.clone())).map(|d| (m, d)))
             .map(|(m, d)| {
                 let mut row = Map::new();
@@ -834,6 +850,52 @@ impl ListFilter {
             _ => field != v,
         }
     }
+}
+
+impl ListFilter {
+    /// Whether [`key_range`] applies this term exactly (no scan needed);
+    /// `with_equal`: the filters also hold a `ModifiedOn =` term.
+    fn is_range_term(&self, with_equal: bool) -> bool {
+        match (self.on_modified, self.op.as_str(), self.value.is_some()) {
+            (true, ">=" | ">" | "=" | "<=" | "<", true) => true,
+            (true, "<>", false) => true, // every simulated row has a time
+            (false, ">", true) => with_equal,
+            _ => false,
+        }
+    }
+}
+
+/// The slice of the (ModifiedOn, id)-ordered index that the range terms
+/// allow: bounds on ModifiedOn, and `id >` within a `ModifiedOn =` term.
+fn key_range(index: &[(String, String)], filters: &[ListFilter]) -> (usize, usize) {
+    let (mut lo, mut hi) = (0, index.len());
+    let equal = filters
+        .iter()
+        .find(|f| f.on_modified && f.op == "=")
+        .and_then(|f| f.value.clone());
+    for f in filters {
+        let Some(v) = f.value.as_deref() else {
+            continue;
+        };
+        match (f.on_modified, f.op.as_str()) {
+            (true, ">=") | (true, "=") => {
+                lo = lo.max(index.partition_point(|(m, _)| m.as_str() < v))
+            }
+            (true, ">") => lo = lo.max(index.partition_point(|(m, _)| m.as_str() <= v)),
+            _ => {}
+        }
+        match (f.on_modified, f.op.as_str()) {
+            (true, "<=") | (true, "=") => {
+                hi = hi.min(index.partition_point(|(m, _)| m.as_str() <= v))
+            }
+            (true, "<") => hi = hi.min(index.partition_point(|(m, _)| m.as_str() < v)),
+            _ => {}
+        }
+        if let (false, ">", Some(t)) = (f.on_modified, f.op.as_str(), equal.as_deref()) {
+            lo = lo.max(index.partition_point(|(m, id)| (m.as_str(), id.as_str()) <= (t, v)));
+        }
+    }
+    (lo, hi.max(lo))
 }
 
 fn parse_filters(v: &Value, id_field: &str) -> Result<Vec<ListFilter>, String> {
