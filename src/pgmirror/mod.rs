@@ -313,6 +313,8 @@ fn tls_config(root_cert: Option<&std::path::Path>) -> Result<rustls::ClientConfi
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     fn config(pg: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
         crate::config::Config::from_toml(
             &format!(
@@ -323,55 +325,57 @@ mod tests {
     }
 
     #[test]
-    fn postgres_section_is_optional_validated_and_never_shows_the_password() {
-        assert!(config("").expect("valid").postgres.is_none());
-        let c = config("[postgres]\nurl = \"postgres://sk@db:6543/reports\"\n")
-            .expect("valid")
+    fn postgres_section_is_optional_validated_and_never_shows_the_password() -> TestResult {
+        assert!(config("")?.postgres.is_none());
+        let c = config("[postgres]\nurl = \"postgres://sk@db:6543/reports\"\n")?
             .postgres
-            .expect("on");
+            .ok_or("postgres off")?;
         assert_eq!(c.schema, "skillsync");
         assert_eq!(c.batch_size, 1000);
         assert_eq!(c.target, "sk@db:6543/reports schema skillsync");
-        let with_pw = config("[postgres]\nurl = \"postgres://sk:hunter2-pw@db/reports\"\n")
-            .expect("valid")
+        let with_pw = config("[postgres]\nurl = \"postgres://sk:hunter2-pw@db/reports\"\n")?
             .postgres
-            .expect("on");
+            .ok_or("postgres off")?;
         assert!(!format!("{with_pw:?}").contains("hunter2-pw"));
         assert!(!with_pw.target.contains("hunter2-pw"));
         let e = config(
             "[postgres]\nurl = \"postgres://sk:hunter2-pw@db/reports\"\npassword_env = \"X\"\n",
         )
-        .expect_err("two passwords");
+        .err()
+        .ok_or("two passwords")?;
         assert!(e.to_string().contains("postgres.url") && !e.to_string().contains("hunter2"));
         let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nschema = \"Bad-Name\"\n")
-            .expect_err("bad schema");
+            .err()
+            .ok_or("bad schema")?;
         assert!(e.to_string().contains("postgres.schema"), "{e}");
         let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nbatch_size = 0\n")
-            .expect_err("batch");
+            .err()
+            .ok_or("batch")?;
         assert!(e.to_string().contains("postgres.batch_size"), "{e}");
         let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\nbogus = 1\n")
-            .expect_err("unknown key");
+            .err()
+            .ok_or("unknown key")?;
         assert!(e.to_string().contains("bogus"), "{e}");
-        let e = config("[postgres]\nurl = \"mysql://sk@db/r\"\n").expect_err("scheme");
+        let e = config("[postgres]\nurl = \"mysql://sk@db/r\"\n")
+            .err()
+            .ok_or("scheme")?;
         assert!(e.to_string().contains("postgres.url"), "{e}");
         let e = config("[postgres]\nurl = \"postgres://sk@db/r\"\npassword_env = \"SKILLSYNC_TEST_UNSET_PG_PW\"\n")
-            .expect_err("unset env");
+            .err().ok_or("unset env")?;
         assert!(e.to_string().contains("postgres.password_env"), "{e}");
+        Ok(())
     }
 
     #[test]
-    fn libpq_sslmodes_map_to_what_the_client_knows() {
+    fn libpq_sslmodes_map_to_what_the_client_knows() -> TestResult {
         let n = normalise_url(
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/x/ca.pem&connect_timeout=3",
-        )
-        .expect("valid");
+        )?;
         assert_eq!(n.url, "postgres://u@h/db?sslmode=require&connect_timeout=3");
         assert_eq!(n.root_cert, Some(PathBuf::from("/x/ca.pem")));
         assert!(normalise_url("postgres://u@h/db?sslmode=bogus").is_err());
-        assert_eq!(
-            normalise_url("postgres://u@h/db").expect("valid").url,
-            "postgres://u@h/db"
-        );
+        assert_eq!(normalise_url("postgres://u@h/db")?.url, "postgres://u@h/db");
+        Ok(())
     }
 }
 
