@@ -77,9 +77,19 @@ pub fn extract(doc: &Map<String, Value>, u: &UpstreamConfig) -> FetchedDoc {
 /// `retry_initial_secs`, capped at `retry_max_secs`, with "equal jitter"
 /// (half fixed, half random) so a burst of failures does not retry in step.
 pub fn backoff(f: &FetchConfig, attempts: u32) -> Duration {
+    jittered_backoff(
+        f.retry_initial_secs.max(1) as f64,
+        f.retry_max_secs as f64,
+        attempts,
+    )
+}
+
+/// Exponential backoff with equal jitter: `initial_secs` doubled per
+/// attempt after the first, capped at `max_secs`, then half fixed and half
+/// random. Shared by fetch retries and listing-page retries.
+pub fn jittered_backoff(initial_secs: f64, max_secs: f64, attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(30);
-    let base = (f.retry_initial_secs.max(1) as f64) * 2f64.powi(exp as i32);
-    let capped = base.min(f.retry_max_secs as f64);
+    let capped = (initial_secs * 2f64.powi(exp as i32)).min(max_secs);
     Duration::from_secs_f64(capped * (0.5 + 0.5 * fastrand::f64()))
 }
 

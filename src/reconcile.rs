@@ -293,14 +293,6 @@ const FUTURE_SLACK: Duration = Duration::from_secs(60);
 /// How often a long listing logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-/// The pause before retry `attempt` (from 1) of a failed listing page:
-/// doubling from one second, capped, with equal jitter.
-fn listing_backoff(attempt: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << attempt.saturating_sub(1).min(10));
-    let capped = base.min(MAX_LISTING_BACKOFF).as_secs_f64();
-    Duration::from_secs_f64(capped * (0.5 + 0.5 * fastrand::f64()))
-}
-
 /// Runs reconciliations; cheap to clone.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -600,7 +592,11 @@ impl Reconciler {
                     attempt += 1;
                     let delay = match e.retry_after {
                         Some(d) => d.min(MAX_LISTING_RETRY_AFTER),
-                        None => listing_backoff(attempt),
+                        None => crate::fetcher::jittered_backoff(
+                            1.0,
+                            MAX_LISTING_BACKOFF.as_secs_f64(),
+                            attempt,
+                        ),
                     }
                     .min(left);
                     tracing::warn!(

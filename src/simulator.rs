@@ -633,27 +633,16 @@ impl Simulator {
             .iter()
             .any(|f| f.on_modified && f.op == "=" && f.value.is_some());
         let exact = filters.iter().all(|f| f.is_range_term(with_equal));
-        let matching: Vec<&(String, String)> = if exact {
-            range
-                .iter()
-                .skip(skip as usize)
-                .take(take as usize)
-                .collect()
+        let (total, matching): (usize, Vec<&(String, String)>) = if exact {
+            let page = range.iter().skip(skip as usize).take(take as usize);
+            (range.len(), page.collect())
         } else {
-            range
+            let all: Vec<&(String, String)> = range
                 .iter()
                 .filter(|(m, id)| filters.iter().all(|f| f.matches(m, id)))
-                .collect()
-        };
-        let total = if exact { range.len() } else { matching.len() };
-        let matching: Vec<&(String, String)> = if exact {
-            matching
-        } else {
-            matching
-                .into_iter()
-                .skip(skip as usize)
-                .take(take as usize)
-                .collect()
+                .collect();
+            let page = all.iter().copied().skip(skip as usize).take(take as usize);
+            (all.len(), page.collect())
         };
         let data: Vec<Value> = matching
             .into_iter()
