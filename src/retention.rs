@@ -1,7 +1,6 @@
-//! Retention: prunes `done`/`ignored` events, old `document_history` rows
-//! and `fetch_covered` rows no recorded event needs, in small batches (each
-//! its own short write, so webhook intake is never held up), once shortly
-//! after start and then hourly.
+//! Retention: prunes `done`/`ignored` events and old `document_history`
+//! rows in small batches (each its own short write, so webhook intake is
+//! never held up), once shortly after start and then hourly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,18 +49,6 @@ pub async fn prune_once(
                 }
             }
             tokio::task::yield_now().await;
-        }
-    }
-    // Bookkeeping of the inbox, whatever the retention settings: only needed
-    // while older recorded events wait to be queued.
-    while !shutdown.is_cancelled() {
-        match store.prune_fetch_covered(BATCH).await {
-            Ok(n) if n == BATCH => tokio::task::yield_now().await,
-            Ok(_) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "retention: pruning fetch_covered failed; will try again later");
-                break;
-            }
         }
     }
     if events + history > 0 {

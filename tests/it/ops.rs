@@ -132,9 +132,19 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 0"), 0);
-        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 1"), 1);
-        assert_eq!(count(&c, "SELECT count(*) FROM fetch_covered"), 0);
+        // The inbox cursor starts after the version-1 event: it was queued
+        // when recorded, so it does not go back through the inbox.
+        assert_eq!(
+            count(&c, "SELECT last_id FROM inbox_cursor WHERE id = 1"),
+            count(&c, "SELECT max(id) FROM events")
+        );
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'fetch_covered'"
+            ),
+            0
+        );
         let index: String = c
             .query_row(
                 "SELECT sql FROM sqlite_master WHERE name = 'events_by_document'",
@@ -142,7 +152,10 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
                 |r| r.get(0),
             )
             .expect("the index");
-        assert!(index.contains("WHERE queued = 1"), "{index}");
+        assert!(
+            index.contains("WHERE status IN ('pending', 'dead')"),
+            "{index}"
+        );
     }
 
     let toml = config_toml(&db, &sim.base_url(), FAST_FETCH, "");
@@ -171,18 +184,14 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     assert_eq!(
         count(
             &conn,
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'events_recorded_by_document'"
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'inbox_cursor'"
         ),
         1,
         "the upgrade ran every migration up to the last one"
-    );
-    assert_eq!(
-        count(&conn, "SELECT count(*) FROM events WHERE queued = 1"),
-        1
     );
     assert_eq!(count(&conn, "SELECT count(*) FROM fetch_queue"), 0);
     assert_eq!(
@@ -194,15 +203,16 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
     );
 }
 
-/// `fetch_covered` rows are kept while a recorded event they cover still
-/// waits in the inbox, and pruned once none can need them.
+/// A fetch settles every pending event of its document received before it
+/// began, including those the inbox cursor has not reached yet; the cursor
+/// later passes them without a new fetch.
 #[tokio::test]
-async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() {
+async fn a_fetch_settles_the_events_it_covers_before_the_cursor_reaches_them() {
     let mut app = spawn_app().await;
     app.stop().await; // no fetcher: the test moves events itself
     let id = app.sim.create(DocType::Job);
     let store = app.store.clone();
-    store
+    let first = store
         .insert_event(recorded_event(&app.sim, &id))
         .await
         .expect("first event");
@@ -210,30 +220,24 @@ async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() 
         .insert_event(recorded_event(&app.sim, &id))
         .await
         .expect("second event");
-    // One slot: the first event moves, the fetch covers both.
+    let cursor = || count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1");
+    let done = || {
+        count(
+            &app.sql(),
+            "SELECT count(*) FROM events WHERE status = 'done'",
+        )
+    };
+    // One slot: only the first event is passed, the fetch covers both.
     let c = claim_now(&store, 1).await;
     assert_eq!((c.len(), c[0].max_event), (1, second));
+    assert_eq!(cursor(), first);
     store_fetched(&app, c[0].clone()).await;
-    let covered = || count(&app.sql(), "SELECT count(*) FROM fetch_covered");
-    assert_eq!(covered(), 1);
-    assert_eq!(
-        store.prune_fetch_covered(500).await.expect("prune"),
-        0,
-        "the second event still waits and is covered by the row"
-    );
-    assert_eq!(covered(), 1);
-    // The second event leaves the inbox, settled by the covering fetch.
+    assert_eq!(done(), 2, "the covering fetch settled the second event too");
+    // The cursor passes the settled event: no new fetch.
     assert!(
         claim_now(&store, 1).await.is_empty(),
         "no new fetch for a covered event"
     );
-    assert_eq!(
-        count(
-            &app.sql(),
-            "SELECT count(*) FROM events WHERE status = 'done'"
-        ),
-        2
-    );
-    assert_eq!(store.prune_fetch_covered(500).await.expect("prune"), 1);
-    assert_eq!(covered(), 0);
+    assert_eq!(cursor(), second);
+    assert_eq!(done(), 2);
 }
