@@ -206,7 +206,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(config.clone());
     let quiet = CancellationToken::new();
     println!("6. skillsync reconcile (incremental), beside the running daemon:");
-    crate::cli::reconcile_now(
+    let report = crate::app::oneshot::reconcile_once(
         cfg.clone(),
         None,
         DocType::ALL.to_vec(),
@@ -214,9 +214,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         false,
         quiet.clone(),
     )
-    .await?;
+    .await;
+    print!("{report}");
+    report.outcome()?;
     println!("7. skillsync reconcile --full (detects deletions):");
-    crate::cli::reconcile_now(cfg, None, DocType::ALL.to_vec(), Kind::Full, false, quiet).await?;
+    let report = crate::app::oneshot::reconcile_once(
+        cfg,
+        None,
+        DocType::ALL.to_vec(),
+        Kind::Full,
+        false,
+        quiet,
+    )
+    .await;
+    print!("{report}");
+    report.outcome()?;
 
     let rows = store.status().await?;
     println!("\nWhat the mirror holds ({}):", args.db.display());

@@ -38,11 +38,13 @@ pub mod reconcile;
 pub mod reporting;
 pub mod retention;
 pub mod server;
+pub mod shutdown;
 pub mod simulator;
 pub mod status;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+pub mod wake;
 pub mod webhook;
 
 pub use app::run;

@@ -1125,7 +1125,7 @@ pub struct SimulateArgs {
 /// Runs `skillsync simulate` until SIGINT/SIGTERM.
 pub async fn run_cli(a: SimulateArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
-    crate::cli::cancel_on_signals(token.clone());
+    crate::shutdown::cancel_on_signals(token.clone());
     let listener = TcpListener::bind(a.listen).await?;
     let sim = Simulator::start(
         listener,

@@ -10,7 +10,6 @@
 //! JSON and fields, then the durable write. Only a committed event gets 200.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,6 @@ use futures_util::{Stream, StreamExt};
 use reqwest::Url;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use tokio::sync::Notify;
 use warp::Filter;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -32,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::server::ClientAddr;
 use crate::store::queue::NewEvent;
 use crate::store::{Store, StoreError};
+use crate::wake::Wake;
 
 /// A client gets this long to send its body once the headers arrived.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,7 +51,7 @@ pub struct WebhookState {
     tenants: Arc<Vec<TenantAuth>>,
     config: Arc<Config>,
     /// Wakes a tenant's fetch workers when an event is queued.
-    wake: Arc<HashMap<String, Arc<Notify>>>,
+    wake: Wake,
     metrics: Metrics,
     /// Answers `/healthz`; every commit or refused commit of an event is evidence for it.
     health: Health,
@@ -62,7 +61,7 @@ impl WebhookState {
     pub fn new(
         config: Arc<Config>,
         store: Store,
-        wake: Arc<HashMap<String, Arc<Notify>>>,
+        wake: Wake,
         metrics: Metrics,
         health: Health,
     ) -> Self {
