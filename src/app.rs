@@ -28,10 +28,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::health::{Health, PROBE_INTERVAL};
+use crate::http::{WebhookState, metrics_routes, routes};
 use crate::server::{self, Limits};
 use crate::store::report::ReportRole;
 use crate::store::run_blocking;
-use crate::webhook::{WebhookState, routes};
 
 /// Binds `server.metrics_listen` (`None` when it is "off"); the error names the key.
 pub async fn bind_metrics(config: &Config) -> anyhow::Result<Option<TcpListener>> {
@@ -105,7 +105,7 @@ pub async fn run_with(
 
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = metrics_listener {
-        let routes = crate::metrics::routes(store.clone(), metrics.clone(), health.clone());
+        let routes = metrics_routes(store.clone(), metrics.clone(), health.clone());
         let limits = Limits {
             max_connections: 64,
             ..Limits::default()

@@ -56,6 +56,66 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An IP network: `10.0.0.0/8`, `::1/128`, or a bare address (one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    /// At most 32 for IPv4, 128 for IPv6.
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `address[/prefix]`; the error quotes the text (never a secret).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match len {
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (an IPv4 address is never in an IPv6 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip_in(ip, self.addr, self.prefix)
+    }
+}
+
+fn ip_in(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,8 +139,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// Networks whose `X-Forwarded-For` is believed, as (address, prefix length).
-    pub trusted_proxies: Vec<(IpAddr, u8)>,
+    /// Networks whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// Connections served at once; further ones wait in the kernel backlog.
     pub max_connections: usize,
     /// Time a client has to send a request's headers (slow-loris guard).
@@ -134,6 +194,19 @@ pub struct UpstreamConfig {
     pub name_fields: Vec<String>,
     pub modified_fields: Vec<String>,
     pub version_fields: Vec<String>,
+}
+
+impl UpstreamConfig {
+    /// The path of one document under a tenant's `api_base`, from the
+    /// configured template: where the fetcher GETs it and what a webhook's
+    /// `document.url` must name.
+    pub fn document_path(&self, doc_type: crate::model::DocType, id: &str) -> String {
+        let template = match doc_type {
+            crate::model::DocType::Job => &self.job_path,
+            crate::model::DocType::Project => &self.project_path,
+        };
+        template.replace("{id}", id)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -591,28 +664,6 @@ pub fn cron_parser() -> croner::parser::CronParser {
         .build()
 }
 
-fn parse_cidr(key: &str, s: &str) -> Result<(IpAddr, u8), ConfigError> {
-    let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (s, None),
-    };
-    let ip: IpAddr = ip
-        .trim()
-        .parse()
-        .map_err(|_| err(key, format!("`{s}` is not an IP address or CIDR network")))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        Some(l) => l
-            .trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| err(key, format!("`{s}` has a bad prefix length")))?,
-        None => max,
-    };
-    Ok((ip, len))
-}
-
 /// Reads secret lines from a file: whitespace trimmed, blank and `#` lines ignored.
 fn secrets_from_file(
     key: &str,
@@ -751,7 +802,7 @@ impl RawConfig {
             .trusted_proxies
             .unwrap_or_default()
             .iter()
-            .map(|p| parse_cidr("server.trusted_proxies", p))
+            .map(|p| Cidr::parse(p).map_err(|m| err("server.trusted_proxies", m)))
             .collect::<Result<Vec<_>, _>>()?;
         let metrics_listen = parse_metrics_listen(s.metrics_listen, listen)?;
         let server = ServerConfig {
@@ -1232,6 +1283,14 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn ip_matching() -> TestResult {
+        assert!(ip_in("10.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(!ip_in("11.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(ip_in("::1".parse()?, "::1".parse()?, 128));
+        Ok(())
     }
 
     #[test]

@@ -30,9 +30,11 @@ pub mod config;
 pub mod demo;
 pub mod fetcher;
 pub mod health;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod payload;
 pub mod pgmirror;
 pub mod reconcile;
 pub mod reporting;
@@ -45,6 +47,5 @@ pub mod store;
 pub mod tls;
 pub mod upstream;
 pub mod wake;
-pub mod webhook;
 
 pub use app::run;

@@ -198,7 +198,7 @@ impl Upstream {
         let base = url.path().trim_end_matches('/').to_string();
         url.set_path(&format!(
             "{base}{}",
-            crate::webhook::document_path(config, doc_type, id)
+            config.upstream.document_path(doc_type, id)
         ));
         url
     }
