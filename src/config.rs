@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use reqwest::Url;
 use serde::Deserialize;
 
+pub mod postgres_config;
+
+pub use postgres_config::PostgresConfig;
+
 /// The commented example configuration, printed by `skillsync print-config`
 /// and checked by a test to load (with its placeholder secrets) cleanly.
 pub const EXAMPLE_CONFIG: &str = include_str!("../systemd/skillsync.example.toml");
@@ -128,7 +132,7 @@ pub struct Config {
     /// `[reporting]`: extra or overriding report view columns, the stage field.
     pub reporting: crate::reporting::ReportingConfig,
     /// `[postgres]`: the PostgreSQL mirror; `None` (off) when absent.
-    pub postgres: Option<crate::pgmirror::PostgresConfig>,
+    pub postgres: Option<PostgresConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -411,7 +415,7 @@ struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     reporting: RawReporting,
-    postgres: Option<crate::pgmirror::RawPostgres>,
+    postgres: Option<postgres_config::RawPostgres>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<RawTenant>,
 }

@@ -6,7 +6,7 @@
 //!
 //! Every metric is described (HELP text, unit in the name) in [`describe`],
 //! so the scrape passes `promtool check metrics`. The metrics listener's
-//! routes (`/metrics`, a detailed `/healthz`) are in [`crate::http`].
+//! routes (`/metrics`, a detailed `/healthz`) are with the other HTTP routes.
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -3,8 +3,8 @@
 //! Reads only the fields it checks (`action`, `document.type`, `.id`,
 //! `.url`), borrowing strings from the body, and refuses a `document.url`
 //! that is not this document's URL on the tenant's `api_base`, so a payload
-//! never chooses where credentials are sent. The HTTP edge
-//! ([`crate::http`]) answers a [`PayloadError`] with 400.
+//! never chooses where credentials are sent. The HTTP edge answers a
+//! [`PayloadError`] with 400.
 
 use std::borrow::Cow;
 

@@ -1,7 +1,7 @@
 //! Turning SIGTERM and SIGINT into a cancelled [`CancellationToken`], the
 //! one shutdown signal every long-running command (`serve`, `reconcile`,
-//! `simulate`) passes down. SIGHUP is not here: it reloads, never stops
-//! (see [`crate::app`]).
+//! `simulate`) passes down. SIGHUP is not here: it reloads, never stops,
+//! and `serve` handles it itself.
 
 use tokio_util::sync::CancellationToken;
 

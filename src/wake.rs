@@ -1,7 +1,7 @@
 //! The per-tenant wake-up of the fetch workers: the webhook handler and a
 //! reconciliation notify a tenant's [`Notify`] when they queue work, and
-//! that tenant's worker loop (see [`crate::fetcher`]) claims at once instead
-//! of at its next poll. Its own module so the HTTP edge and reconciliation
+//! that tenant's fetch worker loop claims at once instead of at its next
+//! poll. Its own module so the HTTP edge and reconciliation
 //! can wake the fetcher without depending on it.
 
 use std::collections::HashMap;

@@ -1,7 +1,6 @@
 //! Why a request to the public listener was refused ([`WebhookError`]), and
 //! the one place a refusal becomes an HTTP status and JSON body, whether the
-//! handler refused it or no route matched (warp's rejections, via
-//! [`rejection`]).
+//! handler refused it or no route matched (warp's rejections).
 
 use serde_json::json;
 use warp::Reply;
@@ -11,7 +10,7 @@ use warp::reply::Response;
 use crate::payload::PayloadError;
 use crate::store::StoreError;
 
-/// Why a request was refused; mapped to a status and body in [`WebhookError::into_response`].
+/// Why a request was refused; mapped to a status and body in `into_response`.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("unauthorized")]
