@@ -68,15 +68,9 @@ pub async fn run_with(
     let tasks = TaskTracker::new();
     let tenants = pipeline.config.tenants.iter().map(|t| &t.name);
     pipeline.spawn_fetchers(&tasks, tenants, &shutdown, None);
-    let Pipeline {
-        config,
-        store,
-        metrics,
-        fetcher,
-        reconciler,
-        wake,
-    } = pipeline;
-    let scheduler = reconciler
+    let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
+    let scheduler = pipeline
+        .reconciler
         .clone()
         .start_schedules(shutdown.clone(), &tasks)
         .await?;
@@ -105,7 +99,7 @@ pub async fn run_with(
 
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = metrics_listener {
-        let routes = metrics_routes(store.clone(), metrics.clone(), health.clone());
+        let routes = metrics_routes(store.clone(), pipeline.metrics.clone(), health.clone());
         let limits = Limits {
             max_connections: 64,
             ..Limits::default()
@@ -143,7 +137,13 @@ pub async fn run_with(
         tls,
         ..Limits::default()
     };
-    let state = WebhookState::new(config.clone(), store.clone(), wake, metrics, health);
+    let state = WebhookState::new(
+        config.clone(),
+        store.clone(),
+        pipeline.wake.clone(),
+        pipeline.metrics.clone(),
+        health,
+    );
     server::serve(listener, routes(state), limits, shutdown.clone()).await;
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -153,8 +153,8 @@ pub async fn run_with(
     }
     tasks.close();
     tasks.wait().await;
-    fetcher.release().await;
-    reconciler.release_locks().await;
+    pipeline.fetcher.release().await;
+    pipeline.reconciler.release_locks().await;
     if let Some(sink) = pg_sink {
         run_blocking(move || sink.stop()).await;
     }

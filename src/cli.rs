@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::oneshot::OneShot;
 use crate::config::{Config, EXAMPLE_CONFIG};
 use crate::model::DocType;
 use crate::reconcile::Kind;
@@ -400,8 +401,13 @@ pub async fn reconcile_now(
     force: bool,
     token: CancellationToken,
 ) -> anyhow::Result<bool> {
-    let report =
-        crate::app::oneshot::reconcile_once(config, tenant, types, kind, force, token).await;
+    let what = OneShot {
+        tenant,
+        types,
+        kind,
+        force,
+    };
+    let report = crate::app::oneshot::reconcile_once(config, what, token).await;
     print!("{report}");
     report.outcome()
 }

@@ -123,19 +123,39 @@ impl fmt::Display for ReconcileReport {
     }
 }
 
-/// One reconciliation of `tenant` (default: all) and `types`, then the
-/// fetches it queued until nothing is due within a minute, then the
-/// deletions those fetches confirmed.
+/// What a one-shot reconciliation covers, and how.
+#[derive(Debug, Clone)]
+pub struct OneShot {
+    /// One tenant, or (`None`) every configured one.
+    pub tenant: Option<String>,
+    pub types: Vec<DocType>,
+    pub kind: Kind,
+    /// With a full sweep: mark deletions even beyond `max_delete_fraction`.
+    pub force: bool,
+}
+
+impl OneShot {
+    /// Every tenant and type, without `force`.
+    pub fn everything(kind: Kind) -> OneShot {
+        OneShot {
+            tenant: None,
+            types: DocType::ALL.to_vec(),
+            kind,
+            force: false,
+        }
+    }
+}
+
+/// One reconciliation of what `what` names, then the fetches it queued
+/// until nothing is due within a minute, then the deletions those fetches
+/// confirmed.
 pub async fn reconcile_once(
     config: Arc<Config>,
-    tenant: Option<String>,
-    types: Vec<DocType>,
-    kind: Kind,
-    force: bool,
+    what: OneShot,
     token: CancellationToken,
 ) -> ReconcileReport {
     let mut report = ReconcileReport::default();
-    if let Err(e) = reconcile_into(&mut report, config, tenant, types, kind, force, token).await {
+    if let Err(e) = reconcile_into(&mut report, config, what, token).await {
         report.error = Some(e);
     }
     report
@@ -144,21 +164,22 @@ pub async fn reconcile_once(
 async fn reconcile_into(
     report: &mut ReconcileReport,
     config: Arc<Config>,
-    tenant: Option<String>,
-    types: Vec<DocType>,
-    kind: Kind,
-    force: bool,
+    what: OneShot,
     token: CancellationToken,
 ) -> anyhow::Result<()> {
     let pipeline = Pipeline::build(config, ReportRole::Follower).await?;
     let (config, store) = (&pipeline.config, &pipeline.store);
-    let tenants: Vec<String> = match tenant {
+    let tenants: Vec<String> = match what.tenant {
         Some(t) => vec![t],
         None => config.tenants.iter().map(|t| t.name.clone()).collect(),
     };
     for t in &tenants {
-        for ty in &types {
-            match pipeline.reconciler.run(t, *ty, kind, force, &token).await {
+        for ty in &what.types {
+            match pipeline
+                .reconciler
+                .run(t, *ty, what.kind, what.force, &token)
+                .await
+            {
                 Ok(s) => report.runs.push(RunOutcome::Ran(s)),
                 Err(e @ RunError::Busy(..)) => report.runs.push(RunOutcome::Skipped {
                     tenant: t.clone(),
