@@ -174,3 +174,58 @@ pub fn metrics_routes(
         })
         .unify()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[tokio::test]
+    async fn routes_answer_wrong_paths_and_methods_precisely() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let config = Arc::new(Config::from_toml(
+            "[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"secret-acme\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://x.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"s\"\n",
+            None,
+        )?);
+        let store = Store::open(&dir.path().join("r.db"), Duration::from_secs(1))?;
+        let health = Health::new(Duration::from_secs(5), Duration::from_secs(1));
+        let wake = crate::wake::for_tenants(&config);
+        let filter = routes(WebhookState::new(
+            config,
+            store,
+            wake,
+            Metrics::install(),
+            health,
+        ));
+        for (method, path, status, error) in [
+            ("GET", "/elsewhere", 404, "not found"),
+            ("GET", "/metrics", 404, "not found"),
+            ("POST", "/skillseventx", 404, "not found"),
+            ("POST", "/skillsevent/a/b", 404, "not found"),
+            ("POST", "/healthz", 405, "method not allowed"),
+            (
+                "GET",
+                "/skillsevent",
+                405,
+                "method not allowed: POST the event",
+            ),
+            ("POST", "/skillsevent/acme", 401, "unauthorized"),
+        ] {
+            let r = warp::test::request()
+                .method(method)
+                .path(path)
+                .reply(&filter)
+                .await;
+            let body: serde_json::Value = serde_json::from_slice(r.body())?;
+            assert_eq!(
+                (r.status().as_u16(), body["error"].as_str()),
+                (status, Some(error)),
+                "{method} {path}"
+            );
+        }
+        Ok(())
+    }
+}
