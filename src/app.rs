@@ -13,40 +13,25 @@
 //! in flight within a deadline and release the rest, scheduled runs are
 //! marked interrupted, then the WAL is checkpointed.
 
-use std::collections::HashMap;
+pub mod oneshot;
+mod pipeline;
+
+pub use pipeline::{Pipeline, open_store};
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::fetcher::Fetcher;
 use crate::health::{Health, PROBE_INTERVAL};
-use crate::metrics::Metrics;
-use crate::reconcile::Reconciler;
+use crate::http::{WebhookState, metrics_routes, routes};
 use crate::server::{self, Limits};
 use crate::store::report::ReportRole;
-use crate::store::{Store, run_blocking};
-use crate::upstream::Upstream;
-use crate::webhook::{WebhookState, routes};
-
-/// Opens the database on a blocking thread. `serve` opens it as the
-/// [`ReportRole::Owner`] of the report tables; operator commands beside it
-/// as a follower, so they never rebuild those tables under a running daemon.
-pub async fn open_store(config: &Config, role: ReportRole) -> anyhow::Result<Store> {
-    let path = config.database.path.clone();
-    let busy = Duration::from_millis(config.database.busy_timeout_ms);
-    let shown = path.display().to_string();
-    let group = config.database.group_commit;
-    let report = crate::reporting::ReportSpec::new(&config.reporting);
-    run_blocking(move || Store::open_with_report(&path, busy, group, report, role))
-        .await
-        .with_context(|| format!("cannot use database {shown}"))
-}
+use crate::store::run_blocking;
 
 /// Binds `server.metrics_listen` (`None` when it is "off"); the error names the key.
 pub async fn bind_metrics(config: &Config) -> anyhow::Result<Option<TcpListener>> {
@@ -79,41 +64,13 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     // Before anything can take a while: from here on SIGHUP never stops us.
     let hangups = hangup_signals();
-    let config = Arc::new(config);
-    let store = open_store(&config, ReportRole::Owner).await?;
-    let metrics = Metrics::install();
-    let upstream = Upstream::new(&config)?;
-    let fetcher = Fetcher::new(
-        store.clone(),
-        upstream.clone(),
-        config.clone(),
-        metrics.clone(),
-    );
-    let wake: Arc<HashMap<String, Arc<Notify>>> = Arc::new(
-        config
-            .tenants
-            .iter()
-            .map(|t| (t.name.clone(), Arc::new(Notify::new())))
-            .collect(),
-    );
-
+    let pipeline = Pipeline::build(Arc::new(config), ReportRole::Owner).await?;
     let tasks = TaskTracker::new();
-    for (tenant, notify) in wake.iter() {
-        tasks.spawn(fetcher.clone().run_tenant(
-            tenant.clone(),
-            notify.clone(),
-            shutdown.clone(),
-            None,
-        ));
-    }
-    let reconciler = Reconciler::new(
-        store.clone(),
-        upstream,
-        config.clone(),
-        wake.clone(),
-        fetcher.owner().to_string(),
-    );
-    let scheduler = reconciler
+    let tenants = pipeline.config.tenants.iter().map(|t| &t.name);
+    pipeline.spawn_fetchers(&tasks, tenants, &shutdown, None);
+    let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
+    let scheduler = pipeline
+        .reconciler
         .clone()
         .start_schedules(shutdown.clone(), &tasks)
         .await?;
@@ -142,7 +99,7 @@ pub async fn run_with(
 
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = metrics_listener {
-        let routes = crate::metrics::routes(store.clone(), metrics.clone(), health.clone());
+        let routes = metrics_routes(store.clone(), pipeline.metrics.clone(), health.clone());
         let limits = Limits {
             max_connections: 64,
             ..Limits::default()
@@ -180,7 +137,13 @@ pub async fn run_with(
         tls,
         ..Limits::default()
     };
-    let state = WebhookState::new(config.clone(), store.clone(), wake, metrics, health);
+    let state = WebhookState::new(
+        config.clone(),
+        store.clone(),
+        pipeline.wake.clone(),
+        pipeline.metrics.clone(),
+        health,
+    );
     server::serve(listener, routes(state), limits, shutdown.clone()).await;
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
@@ -190,8 +153,8 @@ pub async fn run_with(
     }
     tasks.close();
     tasks.wait().await;
-    fetcher.release().await;
-    reconciler.release_locks().await;
+    pipeline.fetcher.release().await;
+    pipeline.reconciler.release_locks().await;
     if let Some(sink) = pg_sink {
         run_blocking(move || sink.stop()).await;
     }

@@ -4,14 +4,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::oneshot::OneShot;
 use crate::config::{Config, EXAMPLE_CONFIG};
 use crate::model::DocType;
-use crate::reconcile::{Kind, RunError};
+use crate::reconcile::Kind;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -147,25 +147,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
-pub fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = term => tracing::info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        }
-        token.cancel();
-    });
-}
-
 pub fn main() -> ExitCode {
     // Help and usage errors in colour only when stdout is a terminal too
     // (clap itself checks the stream it writes to and NO_COLOR).
@@ -222,7 +203,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     ExitCode::from(2)
                 })?;
                 let token = CancellationToken::new();
-                cancel_on_signals(token.clone());
+                crate::shutdown::cancel_on_signals(token.clone());
                 crate::app::run_with(config, listener, metrics_listener, token)
                     .await
                     .map_err(|e| {
@@ -315,7 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let rt = runtime()?;
             rt.block_on(async move {
                 let token = CancellationToken::new();
-                cancel_on_signals(token.clone());
+                crate::shutdown::cancel_on_signals(token.clone());
                 let types: Vec<DocType> = match r#type {
                     Some(t) => vec![t.into()],
                     None => DocType::ALL.to_vec(),
@@ -410,9 +391,8 @@ async fn listener(config: &Config) -> Result<tokio::net::TcpListener, ExitCode> 
         })
 }
 
-/// One reconciliation of the chosen tenants and types, then the fetches it
-/// queued (worked here, beside any running `serve`: claims go through the
-/// database). Returns whether every run succeeded.
+/// `skillsync reconcile`: [`crate::app::oneshot::reconcile_once`], its
+/// report printed. Returns whether every run succeeded.
 pub async fn reconcile_now(
     config: Arc<Config>,
     tenant: Option<String>,
@@ -421,104 +401,13 @@ pub async fn reconcile_now(
     force: bool,
     token: CancellationToken,
 ) -> anyhow::Result<bool> {
-    let store = crate::app::open_store(&config, crate::store::report::ReportRole::Follower).await?;
-    let metrics = crate::metrics::Metrics::install();
-    let upstream = crate::upstream::Upstream::new(&config)?;
-    let fetcher =
-        crate::fetcher::Fetcher::new(store.clone(), upstream.clone(), config.clone(), metrics);
-    let wake: Arc<std::collections::HashMap<String, Arc<tokio::sync::Notify>>> = Arc::new(
-        config
-            .tenants
-            .iter()
-            .map(|t| (t.name.clone(), Arc::new(tokio::sync::Notify::new())))
-            .collect(),
-    );
-    let rec = crate::reconcile::Reconciler::new(
-        store.clone(),
-        upstream,
-        config.clone(),
-        wake.clone(),
-        fetcher.owner().to_string(),
-    );
-    let tenants: Vec<String> = match tenant {
-        Some(t) => vec![t],
-        None => config.tenants.iter().map(|t| t.name.clone()).collect(),
+    let what = OneShot {
+        tenant,
+        types,
+        kind,
+        force,
     };
-    let mut all_ok = true;
-    let mut sweeps = Vec::new();
-    for t in &tenants {
-        for ty in &types {
-            match rec.run(t, *ty, kind, force, &token).await {
-                Ok(s) => {
-                    println!(
-                        "{} {} {}: {} (listed {}, enqueued {}, missed {}, deletion candidates {}){}",
-                        s.tenant,
-                        s.doc_type,
-                        s.kind,
-                        s.status,
-                        s.counts.listed,
-                        s.counts.enqueued,
-                        s.counts.missed,
-                        s.counts.candidates,
-                        s.error
-                            .as_deref()
-                            .map(|e| format!(": {e}"))
-                            .unwrap_or_default()
-                    );
-                    all_ok &= s.status == "ok";
-                    if s.counts.candidates > 0 {
-                        sweeps.push(s);
-                    }
-                }
-                Err(e @ RunError::Busy(..)) => {
-                    println!("{t} {ty}: skipped: {e}");
-                    all_ok = false;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    // Work the queue of these tenants until nothing is due within a minute.
-    let mut handles = Vec::new();
-    for t in &tenants {
-        let notify = wake.get(t).cloned().unwrap_or_default();
-        handles.push(tokio::spawn(fetcher.clone().run_tenant(
-            t.clone(),
-            notify,
-            token.clone(),
-            Some(Duration::from_secs(60)),
-        )));
-    }
-    for h in handles {
-        let _ = h.await;
-    }
-    fetcher.release().await;
-    // Deletions are confirmed by the GETs just made (404/410).
-    for s in &sweeps {
-        let marked = store.run_marked_deleted(s.run_id).await?;
-        println!(
-            "{} {} {}: {} of {} deletion candidates confirmed gone and marked deleted",
-            s.tenant, s.doc_type, s.kind, marked, s.counts.candidates
-        );
-    }
-    for t in &tenants {
-        let counts = store.event_counts(t.clone()).await?;
-        let status = store.status().await?;
-        let queued: i64 = status
-            .iter()
-            .filter(|r| &r.tenant == t)
-            .map(|r| r.queued_fetches)
-            .sum();
-        let dead: i64 = status
-            .iter()
-            .filter(|r| &r.tenant == t)
-            .map(|r| r.dead_documents)
-            .sum();
-        println!("{t}: fetches still queued {queued}, dead documents {dead}; events {counts:?}");
-    }
-    // No checkpoint here: `serve` may be running, and a checkpoint that
-    // waits for readers holds its writers (webhook intake) meanwhile.
-    // SQLite's automatic checkpoints are passive; `serve` truncates the WAL
-    // at its own stop.
-    Ok(all_ok)
+    let report = crate::app::oneshot::reconcile_once(config, what, token).await;
+    print!("{report}");
+    report.outcome()
 }

@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use reqwest::Url;
 use serde::Deserialize;
 
+pub mod postgres_config;
+
+pub use postgres_config::PostgresConfig;
+
 /// The commented example configuration, printed by `skillsync print-config`
 /// and checked by a test to load (with its placeholder secrets) cleanly.
 pub const EXAMPLE_CONFIG: &str = include_str!("../systemd/skillsync.example.toml");
@@ -56,6 +60,66 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An IP network: `10.0.0.0/8`, `::1/128`, or a bare address (one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    /// At most 32 for IPv4, 128 for IPv6.
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `address[/prefix]`; the error quotes the text (never a secret).
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (ip, len) = match s.split_once('/') {
+            Some((ip, len)) => (ip, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match len {
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in this network (an IPv4 address is never in an IPv6 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip_in(ip, self.addr, self.prefix)
+    }
+}
+
+fn ip_in(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,7 +132,7 @@ pub struct Config {
     /// `[reporting]`: extra or overriding report view columns, the stage field.
     pub reporting: crate::reporting::ReportingConfig,
     /// `[postgres]`: the PostgreSQL mirror; `None` (off) when absent.
-    pub postgres: Option<crate::pgmirror::PostgresConfig>,
+    pub postgres: Option<PostgresConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -79,8 +143,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
-    /// Networks whose `X-Forwarded-For` is believed, as (address, prefix length).
-    pub trusted_proxies: Vec<(IpAddr, u8)>,
+    /// Networks whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
     /// Connections served at once; further ones wait in the kernel backlog.
     pub max_connections: usize,
     /// Time a client has to send a request's headers (slow-loris guard).
@@ -134,6 +198,19 @@ pub struct UpstreamConfig {
     pub name_fields: Vec<String>,
     pub modified_fields: Vec<String>,
     pub version_fields: Vec<String>,
+}
+
+impl UpstreamConfig {
+    /// The path of one document under a tenant's `api_base`, from the
+    /// configured template: where the fetcher GETs it and what a webhook's
+    /// `document.url` must name.
+    pub fn document_path(&self, doc_type: crate::model::DocType, id: &str) -> String {
+        let template = match doc_type {
+            crate::model::DocType::Job => &self.job_path,
+            crate::model::DocType::Project => &self.project_path,
+        };
+        template.replace("{id}", id)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -338,7 +415,7 @@ struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     reporting: RawReporting,
-    postgres: Option<crate::pgmirror::RawPostgres>,
+    postgres: Option<postgres_config::RawPostgres>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<RawTenant>,
 }
@@ -591,28 +668,6 @@ pub fn cron_parser() -> croner::parser::CronParser {
         .build()
 }
 
-fn parse_cidr(key: &str, s: &str) -> Result<(IpAddr, u8), ConfigError> {
-    let (ip, len) = match s.split_once('/') {
-        Some((ip, len)) => (ip, Some(len)),
-        None => (s, None),
-    };
-    let ip: IpAddr = ip
-        .trim()
-        .parse()
-        .map_err(|_| err(key, format!("`{s}` is not an IP address or CIDR network")))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        Some(l) => l
-            .trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| err(key, format!("`{s}` has a bad prefix length")))?,
-        None => max,
-    };
-    Ok((ip, len))
-}
-
 /// Reads secret lines from a file: whitespace trimmed, blank and `#` lines ignored.
 fn secrets_from_file(
     key: &str,
@@ -679,7 +734,7 @@ fn parse_metrics_listen(
     listen: SocketAddr,
 ) -> Result<Option<SocketAddr>, ConfigError> {
     const KEY: &str = "server.metrics_listen";
-    let text = v.unwrap_or_else(|| "127.0.0.1:9187".to_string());
+    let text = v.unwrap_or_else(|| defaults::METRICS_LISTEN.to_string());
     if text.trim() == "off" {
         return Ok(None);
     }
@@ -707,17 +762,110 @@ fn required_text(key: &str, v: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
+/// Every default the config fills in, in one place: validation reads them,
+/// and so does the simulator (its paths and query names are the config's
+/// defaults, so a default config talks to it as is).
+pub mod defaults {
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    pub const WEBHOOK_PATH: &str = "/skillsevent";
+    pub const MAX_BODY_BYTES: i64 = 65536;
+    pub const MAX_CONNECTIONS: i64 = 1024;
+    pub const HEADER_READ_TIMEOUT_SECS: i64 = 10;
+    pub const METRICS_LISTEN: &str = "127.0.0.1:9187";
+
+    pub const DATABASE_PATH: &str = "/var/lib/skillsync/skillsync.db";
+    pub const BUSY_TIMEOUT_MS: i64 = 5000;
+
+    pub const FETCH_CONCURRENCY: i64 = 8;
+    pub const FETCH_TIMEOUT_SECS: i64 = 35;
+    pub const MAX_ATTEMPTS: i64 = 10;
+    pub const RETRY_INITIAL_SECS: i64 = 2;
+    pub const RETRY_MAX_SECS: i64 = 3600;
+    pub const MAX_DOCUMENT_BYTES: i64 = 4 << 20;
+
+    pub const JOB_PATH: &str = "/api/jobs/{id}";
+    pub const PROJECT_PATH: &str = "/api/projects/{id}";
+    pub const LISTING_PATH: &str = "/api/v3/analytics/named-query/{query}/dynamic-execute";
+    pub const JOBS_QUERY: &str = "DE-Jobs";
+    pub const PROJECTS_QUERY: &str = "DE-Projects";
+    pub const JOB_ID_FIELD: &str = "JobId";
+    pub const PROJECT_ID_FIELD: &str = "ProjectId";
+    pub const MODIFIED_FIELD: &str = "ModifiedOn";
+    pub const PAGE_SIZE: i64 = 500;
+    pub const OVERLAP_SECS: i64 = 300;
+    pub const LISTING_RETRY_SECS: i64 = 900;
+    pub const JOB_TYPES: &[&str] = &["SkillsWorkflow.Job", "Job"];
+    pub const PROJECT_TYPES: &[&str] = &["SkillsWorkflow.Project", "Project"];
+    pub const NUMBER_FIELDS: &[&str] = &["Number", "JobNumber", "ProjectNumber"];
+    pub const NAME_FIELDS: &[&str] = &["Name", "Subject", "Job", "Project"];
+    pub const MODIFIED_FIELDS: &[&str] = &["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"];
+    pub const VERSION_FIELDS: &[&str] = &["Version"];
+
+    pub const EVENTS_DAYS: i64 = 30;
+    pub const HISTORY_DAYS: i64 = 0;
+
+    pub const RECONCILE_SCHEDULE: &str = "0 */15 * * * *";
+    pub const FULL_SWEEP_SCHEDULE: &str = "0 30 2 * * *";
+    pub const MAX_DELETE_FRACTION: f64 = 0.1;
+}
+
 impl RawConfig {
+    /// Each section in turn; the first key at fault is the error.
     fn validate(self, base_dir: Option<&Path>, read_secrets: bool) -> Result<Config, ConfigError> {
-        let s = self.server;
-        let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".to_string());
+        let secrets = SecretReader {
+            base_dir,
+            read: read_secrets,
+        };
+        let server = self.server.validate()?;
+        let database = self.database.validate()?;
+        let fetch = self.fetch.validate()?;
+        let upstream = self.upstream.validate()?;
+        let reporting = self.reporting.validate()?;
+        let postgres = match self.postgres {
+            None => None,
+            Some(p) => Some(p.validate(
+                |key, file, env| {
+                    match (file, env) {
+                        (Some(path), _) => secrets
+                            .one_from_file(&format!("postgres.{key}"), path)
+                            .map(Some),
+                        (None, Some(var)) => {
+                            secret_from_env(&format!("postgres.{key}"), var).map(Some)
+                        }
+                        (None, None) => Ok(None),
+                    }
+                },
+                read_secrets,
+            )?),
+        };
+        let retention = self.retention.validate()?;
+        let tenants = validate_tenants(self.tenants, &secrets)?;
+        Ok(Config {
+            server,
+            database,
+            fetch,
+            upstream,
+            retention,
+            tenants,
+            reporting,
+            postgres,
+        })
+    }
+}
+
+impl RawServer {
+    fn validate(self) -> Result<ServerConfig, ConfigError> {
+        let s = self;
+        let listen_text = s.listen.unwrap_or_else(|| defaults::LISTEN.to_string());
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             err(
                 "server.listen",
                 format!("`{listen_text}` is not an address:port"),
             )
         })?;
-        let webhook_path = s.webhook_path.unwrap_or_else(|| "/skillsevent".to_string());
+        let webhook_path = s
+            .webhook_path
+            .unwrap_or_else(|| defaults::WEBHOOK_PATH.to_string());
         let webhook_path = webhook_path.trim_end_matches('/').to_string();
         if !webhook_path.starts_with('/')
             || webhook_path.len() < 2
@@ -751,17 +899,17 @@ impl RawConfig {
             .trusted_proxies
             .unwrap_or_default()
             .iter()
-            .map(|p| parse_cidr("server.trusted_proxies", p))
+            .map(|p| Cidr::parse(p).map_err(|m| err("server.trusted_proxies", m)))
             .collect::<Result<Vec<_>, _>>()?;
         let metrics_listen = parse_metrics_listen(s.metrics_listen, listen)?;
-        let server = ServerConfig {
+        Ok(ServerConfig {
             metrics_listen,
             listen,
             webhook_path,
             max_body_bytes: int_in(
                 "server.max_body_bytes",
                 s.max_body_bytes,
-                65536,
+                defaults::MAX_BODY_BYTES,
                 256,
                 16 << 20,
             )? as usize,
@@ -771,55 +919,86 @@ impl RawConfig {
             max_connections: int_in(
                 "server.max_connections",
                 s.max_connections,
-                1024,
+                defaults::MAX_CONNECTIONS,
                 1,
                 100_000,
             )? as usize,
             header_read_timeout_secs: int_in(
                 "server.header_read_timeout_secs",
                 s.header_read_timeout_secs,
-                10,
+                defaults::HEADER_READ_TIMEOUT_SECS,
                 1,
                 300,
             )? as u64,
-        };
+        })
+    }
+}
 
+impl RawDatabase {
+    fn validate(self) -> Result<DatabaseConfig, ConfigError> {
         let database = DatabaseConfig {
             path: self
-                .database
                 .path
-                .unwrap_or_else(|| PathBuf::from("/var/lib/skillsync/skillsync.db")),
+                .unwrap_or_else(|| PathBuf::from(defaults::DATABASE_PATH)),
             busy_timeout_ms: int_in(
                 "database.busy_timeout_ms",
-                self.database.busy_timeout_ms,
-                5000,
+                self.busy_timeout_ms,
+                defaults::BUSY_TIMEOUT_MS,
                 0,
                 600_000,
             )? as u64,
-            group_commit: self.database.group_commit.unwrap_or(true),
+            group_commit: self.group_commit.unwrap_or(true),
         };
         if database.path.as_os_str().is_empty() {
             return Err(err("database.path", "must not be empty"));
         }
+        Ok(database)
+    }
+}
 
-        let f = self.fetch;
+impl RawFetch {
+    fn validate(self) -> Result<FetchConfig, ConfigError> {
+        let f = self;
         let fetch = FetchConfig {
-            concurrency: int_in("fetch.concurrency", f.concurrency, 8, 1, 256)? as usize,
-            timeout_secs: int_in("fetch.timeout_secs", f.timeout_secs, 35, 1, 600)? as u64,
-            max_attempts: int_in("fetch.max_attempts", f.max_attempts, 10, 1, 1000)? as u32,
+            concurrency: int_in(
+                "fetch.concurrency",
+                f.concurrency,
+                defaults::FETCH_CONCURRENCY,
+                1,
+                256,
+            )? as usize,
+            timeout_secs: int_in(
+                "fetch.timeout_secs",
+                f.timeout_secs,
+                defaults::FETCH_TIMEOUT_SECS,
+                1,
+                600,
+            )? as u64,
+            max_attempts: int_in(
+                "fetch.max_attempts",
+                f.max_attempts,
+                defaults::MAX_ATTEMPTS,
+                1,
+                1000,
+            )? as u32,
             retry_initial_secs: int_in(
                 "fetch.retry_initial_secs",
                 f.retry_initial_secs,
-                2,
+                defaults::RETRY_INITIAL_SECS,
                 0,
                 86_400,
             )? as u64,
-            retry_max_secs: int_in("fetch.retry_max_secs", f.retry_max_secs, 3600, 1, 86_400)?
-                as u64,
+            retry_max_secs: int_in(
+                "fetch.retry_max_secs",
+                f.retry_max_secs,
+                defaults::RETRY_MAX_SECS,
+                1,
+                86_400,
+            )? as u64,
             max_document_bytes: int_in(
                 "fetch.max_document_bytes",
                 f.max_document_bytes,
-                4 << 20,
+                defaults::MAX_DOCUMENT_BYTES,
                 1024,
                 256 << 20,
             )? as usize,
@@ -830,158 +1009,232 @@ impl RawConfig {
                 "must not exceed fetch.retry_max_secs",
             ));
         }
+        Ok(fetch)
+    }
+}
 
-        let u = self.upstream;
-        let upstream = UpstreamConfig {
-            job_path: path_template("upstream.job_path", u.job_path, "/api/jobs/{id}", "{id}")?,
+impl RawUpstream {
+    fn validate(self) -> Result<UpstreamConfig, ConfigError> {
+        let u = self;
+        let text = |key: &str, v: Option<String>, default: &str| {
+            required_text(key, Some(v.unwrap_or_else(|| default.into())))
+        };
+        Ok(UpstreamConfig {
+            job_path: path_template("upstream.job_path", u.job_path, defaults::JOB_PATH, "{id}")?,
             project_path: path_template(
                 "upstream.project_path",
                 u.project_path,
-                "/api/projects/{id}",
+                defaults::PROJECT_PATH,
                 "{id}",
             )?,
             listing_path: path_template(
                 "upstream.listing_path",
                 u.listing_path,
-                "/api/v3/analytics/named-query/{query}/dynamic-execute",
+                defaults::LISTING_PATH,
                 "{query}",
             )?,
-            jobs_query: required_text(
-                "upstream.jobs_query",
-                Some(u.jobs_query.unwrap_or_else(|| "DE-Jobs".into())),
-            )?,
-            projects_query: required_text(
+            jobs_query: text("upstream.jobs_query", u.jobs_query, defaults::JOBS_QUERY)?,
+            projects_query: text(
                 "upstream.projects_query",
-                Some(u.projects_query.unwrap_or_else(|| "DE-Projects".into())),
+                u.projects_query,
+                defaults::PROJECTS_QUERY,
             )?,
-            job_id_field: required_text(
+            job_id_field: text(
                 "upstream.job_id_field",
-                Some(u.job_id_field.unwrap_or_else(|| "JobId".into())),
+                u.job_id_field,
+                defaults::JOB_ID_FIELD,
             )?,
-            project_id_field: required_text(
+            project_id_field: text(
                 "upstream.project_id_field",
-                Some(u.project_id_field.unwrap_or_else(|| "ProjectId".into())),
+                u.project_id_field,
+                defaults::PROJECT_ID_FIELD,
             )?,
-            modified_field: required_text(
+            modified_field: text(
                 "upstream.modified_field",
-                Some(u.modified_field.unwrap_or_else(|| "ModifiedOn".into())),
+                u.modified_field,
+                defaults::MODIFIED_FIELD,
             )?,
-            page_size: int_in("upstream.page_size", u.page_size, 500, 1, 10_000)? as u32,
-            overlap_secs: int_in("upstream.overlap_secs", u.overlap_secs, 300, 0, 86_400)? as u64,
-            listing_retry_secs: int_in(
-                "upstream.listing_retry_secs",
-                u.listing_retry_secs,
-                900,
+            page_size: int_in(
+                "upstream.page_size",
+                u.page_size,
+                defaults::PAGE_SIZE,
+                1,
+                10_000,
+            )? as u32,
+            overlap_secs: int_in(
+                "upstream.overlap_secs",
+                u.overlap_secs,
+                defaults::OVERLAP_SECS,
                 0,
                 86_400,
             )? as u64,
-            job_types: non_empty_list(
-                "upstream.job_types",
-                u.job_types,
-                &["SkillsWorkflow.Job", "Job"],
-            )?,
+            listing_retry_secs: int_in(
+                "upstream.listing_retry_secs",
+                u.listing_retry_secs,
+                defaults::LISTING_RETRY_SECS,
+                0,
+                86_400,
+            )? as u64,
+            job_types: non_empty_list("upstream.job_types", u.job_types, defaults::JOB_TYPES)?,
             project_types: non_empty_list(
                 "upstream.project_types",
                 u.project_types,
-                &["SkillsWorkflow.Project", "Project"],
+                defaults::PROJECT_TYPES,
             )?,
             number_fields: non_empty_list(
                 "upstream.number_fields",
                 u.number_fields,
-                &["Number", "JobNumber", "ProjectNumber"],
+                defaults::NUMBER_FIELDS,
             )?,
             name_fields: non_empty_list(
                 "upstream.name_fields",
                 u.name_fields,
-                &["Name", "Subject", "Job", "Project"],
+                defaults::NAME_FIELDS,
             )?,
             modified_fields: non_empty_list(
                 "upstream.modified_fields",
                 u.modified_fields,
-                &["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"],
+                defaults::MODIFIED_FIELDS,
             )?,
             version_fields: non_empty_list(
                 "upstream.version_fields",
                 u.version_fields,
-                &["Version"],
+                defaults::VERSION_FIELDS,
             )?,
-        };
+        })
+    }
+}
 
-        let reporting = self.reporting.validate()?;
-        let postgres = match self.postgres {
-            None => None,
-            Some(p) => Some(p.validate(
-                |key, file, env| match (file, env) {
-                    (Some(path), _) => {
-                        let key = format!("postgres.{key}");
-                        let mut list = secrets_from_file(&key, path, base_dir)?;
-                        if list.len() != 1 {
-                            return Err(err(key, "must hold exactly one secret"));
-                        }
-                        Ok(list.pop())
-                    }
-                    (None, Some(var)) => secret_from_env(&format!("postgres.{key}"), var).map(Some),
-                    (None, None) => Ok(None),
-                },
-                read_secrets,
-            )?),
-        };
-        let retention = RetentionConfig {
+impl RawRetention {
+    fn validate(self) -> Result<RetentionConfig, ConfigError> {
+        Ok(RetentionConfig {
             events_days: int_in(
                 "retention.events_days",
-                self.retention.events_days,
-                30,
+                self.events_days,
+                defaults::EVENTS_DAYS,
                 0,
                 36_500,
             )? as u32,
             history_days: int_in(
                 "retention.history_days",
-                self.retention.history_days,
-                0,
+                self.history_days,
+                defaults::HISTORY_DAYS,
                 0,
                 36_500,
             )? as u32,
-        };
+        })
+    }
+}
 
-        if self.tenants.is_empty() {
-            return Err(err("tenant", "at least one [[tenant]] is required"));
+/// Where secrets are read from, and whether they are read at all (not for
+/// `status`, whose user may have no access to them).
+struct SecretReader<'a> {
+    base_dir: Option<&'a Path>,
+    read: bool,
+}
+
+impl SecretReader<'_> {
+    /// A file that must hold exactly one secret.
+    fn one_from_file(&self, key: &str, path: &Path) -> Result<Secret, ConfigError> {
+        let mut list = secrets_from_file(key, path, self.base_dir)?;
+        match (list.pop(), list.is_empty()) {
+            (Some(s), true) => Ok(s),
+            _ => Err(err(key, "must hold exactly one secret")),
         }
-        let mut tenants = Vec::new();
-        let mut names = HashSet::new();
-        let mut all_secrets: Vec<(String, Secret)> = Vec::new();
-        for (i, t) in self.tenants.into_iter().enumerate() {
-            let k = |f: &str| format!("tenant[{i}].{f}");
-            let name = required_text(&k("name"), t.name)?;
-            if name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-            {
-                return Err(err(
-                    k("name"),
-                    format!("`{name}` must be 1-64 characters of [a-z0-9_-]"),
-                ));
+    }
+}
+
+/// Where one secret setting comes from; a tenant gives exactly one.
+enum SecretFrom<'a, T> {
+    Inline(T),
+    File(&'a Path),
+    Env(&'a str),
+}
+
+impl<'a, T> SecretFrom<'a, T> {
+    /// The one source given of the inline value, the file and the variable
+    /// (their keys in `keys`); the error is at the first key.
+    fn one_of(
+        keys: [String; 3],
+        inline: Option<T>,
+        file: Option<&'a PathBuf>,
+        env: Option<&'a String>,
+    ) -> Result<Self, ConfigError> {
+        match (inline, file, env) {
+            (Some(v), None, None) => Ok(SecretFrom::Inline(v)),
+            (None, Some(p), None) => Ok(SecretFrom::File(p)),
+            (None, None, Some(v)) => Ok(SecretFrom::Env(v)),
+            _ => {
+                let names: Vec<&str> = keys
+                    .iter()
+                    .map(|k| k.rsplit('.').next().unwrap_or(k))
+                    .collect();
+                let message = format!("give exactly one of {}", names.join(", "));
+                let [first, ..] = keys;
+                Err(err(first, message))
             }
-            if !names.insert(name.clone()) {
-                return Err(err(k("name"), format!("tenant `{name}` is defined twice")));
-            }
-            let sources = [
-                t.webhook_secrets.is_some(),
-                t.webhook_secret_file.is_some(),
-                t.webhook_secret_env.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if sources != 1 {
-                return Err(err(
-                    k("webhook_secrets"),
-                    "give exactly one of webhook_secrets, webhook_secret_file, webhook_secret_env",
-                ));
-            }
-            let webhook_secrets = if !read_secrets {
-                Vec::new()
-            } else if let Some(list) = t.webhook_secrets {
+        }
+    }
+}
+
+/// The names and webhook secrets of the tenants validated so far: each
+/// must be unique across tenants.
+#[derive(Default)]
+struct TenantsSeen {
+    names: HashSet<String>,
+    secrets: Vec<(String, Secret)>,
+}
+
+fn validate_tenants(
+    raw: Vec<RawTenant>,
+    secrets: &SecretReader,
+) -> Result<Vec<TenantConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(err("tenant", "at least one [[tenant]] is required"));
+    }
+    let mut seen = TenantsSeen::default();
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, t)| t.validate(i, secrets, &mut seen))
+        .collect()
+}
+
+impl RawTenant {
+    fn validate(
+        self,
+        i: usize,
+        secrets: &SecretReader,
+        seen: &mut TenantsSeen,
+    ) -> Result<TenantConfig, ConfigError> {
+        let t = self;
+        let k = |f: &str| format!("tenant[{i}].{f}");
+        let name = required_text(&k("name"), t.name)?;
+        if name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        {
+            return Err(err(
+                k("name"),
+                format!("`{name}` must be 1-64 characters of [a-z0-9_-]"),
+            ));
+        }
+        if !seen.names.insert(name.clone()) {
+            return Err(err(k("name"), format!("tenant `{name}` is defined twice")));
+        }
+        let webhook_from = SecretFrom::one_of(
+            [
+                k("webhook_secrets"),
+                k("webhook_secret_file"),
+                k("webhook_secret_env"),
+            ],
+            t.webhook_secrets,
+            t.webhook_secret_file.as_ref(),
+            t.webhook_secret_env.as_ref(),
+        )?;
+        let webhook_secrets = match webhook_from {
+            _ if !secrets.read => Vec::new(),
+            SecretFrom::Inline(list) => {
                 let list: Vec<Secret> = list.iter().map(|s| Secret::new(s.trim())).collect();
                 if list.is_empty() || list.iter().any(|s| s.expose().is_empty()) {
                     return Err(err(
@@ -990,99 +1243,74 @@ impl RawConfig {
                     ));
                 }
                 list
-            } else if let Some(path) = &t.webhook_secret_file {
-                secrets_from_file(&k("webhook_secret_file"), path, base_dir)?
-            } else if let Some(var) = &t.webhook_secret_env {
-                vec![secret_from_env(&k("webhook_secret_env"), var)?]
-            } else {
-                Vec::new()
-            };
-            for s in &webhook_secrets {
-                if s.expose().len() < 8 {
-                    return Err(err(
-                        k("webhook_secrets"),
-                        "a webhook secret must be at least 8 characters",
-                    ));
-                }
-                if let Some((other, _)) = all_secrets.iter().find(|(_, o)| o == s) {
-                    return Err(err(
-                        k("webhook_secrets"),
-                        format!(
-                            "the same webhook secret is configured for tenant `{other}`; each tenant needs its own"
-                        ),
-                    ));
-                }
             }
-            for s in &webhook_secrets {
-                all_secrets.push((name.clone(), s.clone()));
+            SecretFrom::File(path) => {
+                secrets_from_file(&k("webhook_secret_file"), path, secrets.base_dir)?
             }
-            let app_sources = [
-                t.app_secret.is_some(),
-                t.app_secret_file.is_some(),
-                t.app_secret_env.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if app_sources != 1 {
+            SecretFrom::Env(var) => vec![secret_from_env(&k("webhook_secret_env"), var)?],
+        };
+        for s in &webhook_secrets {
+            if s.expose().len() < 8 {
                 return Err(err(
-                    k("app_secret"),
-                    "give exactly one of app_secret, app_secret_file, app_secret_env",
+                    k("webhook_secrets"),
+                    "a webhook secret must be at least 8 characters",
                 ));
             }
-            let app_secret = if !read_secrets {
-                Secret::new("")
-            } else if let Some(v) = t.app_secret {
+            if let Some((other, _)) = seen.secrets.iter().find(|(_, o)| o == s) {
+                return Err(err(
+                    k("webhook_secrets"),
+                    format!(
+                        "the same webhook secret is configured for tenant `{other}`; each tenant needs its own"
+                    ),
+                ));
+            }
+        }
+        for s in &webhook_secrets {
+            seen.secrets.push((name.clone(), s.clone()));
+        }
+        let app_from = SecretFrom::one_of(
+            [k("app_secret"), k("app_secret_file"), k("app_secret_env")],
+            t.app_secret,
+            t.app_secret_file.as_ref(),
+            t.app_secret_env.as_ref(),
+        )?;
+        let app_secret = match app_from {
+            _ if !secrets.read => Secret::new(""),
+            SecretFrom::Inline(v) => {
                 if v.trim().is_empty() {
                     return Err(err(k("app_secret"), "must not be empty"));
                 }
                 Secret::new(v.trim())
-            } else if let Some(path) = &t.app_secret_file {
-                let mut list = secrets_from_file(&k("app_secret_file"), path, base_dir)?;
-                if list.len() != 1 {
-                    return Err(err(k("app_secret_file"), "must hold exactly one secret"));
-                }
-                list.remove(0)
-            } else if let Some(var) = &t.app_secret_env {
-                secret_from_env(&k("app_secret_env"), var)?
-            } else {
-                return Err(err(k("app_secret"), "is required"));
-            };
-            let max_delete_fraction = t.max_delete_fraction.unwrap_or(0.1);
-            if !(0.0..=1.0).contains(&max_delete_fraction) || max_delete_fraction.is_nan() {
-                return Err(err(k("max_delete_fraction"), "must be between 0.0 and 1.0"));
             }
-            tenants.push(TenantConfig {
-                webhook_secrets,
-                api_base: base_url(&k("api_base"), t.api_base)?,
-                extraction_base: base_url(&k("extraction_base"), t.extraction_base)?,
-                app_tenant: required_text(&k("app_tenant"), t.app_tenant)?,
-                app_id: required_text(&k("app_id"), t.app_id)?,
-                app_secret,
-                app_user: t.app_user.filter(|u| !u.trim().is_empty()),
-                reconcile_schedule: parse_schedule(
-                    &k("reconcile_schedule"),
-                    t.reconcile_schedule,
-                    "0 */15 * * * *",
-                )?,
-                full_sweep_schedule: parse_schedule(
-                    &k("full_sweep_schedule"),
-                    t.full_sweep_schedule,
-                    "0 30 2 * * *",
-                )?,
-                max_delete_fraction,
-                name,
-            });
+            SecretFrom::File(path) => secrets.one_from_file(&k("app_secret_file"), path)?,
+            SecretFrom::Env(var) => secret_from_env(&k("app_secret_env"), var)?,
+        };
+        let max_delete_fraction = t
+            .max_delete_fraction
+            .unwrap_or(defaults::MAX_DELETE_FRACTION);
+        if !(0.0..=1.0).contains(&max_delete_fraction) || max_delete_fraction.is_nan() {
+            return Err(err(k("max_delete_fraction"), "must be between 0.0 and 1.0"));
         }
-        Ok(Config {
-            server,
-            database,
-            fetch,
-            upstream,
-            retention,
-            tenants,
-            reporting,
-            postgres,
+        Ok(TenantConfig {
+            webhook_secrets,
+            api_base: base_url(&k("api_base"), t.api_base)?,
+            extraction_base: base_url(&k("extraction_base"), t.extraction_base)?,
+            app_tenant: required_text(&k("app_tenant"), t.app_tenant)?,
+            app_id: required_text(&k("app_id"), t.app_id)?,
+            app_secret,
+            app_user: t.app_user.filter(|u| !u.trim().is_empty()),
+            reconcile_schedule: parse_schedule(
+                &k("reconcile_schedule"),
+                t.reconcile_schedule,
+                defaults::RECONCILE_SCHEDULE,
+            )?,
+            full_sweep_schedule: parse_schedule(
+                &k("full_sweep_schedule"),
+                t.full_sweep_schedule,
+                defaults::FULL_SWEEP_SCHEDULE,
+            )?,
+            max_delete_fraction,
+            name,
         })
     }
 }
@@ -1232,6 +1460,14 @@ mod tests {
         .map(|e| e.to_string())
         .unwrap_or_default();
         assert!(e.contains("lots"), "{e}");
+    }
+
+    #[test]
+    fn ip_matching() -> TestResult {
+        assert!(ip_in("10.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(!ip_in("11.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
+        assert!(ip_in("::1".parse()?, "::1".parse()?, 128));
+        Ok(())
     }
 
     #[test]

@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::oneshot::OneShot;
 use crate::config::Config;
 use crate::model::DocType;
 use crate::reconcile::Kind;
@@ -205,18 +206,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let cfg = Arc::new(config.clone());
     let quiet = CancellationToken::new();
-    println!("6. skillsync reconcile (incremental), beside the running daemon:");
-    crate::cli::reconcile_now(
-        cfg.clone(),
-        None,
-        DocType::ALL.to_vec(),
-        Kind::Incremental,
-        false,
-        quiet.clone(),
-    )
-    .await?;
-    println!("7. skillsync reconcile --full (detects deletions):");
-    crate::cli::reconcile_now(cfg, None, DocType::ALL.to_vec(), Kind::Full, false, quiet).await?;
+    for (step, kind) in [
+        (
+            "6. skillsync reconcile (incremental), beside the running daemon:",
+            Kind::Incremental,
+        ),
+        (
+            "7. skillsync reconcile --full (detects deletions):",
+            Kind::Full,
+        ),
+    ] {
+        println!("{step}");
+        let report = crate::app::oneshot::reconcile_once(
+            cfg.clone(),
+            OneShot::everything(kind),
+            quiet.clone(),
+        )
+        .await;
+        print!("{report}");
+        report.outcome()?;
+    }
 
     let rows = store.status().await?;
     println!("\nWhat the mirror holds ({}):", args.db.display());

@@ -18,11 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::model::{Claim, DocType, ErrorClass, normalize_ts, parse_upstream_ts};
+use crate::model::{Claim, DocType, ErrorClass, get_ci, normalize_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::mirror::{FetchedDoc, StoreOutcome};
 use crate::store::queue::{Failure, FailureResult};
-use crate::upstream::{Fetched, Upstream, get_ci};
+use crate::upstream::{Fetched, Upstream};
 
 /// How long fetches in flight may take to finish after a stop signal before
 /// they are abandoned (their leases are released, so nothing is lost).

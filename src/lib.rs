@@ -1,27 +1,53 @@
 //! skillsync keeps a local SQLite mirror of Skills Workflow Jobs and Projects.
 //!
-//! Module map:
-//! - [`config`]: the TOML config, validated at load; secrets redacted.
-//! - [`store`]: the only place with SQL: pool, single group-committing writer,
-//!   schema and migrations; events, fetch queue, mirror, reconciliation state.
-//! - [`webhook`]: warp filters and handlers for the public listener: the webhook and `/healthz`.
-//! - [`health`]: the daemon's periodic durable-write probe that `/healthz` answers from.
-//! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
-//! - [`tls`]: built-in TLS (rustls) and certificate rotation without a restart.
-//! - [`upstream`]: the Skills Workflow API client (single documents, listing).
-//! - [`fetcher`]: workers that turn queued documents into mirror rows.
-//! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
-//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
+//! The pipeline reads in one direction: the HTTP edge records events in the
+//! store; the fetcher claims them, GETs the documents from upstream and
+//! stores them; reconciliation lists upstream and queues what the webhooks
+//! missed; `app` wires these together and `cli` sits on top. Each module
+//! below imports only from modules listed after it (the foundations last),
+//! never from one listed before it.
+//!
+//! Entry points (on top):
+//! - [`cli`]: the command line: subcommands, exit codes, printing. Nothing imports it.
+//! - [`demo`]: `skillsync demo`, the whole pipeline against the simulator.
+//! - [`status`], [`columns`]: the read-only `status` and `columns` commands.
+//! - [`app`]: `run()` / [`app::run_with`] for `serve` (the same for tests and
+//!   the demo), SIGHUP reloads; [`app::Pipeline::build`], the one place the
+//!   store, metrics, upstream client, fetcher, wake-ups and reconciler are
+//!   wired; [`app::oneshot`], `reconcile` run once and reported.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
+//!
+//! The pipeline:
+//! - [`http`]: the warp routes of the public listener (webhook, `/healthz`)
+//!   and the metrics listener; tenant auth, client address, every refusal
+//!   mapped to a status in one place. HTTP types stop here.
+//! - [`payload`]: the webhook payload parsed and validated; pure, fuzzed.
+//! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
+//! - [`fetcher`]: workers that turn queued documents into mirror rows.
+//! - [`upstream`]: the Skills Workflow API client (single documents, listing).
 //! - [`retention`]: pruning old events and history in small batches.
-//! - [`pgmirror`]: the PostgreSQL mirror: `[postgres]`, the sink thread fed by the outbox, its
-//!   schema and views in PostgreSQL, `postgres-check`.
-//! - [`metrics`]: the Prometheus recorder, counters, HELP text and the metrics listener's routes.
+//! - [`health`]: the periodic durable-write probe that `/healthz` answers from.
+//! - [`metrics`]: the Prometheus recorder, counters, HELP text, scrape-time
+//!   gauges (the PostgreSQL lag among them).
+//! - [`pgmirror`]: the PostgreSQL copy: the sink thread fed by the outbox,
+//!   its schema and views in PostgreSQL, `postgres-check`.
+//! - [`store`]: the only place with SQL: pool, single group-committing writer,
+//!   schema and migrations; events, fetch queue, mirror, reconciliation
+//!   state, report tables, the PostgreSQL outbox.
+//!
+//! Beside it:
+//! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
+//! - [`shutdown`]: SIGTERM/SIGINT → a cancelled token.
 //! - [`logging`]: text, JSON or the systemd journal; colours only on a terminal.
-//! - [`columns`]: `skillsync columns`, the field survey that suggests `[reporting]` lines.
-//! - [`model`]: shared domain types and the timestamp format.
-//! - [`app`]: `run()`, wiring it all together the same way for `serve`, tests and the demo;
-//!   SIGHUP reloads.
+//!
+//! Foundations:
+//! - [`wake`]: the per-tenant wake-up of the fetch workers.
+//! - [`config`]: the TOML config, validated section by section at load,
+//!   its defaults in one place, secrets redacted; `[postgres]` included.
+//! - [`tls`]: built-in TLS (rustls), certificate loading and rotation
+//!   without a restart.
+//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
+//! - [`model`]: shared domain types, the timestamp format, case-insensitive field lookup.
 
 pub mod app;
 pub mod cli;
@@ -30,19 +56,22 @@ pub mod config;
 pub mod demo;
 pub mod fetcher;
 pub mod health;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod payload;
 pub mod pgmirror;
 pub mod reconcile;
 pub mod reporting;
 pub mod retention;
 pub mod server;
+pub mod shutdown;
 pub mod simulator;
 pub mod status;
 pub mod store;
 pub mod tls;
 pub mod upstream;
-pub mod webhook;
+pub mod wake;
 
 pub use app::run;

@@ -5,9 +5,8 @@
 //! processes (`serve` and `reconcile` share the database, not memory).
 //!
 //! Every metric is described (HELP text, unit in the name) in [`describe`],
-//! so the scrape passes `promtool check metrics`. The routes of the separate
-//! metrics listener (`server.metrics_listen`) live here too: `/metrics` and
-//! a detailed `/healthz`, never on the public webhook listener.
+//! so the scrape passes `promtool check metrics`. The metrics listener's
+//! routes (`/metrics`, a detailed `/healthz`) are with the other HTTP routes.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -16,11 +15,7 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde_json::json;
-use warp::http::StatusCode;
-use warp::{Filter, Reply};
 
-use crate::health::Health;
 use crate::store::Store;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -278,45 +273,4 @@ fn describe() {
         Unit::Count,
         "Always 1; the version label says which skillsync is running."
     );
-}
-
-/// The routes of the metrics listener (`server.metrics_listen`): `/metrics`
-/// (each scrape reads the database for the gauges) and `/healthz` with the
-/// detail the public one leaves out.
-pub fn routes(
-    store: Store,
-    metrics: Metrics,
-    health: Health,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = std::convert::Infallible> + Clone {
-    let scrape = warp::path!("metrics").and(warp::get()).then(move || {
-        let store = store.clone();
-        let metrics = metrics.clone();
-        async move {
-            let text = metrics.render(&store).await;
-            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
-                .into_response()
-        }
-    });
-    let healthz = warp::path!("healthz").and(warp::get()).map(move || {
-        let r = health.report();
-        let status = if r.healthy {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        warp::reply::with_status(warp::reply::json(&r), status).into_response()
-    });
-    scrape
-        .or(healthz)
-        .unify()
-        .recover(|_rej: warp::Rejection| async move {
-            Ok::<_, std::convert::Infallible>(
-                warp::reply::with_status(
-                    warp::reply::json(&json!({"error": "not found"})),
-                    StatusCode::NOT_FOUND,
-                )
-                .into_response(),
-            )
-        })
-        .unify()
 }

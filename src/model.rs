@@ -5,6 +5,7 @@
 use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
 
 /// The document types skillsync mirrors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -170,6 +171,17 @@ pub struct Claim {
     pub max_event: i64,
     pub attempts: u32,
     pub reason: String,
+}
+
+/// A key of a document looked up case-insensitively (the upstream schema
+/// is not published): the fetcher, the listing and the report columns all
+/// match field names this way.
+pub fn get_ci<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
 }
 
 #[cfg(test)]

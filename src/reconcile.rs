@@ -65,12 +65,11 @@
 //! lock (renewal fails or another process holds it) stops, queues nothing
 //! more and advances nothing; counts are added after their writes commit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,6 +78,7 @@ use crate::model::{DocType, ErrorClass, IdSet, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
+use crate::wake::Wake;
 
 /// How long a run lock lasts without renewal.
 const LOCK_LEASE: Duration = Duration::from_secs(300);
@@ -299,7 +299,7 @@ pub struct Reconciler {
     store: Store,
     upstream: Upstream,
     config: Arc<Config>,
-    wake: Arc<HashMap<String, Arc<Notify>>>,
+    wake: Wake,
     owner: String,
 }
 
@@ -320,7 +320,7 @@ impl Reconciler {
         store: Store,
         upstream: Upstream,
         config: Arc<Config>,
-        wake: Arc<HashMap<String, Arc<Notify>>>,
+        wake: Wake,
         owner: String,
     ) -> Reconciler {
         Reconciler {

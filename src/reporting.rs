@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::model::{DocType, fmt_ts, parse_upstream_ts};
-use crate::upstream::get_ci;
+use crate::model::{DocType, fmt_ts, get_ci, parse_upstream_ts};
 
 /// How a report column is typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -149,13 +149,28 @@ pub struct SimPaths {
 
 impl Default for SimPaths {
     fn default() -> Self {
+        use crate::config::defaults;
+        let before = |template: &str, placeholder: &str| {
+            template
+                .split(placeholder)
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        };
+        let after = |template: &str, placeholder: &str| {
+            template
+                .split(placeholder)
+                .nth(1)
+                .unwrap_or_default()
+                .to_string()
+        };
         SimPaths {
-            job_prefix: "/api/jobs/".into(),
-            project_prefix: "/api/projects/".into(),
-            listing_prefix: "/api/v3/analytics/named-query/".into(),
-            listing_suffix: "/dynamic-execute".into(),
-            jobs_query: "DE-Jobs".into(),
-            projects_query: "DE-Projects".into(),
+            job_prefix: before(defaults::JOB_PATH, "{id}"),
+            project_prefix: before(defaults::PROJECT_PATH, "{id}"),
+            listing_prefix: before(defaults::LISTING_PATH, "{query}"),
+            listing_suffix: after(defaults::LISTING_PATH, "{query}"),
+            jobs_query: defaults::JOBS_QUERY.into(),
+            projects_query: defaults::PROJECTS_QUERY.into(),
         }
     }
 }
@@ -1125,7 +1140,7 @@ pub struct SimulateArgs {
 /// Runs `skillsync simulate` until SIGINT/SIGTERM.
 pub async fn run_cli(a: SimulateArgs) -> anyhow::Result<()> {
     let token = CancellationToken::new();
-    crate::cli::cancel_on_signals(token.clone());
+    crate::shutdown::cancel_on_signals(token.clone());
     let listener = TcpListener::bind(a.listen).await?;
     let sim = Simulator::start(
         listener,

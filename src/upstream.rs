@@ -13,7 +13,7 @@ use reqwest::{Client, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
 use crate::config::{Config, TenantConfig};
-use crate::model::{DocType, ErrorClass, normalize_ts};
+use crate::model::{DocType, ErrorClass, get_ci, normalize_ts};
 
 /// A failed call, classified.
 #[derive(Debug, Clone)]
@@ -82,7 +82,6 @@ pub struct ListPage {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client,
-    timeout: Duration,
     max_document_bytes: usize,
 }
 
@@ -142,7 +141,6 @@ impl Upstream {
             .build()?;
         Ok(Upstream {
             client,
-            timeout,
             max_document_bytes: config.fetch.max_document_bytes,
         })
     }
@@ -198,7 +196,7 @@ impl Upstream {
         let base = url.path().trim_end_matches('/').to_string();
         url.set_path(&format!(
             "{base}{}",
-            crate::webhook::document_path(config, doc_type, id)
+            config.upstream.document_path(doc_type, id)
         ));
         url
     }
@@ -335,11 +333,6 @@ impl Upstream {
         }
         Ok(ListPage { rows, total_count })
     }
-
-    /// The client's whole-request timeout.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 }
 
 fn malformed(msg: &str) -> CallError {
@@ -348,13 +341,4 @@ fn malformed(msg: &str) -> CallError {
         message: msg.to_string(),
         retry_after: None,
     }
-}
-
-/// A key looked up case-insensitively (the upstream schema is not published).
-pub fn get_ci<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
 }

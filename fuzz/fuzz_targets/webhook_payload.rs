@@ -26,7 +26,7 @@ fn config() -> &'static Config {
 fuzz_target!(|data: &[u8]| {
     let c = config();
     let base = &c.tenants[0].api_base;
-    if let Ok(p) = skillsync::webhook::parse_payload(data, base, c) {
+    if let Ok(p) = skillsync::payload::parse_payload(data, base, c) {
         if !p.ignored {
             let ty = p.doc_type.as_deref().expect("a fetched event has a type");
             assert!(ty == "job" || ty == "project", "type {ty}");

@@ -213,36 +213,6 @@ impl Store {
         })
         .await
     }
-
-    /// Reads one mirrored row's document (tests, demo, tools).
-    pub async fn document(
-        &self,
-        tenant: String,
-        doc_type: DocType,
-        id: String,
-    ) -> Result<Option<MirrorRow>, StoreError> {
-        self.read(move |c| {
-            Ok(c.query_row(
-                &format!(
-                    "SELECT document, number, name, modified_on, revision, deleted_at FROM {} WHERE tenant = ?1 AND id = ?2",
-                    doc_type.table()
-                ),
-                params![tenant, id],
-                |r| {
-                    Ok(MirrorRow {
-                        document: r.get(0)?,
-                        number: r.get(1)?,
-                        name: r.get(2)?,
-                        modified_on: r.get(3)?,
-                        revision: r.get(4)?,
-                        deleted_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()?)
-        })
-        .await
-    }
 }
 
 /// A few rows of a mirror table for display (the demo).
@@ -284,17 +254,6 @@ impl Store {
         })
         .await
     }
-}
-
-/// One mirrored row as reporting sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MirrorRow {
-    pub document: String,
-    pub number: Option<String>,
-    pub name: Option<String>,
-    pub modified_on: Option<String>,
-    pub revision: i64,
-    pub deleted_at: Option<String>,
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestRunner};
 use serde_json::{Value, json};
 use skillsync::config::Config;
+use skillsync::http::{WebhookState, routes};
 use skillsync::metrics::Metrics;
-use skillsync::webhook::{WebhookState, routes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

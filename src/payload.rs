@@ -1,207 +1,33 @@
-//! The webhook listener: warp filters (read the request), the handler
-//! (verify the secret, parse and validate the payload, record the event) and
-//! the one place that maps every error to its HTTP status and JSON body.
-//! Also the public `/healthz`, answered from [`Health`] (no write per
-//! request). `/metrics` is not here: it is served only on the metrics
-//! listener (see [`crate::metrics::routes`]), since it names tenants.
-//!
-//! Order of checks: path, then the secret (so an unauthenticated client
-//! never gets its body read or learns anything), then size, content type,
-//! JSON and fields, then the durable write. Only a committed event gets 200.
+//! The webhook payload, parsed and validated: pure (no I/O, no HTTP types),
+//! so it is unit-tested here and fuzzed (`fuzz/fuzz_targets/webhook_payload.rs`).
+//! Reads only the fields it checks (`action`, `document.type`, `.id`,
+//! `.url`), borrowing strings from the body, and refuses a `document.url`
+//! that is not this document's URL on the tenant's `api_base`, so a payload
+//! never chooses where credentials are sent. The HTTP edge answers a
+//! [`PayloadError`] with 400.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use chrono::Utc;
-use futures_util::{Stream, StreamExt};
 use reqwest::Url;
-use serde_json::json;
-use subtle::ConstantTimeEq;
-use tokio::sync::Notify;
-use warp::Filter;
-use warp::http::{HeaderMap, StatusCode};
-use warp::reply::Response;
 
-use crate::config::{Config, TenantConfig};
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::server::ClientAddr;
-use crate::store::queue::NewEvent;
-use crate::store::{Store, StoreError};
+use crate::config::Config;
+use crate::model::DocType;
 
-/// A client gets this long to send its body once the headers arrived.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One tenant as the listener sees it: digests of its secrets (never the
-/// secrets themselves) and what its document URLs must look like.
-struct TenantAuth {
-    name: String,
-    digests: Vec<[u8; 32]>,
-    api_base: Url,
+/// Why a payload was refused: the field at fault and what the sender reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PayloadError {
+    /// The field named in the answer: `body`, `action`, `document`, `document.type`, ...
+    pub field: &'static str,
+    pub message: String,
 }
 
-/// Everything the handlers share.
-#[derive(Clone)]
-pub struct WebhookState {
-    store: Store,
-    /// Tenants in config order; matched by secret digest in constant time.
-    tenants: Arc<Vec<TenantAuth>>,
-    config: Arc<Config>,
-    /// Wakes a tenant's fetch workers when an event is queued.
-    wake: Arc<HashMap<String, Arc<Notify>>>,
-    metrics: Metrics,
-    /// Answers `/healthz`; every commit or refused commit of an event is evidence for it.
-    health: Health,
-}
-
-impl WebhookState {
-    pub fn new(
-        config: Arc<Config>,
-        store: Store,
-        wake: Arc<HashMap<String, Arc<Notify>>>,
-        metrics: Metrics,
-        health: Health,
-    ) -> Self {
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|t: &TenantConfig| TenantAuth {
-                name: t.name.clone(),
-                digests: t
-                    .webhook_secrets
-                    .iter()
-                    .map(|s| sha256(s.expose().as_bytes()))
-                    .collect(),
-                api_base: t.api_base.clone(),
-            })
-            .collect();
-        WebhookState {
-            store,
-            tenants: Arc::new(tenants),
-            config,
-            wake,
-            metrics,
-            health,
-        }
-    }
-}
-
-fn sha256(data: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// Why a request was refused; mapped to a status and body in `into_response`.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("unauthorized")]
-    Unauthorized,
-    #[error("{message}")]
-    BadRequest {
-        field: &'static str,
-        message: String,
-    },
-    #[error("body larger than {0} bytes")]
-    TooLarge(usize),
-    #[error("content type must be application/json")]
-    UnsupportedMediaType,
-    #[error("request body not received in time")]
-    Timeout,
-    #[error("not found")]
-    NotFound,
-    #[error("method not allowed: POST the event")]
-    MethodNotAllowed,
-    #[error("database unavailable, retry later")]
-    Unavailable(StoreError),
-    #[error("internal error")]
-    Internal(StoreError),
-}
-
-impl WebhookError {
-    fn bad(field: &'static str, message: impl Into<String>) -> Self {
-        WebhookError::BadRequest {
+impl PayloadError {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        PayloadError {
             field,
             message: message.into(),
         }
-    }
-
-    /// The outcome label counted in metrics.
-    fn outcome(&self) -> &'static str {
-        match self {
-            WebhookError::Unauthorized => "unauthorized",
-            WebhookError::BadRequest { .. } => "bad_request",
-            WebhookError::TooLarge(_) => "too_large",
-            WebhookError::UnsupportedMediaType => "unsupported_media_type",
-            WebhookError::Timeout => "timeout",
-            WebhookError::NotFound => "not_found",
-            WebhookError::MethodNotAllowed => "method_not_allowed",
-            WebhookError::Unavailable(_) => "unavailable",
-            WebhookError::Internal(_) => "error",
-        }
-    }
-
-    /// The one place an error becomes an HTTP answer.
-    fn into_response(self) -> Response {
-        let (status, body) = match &self {
-            WebhookError::Unauthorized => {
-                (StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}))
-            }
-            WebhookError::BadRequest { field, message } => (
-                StatusCode::BAD_REQUEST,
-                json!({"error": message, "field": field}),
-            ),
-            WebhookError::TooLarge(_) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": self.to_string()}),
-            ),
-            WebhookError::UnsupportedMediaType => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                json!({"error": self.to_string()}),
-            ),
-            WebhookError::Timeout => (
-                StatusCode::REQUEST_TIMEOUT,
-                json!({"error": self.to_string()}),
-            ),
-            WebhookError::NotFound => (StatusCode::NOT_FOUND, json!({"error": "not found"})),
-            WebhookError::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": self.to_string()}),
-            ),
-            WebhookError::Unavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": self.to_string()}),
-            ),
-            WebhookError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"error": self.to_string()}),
-            ),
-        };
-        let mut resp =
-            warp::reply::with_status(warp::reply::json(&body), status).into_response_inner();
-        if matches!(
-            self,
-            WebhookError::Unavailable(_) | WebhookError::Internal(_)
-        ) {
-            if let Ok(v) = "5".parse() {
-                resp.headers_mut().insert("retry-after", v);
-            }
-        }
-        resp
-    }
-}
-
-trait IntoResponseInner {
-    fn into_response_inner(self) -> Response;
-}
-impl<T: warp::Reply> IntoResponseInner for T {
-    fn into_response_inner(self) -> Response {
-        warp::Reply::into_response(self)
     }
 }
 
@@ -400,27 +226,27 @@ pub fn parse_payload(
     body: &[u8],
     api_base: &Url,
     config: &Config,
-) -> Result<ParsedEvent, WebhookError> {
+) -> Result<ParsedEvent, PayloadError> {
     let payload: Payload<'_> = serde_json::from_slice(body)
-        .map_err(|e| WebhookError::bad("body", format!("body is not valid JSON: {e}")))?;
+        .map_err(|e| PayloadError::new("body", format!("body is not valid JSON: {e}")))?;
     let Payload::Object { action, document } = payload else {
-        return Err(WebhookError::bad("body", "body must be a JSON object"));
+        return Err(PayloadError::new("body", "body must be a JSON object"));
     };
     let action = match action {
         Some(Field::Str(s)) if !s.trim().is_empty() && s.len() <= 100 => s.trim().to_string(),
         Some(_) => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "action",
                 "action must be a non-empty string",
             ));
         }
-        None => return Err(WebhookError::bad("action", "action is required")),
+        None => return Err(PayloadError::new("action", "action is required")),
     };
     let document = match document {
         None | Some(DocumentField::Null) => None,
         Some(DocumentField::Object(d)) => Some(d),
         Some(DocumentField::Other) => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document",
                 "document must be an object or null",
             ));
@@ -436,18 +262,18 @@ pub fn parse_payload(
                 ignored: true,
             });
         }
-        return Err(WebhookError::bad("document", "document is required"));
+        return Err(PayloadError::new("document", "document is required"));
     };
     let sender_type = match &document.ty {
         Some(Field::Str(s)) if !s.trim().is_empty() && s.len() <= 200 => s.trim(),
         Some(_) => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document.type",
                 "document.type must be a non-empty string",
             ));
         }
         None => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document.type",
                 "document.type is required",
             ));
@@ -459,13 +285,13 @@ pub fn parse_payload(
         .iter()
         .any(|t| t.eq_ignore_ascii_case(sender_type))
     {
-        Some(crate::model::DocType::Job)
+        Some(DocType::Job)
     } else if u
         .project_types
         .iter()
         .any(|t| t.eq_ignore_ascii_case(sender_type))
     {
-        Some(crate::model::DocType::Project)
+        Some(DocType::Project)
     } else {
         None
     };
@@ -486,27 +312,27 @@ pub fn parse_payload(
     let raw_id = match &document.id {
         Some(Field::Str(s)) => &**s,
         Some(_) => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document.id",
                 "document.id must be a string",
             ));
         }
-        None => return Err(WebhookError::bad("document.id", "document.id is required")),
+        None => return Err(PayloadError::new("document.id", "document.id is required")),
     };
     let id = uuid::Uuid::try_parse(raw_id)
-        .map_err(|_| WebhookError::bad("document.id", "document.id must be a UUID"))?
+        .map_err(|_| PayloadError::new("document.id", "document.id must be a UUID"))?
         .hyphenated()
         .to_string();
     let url = match &document.url {
         Some(Field::Str(s)) => &**s,
         Some(_) => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document.url",
                 "document.url must be a string",
             ));
         }
         None => {
-            return Err(WebhookError::bad(
+            return Err(PayloadError::new(
                 "document.url",
                 "document.url is required",
             ));
@@ -515,8 +341,8 @@ pub fn parse_payload(
     check_document_url(
         url,
         api_base,
-        &document_path(config, doc_type, raw_id),
-        &document_path(config, doc_type, &id),
+        &config.upstream.document_path(doc_type, raw_id),
+        &config.upstream.document_path(doc_type, &id),
     )?;
     Ok(ParsedEvent {
         action,
@@ -526,15 +352,6 @@ pub fn parse_payload(
     })
 }
 
-/// The path of one document under `api_base`, from the configured template.
-pub fn document_path(config: &Config, doc_type: crate::model::DocType, id: &str) -> String {
-    let template = match doc_type {
-        crate::model::DocType::Job => &config.upstream.job_path,
-        crate::model::DocType::Project => &config.upstream.project_path,
-    };
-    template.replace("{id}", id)
-}
-
 /// We never send credentials to a URL a payload chose: the URL must be on the
 /// tenant's `api_base` origin and name the same type and id.
 fn check_document_url(
@@ -542,9 +359,9 @@ fn check_document_url(
     api_base: &Url,
     raw_path: &str,
     norm_path: &str,
-) -> Result<(), WebhookError> {
+) -> Result<(), PayloadError> {
     let bad = || {
-        WebhookError::bad(
+        PayloadError::new(
             "document.url",
             "document.url must be this document's URL on the tenant's api_base (same scheme, host, port, type and id)",
         )
@@ -624,282 +441,10 @@ fn canonical_url_matches(url: &str, api_base: &Url, path: &str) -> bool {
         && rest.is_empty()
 }
 
-fn is_json_content_type(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get("content-type").and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-}
-
-/// Which tenant's secret matches, comparing against every configured secret
-/// (no early exit) so timing reveals neither the tenant nor the prefix.
-fn authenticate(
-    tenants: &[TenantAuth],
-    provided: &[u8],
-    path_tenant: Option<&str>,
-) -> Option<usize> {
-    let digest = sha256(provided);
-    let mut found: Option<usize> = None;
-    for (i, t) in tenants.iter().enumerate() {
-        let mut any = subtle::Choice::from(0u8);
-        for d in &t.digests {
-            any |= d.ct_eq(&digest);
-        }
-        if bool::from(any) {
-            found = Some(i);
-        }
-    }
-    match (found, path_tenant) {
-        (Some(i), Some(name)) if tenants[i].name != name => None,
-        (f, _) => f,
-    }
-}
-
-async fn read_body<S, B>(mut stream: S, limit: usize) -> Result<bytes::Bytes, WebhookError>
-where
-    S: Stream<Item = Result<B, warp::Error>> + Unpin,
-    B: Buf,
-{
-    let mut buf = BytesMut::new();
-    let read = async {
-        while let Some(chunk) = stream.next().await {
-            let mut chunk = chunk
-                .map_err(|e| WebhookError::bad("body", format!("body could not be read: {e}")))?;
-            if buf.len() + chunk.remaining() > limit {
-                return Err(WebhookError::TooLarge(limit));
-            }
-            while chunk.has_remaining() {
-                let part = chunk.chunk();
-                let n = part.len();
-                buf.extend_from_slice(part);
-                chunk.advance(n);
-            }
-        }
-        Ok(())
-    };
-    tokio::time::timeout(BODY_READ_TIMEOUT, read)
-        .await
-        .map_err(|_| WebhookError::Timeout)??;
-    Ok(buf.freeze())
-}
-
-/// The client address for logs: `X-Forwarded-For` only from a trusted proxy.
-fn client_ip(config: &Config, peer: Option<ClientAddr>, headers: &HeaderMap) -> Option<IpAddr> {
-    let peer_ip = peer.map(|p| p.0.ip())?;
-    let trusted = config
-        .server
-        .trusted_proxies
-        .iter()
-        .any(|(net, len)| ip_in(peer_ip, *net, *len));
-    if trusted {
-        if let Some(ip) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse().ok())
-        {
-            return Some(ip);
-        }
-    }
-    Some(peer_ip)
-}
-
-fn ip_in(ip: IpAddr, net: IpAddr, len: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            u32::from(a) & mask == u32::from(b) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
-            u128::from(a) & mask == u128::from(b) & mask
-        }
-        _ => false,
-    }
-}
-
-async fn handle_webhook<S, B>(
-    state: WebhookState,
-    method: warp::http::Method,
-    path: String,
-    headers: HeaderMap,
-    body: S,
-) -> Result<(String, i64, bool), (Option<String>, WebhookError)>
-where
-    S: Stream<Item = Result<B, warp::Error>> + Unpin,
-    B: Buf,
-{
-    let base = &state.config.server.webhook_path;
-    let path_tenant = if path == *base || path == format!("{base}/") {
-        None
-    } else if let Some(rest) = path.strip_prefix(&format!("{base}/")) {
-        let rest = rest.trim_end_matches('/');
-        if rest.is_empty() || rest.contains('/') {
-            return Err((None, WebhookError::NotFound));
-        }
-        Some(rest.to_string())
-    } else {
-        return Err((None, WebhookError::NotFound));
-    };
-    if method != warp::http::Method::POST {
-        return Err((None, WebhookError::MethodNotAllowed));
-    }
-    let provided = headers
-        .get("x-webhook-secret")
-        .map(|v| v.as_bytes().trim_ascii())
-        .filter(|v| !v.is_empty())
-        .ok_or((None, WebhookError::Unauthorized))?;
-    let idx = authenticate(&state.tenants, provided, path_tenant.as_deref())
-        .ok_or((None, WebhookError::Unauthorized))?;
-    let tenant = &state.tenants[idx];
-    let name = Some(tenant.name.clone());
-    let limit = state.config.server.max_body_bytes;
-    let declared = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err((name, WebhookError::TooLarge(limit)));
-    }
-    if !is_json_content_type(&headers) {
-        return Err((name, WebhookError::UnsupportedMediaType));
-    }
-    let body = read_body(body, limit)
-        .await
-        .map_err(|e| (name.clone(), e))?;
-    let parsed =
-        parse_payload(&body, &tenant.api_base, &state.config).map_err(|e| (name.clone(), e))?;
-    let payload = String::from_utf8_lossy(&body).into_owned();
-    let ignored = parsed.ignored;
-    let event = NewEvent {
-        tenant: tenant.name.clone(),
-        received_at: Utc::now(),
-        action: parsed.action,
-        doc_type: parsed.doc_type,
-        doc_id: parsed.doc_id,
-        ignored,
-        payload,
-    };
-    let id = state.store.insert_event(event).await.map_err(|e| {
-        let err = match e {
-            StoreError::Unavailable(_) => WebhookError::Unavailable(e),
-            other => WebhookError::Internal(other),
-        };
-        (name.clone(), err)
-    })?;
-    if !ignored {
-        if let Some(n) = state.wake.get(&tenant.name) {
-            n.notify_one();
-        }
-    }
-    Ok((tenant.name.clone(), id, ignored))
-}
-
-/// All routes of the public listener: the webhook and `/healthz`. Any
-/// other path answers 404 (`/metrics` included).
-pub fn routes(
-    state: WebhookState,
-) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    let with_state = {
-        let s = state.clone();
-        warp::any().map(move || s.clone())
-    };
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .and(with_state.clone())
-        .map(|s: WebhookState| {
-            // Only the verdict here: the detail (and its error text) is on
-            // the metrics listener.
-            if s.health.report().healthy {
-                warp::reply::with_status(
-                    warp::reply::json(&json!({"status": "ok"})),
-                    StatusCode::OK,
-                )
-                .into_response_inner()
-            } else {
-                warp::reply::with_status(
-                    warp::reply::json(
-                        &json!({"status": "unavailable", "error": "database not writable"}),
-                    ),
-                    StatusCode::SERVICE_UNAVAILABLE,
-                )
-                .into_response_inner()
-            }
-        });
-    let webhook = warp::method()
-        .and(warp::path::full())
-        .and(warp::header::headers_cloned())
-        .and(warp::body::stream())
-        .and(warp::ext::optional::<ClientAddr>())
-        .and(with_state)
-        .then(
-            |method, path: warp::path::FullPath, headers: HeaderMap, body, peer: Option<ClientAddr>, s: WebhookState| async move {
-                let ip = client_ip(&s.config, peer, &headers);
-                match handle_webhook(s.clone(), method, path.as_str().to_string(), headers, Box::pin(body)).await {
-                    Ok((tenant, id, ignored)) => {
-                        s.health.ok();
-                        let status = if ignored { "ignored" } else { "accepted" };
-                        s.metrics.webhook(&tenant, status);
-                        tracing::debug!(tenant = %tenant, event_id = id, status, client = ?ip, "event recorded");
-                        warp::reply::json(&json!({"status": status, "event_id": id})).into_response_inner()
-                    }
-                    Err((tenant, e)) => {
-                        let t = tenant.as_deref().unwrap_or("unknown");
-                        s.metrics.webhook(t, e.outcome());
-                        match &e {
-                            WebhookError::Unavailable(err) => {
-                                s.health.failed(err.to_string());
-                                tracing::error!(tenant = t, error = %err, client = ?ip, "event not recorded: database cannot commit");
-                            }
-                            WebhookError::Internal(err) => {
-                                tracing::error!(tenant = t, error = %err, client = ?ip, "event not recorded: database cannot commit");
-                            }
-                            _ => tracing::info!(tenant = t, outcome = e.outcome(), error = %e, client = ?ip, "webhook refused"),
-                        }
-                        e.into_response()
-                    }
-                }
-            },
-        );
-    healthz
-        .or(webhook)
-        .unify()
-        .recover(|rej: warp::Rejection| async move {
-            let status = if rej.is_not_found() {
-                StatusCode::NOT_FOUND
-            } else if rej.find::<warp::reject::MethodNotAllowed>().is_some() {
-                StatusCode::METHOD_NOT_ALLOWED
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            Ok::<_, std::convert::Infallible>(
-                warp::reply::with_status(
-                    warp::reply::json(&json!({"error": status.canonical_reason()})),
-                    status,
-                )
-                .into_response_inner(),
-            )
-        })
-        .unify()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -947,7 +492,7 @@ mod tests {
             "https://user@api.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263",
         ] {
             match parse_payload(&body(url)?, &base, &c) {
-                Err(WebhookError::BadRequest { field, .. }) => {
+                Err(PayloadError { field, .. }) => {
                     assert_eq!(field, "document.url", "{url}")
                 }
                 other => panic!("{url}: {other:?}"),
@@ -1005,8 +550,7 @@ mod tests {
         let url = "https://api.example.com/api/jobs/32a8c937-2c65-463d-a292-e4c4e13ed263";
         let field = |body: &str| match parse_payload(body.as_bytes(), &base, &c) {
             Ok(_) => "ok",
-            Err(WebhookError::BadRequest { field, .. }) => field,
-            Err(_) => "other",
+            Err(PayloadError { field, .. }) => field,
         };
         let doc = |extra: &str| {
             format!(
@@ -1075,36 +619,6 @@ mod tests {
             (p.doc_type.as_deref(), p.doc_id.as_deref(), p.ignored),
             (Some("Other.Kind"), Some("abc"), true)
         );
-        Ok(())
-    }
-
-    #[test]
-    fn authenticate_respects_the_path_tenant() -> TestResult {
-        let tenants = vec![
-            TenantAuth {
-                name: "a".into(),
-                digests: vec![sha256(b"secret-a")],
-                api_base: Url::parse("https://x")?,
-            },
-            TenantAuth {
-                name: "b".into(),
-                digests: vec![sha256(b"secret-b1"), sha256(b"secret-b2")],
-                api_base: Url::parse("https://x")?,
-            },
-        ];
-        assert_eq!(authenticate(&tenants, b"secret-b2", None), Some(1));
-        assert_eq!(authenticate(&tenants, b"secret-b2", Some("b")), Some(1));
-        assert_eq!(authenticate(&tenants, b"secret-b2", Some("a")), None);
-        assert_eq!(authenticate(&tenants, b"nope", None), None);
-        assert_eq!(authenticate(&tenants, b"secret-a", Some("zzz")), None);
-        Ok(())
-    }
-
-    #[test]
-    fn ip_matching() -> TestResult {
-        assert!(ip_in("10.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
-        assert!(!ip_in("11.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
-        assert!(ip_in("::1".parse()?, "::1".parse()?, 128));
         Ok(())
     }
 }
