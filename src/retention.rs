@@ -1,16 +1,17 @@
 //! Retention: prunes `done`/`ignored` events, old `document_history` rows
 //! and `fetch_covered` rows no recorded event needs, in small batches (each
 //! its own short write, so webhook intake is never held up), once shortly
-//! after start and then hourly.
+//! after start and then hourly. This file owns the schedule and the
+//! batching loop; the statements are in `store::retention`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 const BATCH: usize = 500;
 const FIRST_RUN_AFTER: Duration = Duration::from_secs(60);
@@ -22,36 +23,17 @@ pub async fn prune_once(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> (usize, usize) {
-    let mut events = 0;
-    let mut history = 0;
-    if config.retention.events_days > 0 {
-        let before = Utc::now() - chrono::Duration::days(i64::from(config.retention.events_days));
-        while !shutdown.is_cancelled() {
-            match store.prune_events(before, BATCH).await {
-                Ok(0) => break,
-                Ok(n) => events += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention: pruning events failed; will try again later");
-                    break;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-    if config.retention.history_days > 0 {
-        let before = Utc::now() - chrono::Duration::days(i64::from(config.retention.history_days));
-        while !shutdown.is_cancelled() {
-            match store.prune_history(before, BATCH).await {
-                Ok(0) => break,
-                Ok(n) => history += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention: pruning history failed; will try again later");
-                    break;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-    }
+    let events = prune_older_than(config.retention.events_days, "events", shutdown, |before| {
+        store.prune_events(before, BATCH)
+    })
+    .await;
+    let history = prune_older_than(
+        config.retention.history_days,
+        "history",
+        shutdown,
+        |before| store.prune_history(before, BATCH),
+    )
+    .await;
     // Bookkeeping of the inbox, whatever the retention settings: only needed
     // while older recorded events wait to be queued.
     while !shutdown.is_cancelled() {
@@ -68,6 +50,38 @@ pub async fn prune_once(
         tracing::info!(events, history_rows = history, "retention: pruned old rows");
     }
     (events, history)
+}
+
+/// Deletes batch after batch of rows older than `days` (0: keep forever)
+/// until a batch deletes nothing, a write fails or `shutdown`. Returns how
+/// many rows went.
+async fn prune_older_than<F, Fut>(
+    days: u32,
+    what: &str,
+    shutdown: &CancellationToken,
+    mut batch: F,
+) -> usize
+where
+    F: FnMut(DateTime<Utc>) -> Fut,
+    Fut: Future<Output = Result<usize, StoreError>>,
+{
+    let mut deleted = 0;
+    if days == 0 {
+        return deleted;
+    }
+    let before = Utc::now() - chrono::Duration::days(i64::from(days));
+    while !shutdown.is_cancelled() {
+        match batch(before).await {
+            Ok(0) => break,
+            Ok(n) => deleted += n,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: pruning {what} failed; will try again later");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    deleted
 }
 
 /// Runs retention until `shutdown`.

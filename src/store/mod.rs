@@ -15,12 +15,13 @@
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
 //! (the report and stage views and the derived tables behind them),
-//! `outbox` (what feeds the PostgreSQL mirror).
+//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning).
 
 pub mod mirror;
 pub mod outbox;
 pub mod queue;
 pub mod report;
+pub mod retention;
 pub mod status;
 pub mod sync;
 

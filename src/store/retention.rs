@@ -1,0 +1,49 @@
+//! Retention's statements: deleting old `done`/`ignored` events, old
+//! `document_history` revisions and `fetch_covered` rows no recorded event
+//! needs, each call one bounded batch in its own short write. The schedule
+//! and the batching loop are in `crate::retention`; this file owns only SQL.
+
+use chrono::{DateTime, Utc};
+use rusqlite::params;
+
+use super::{Store, StoreError};
+use crate::model::fmt_ts;
+
+impl Store {
+    /// Deletes up to `batch` `done`/`ignored` events received before `before`.
+    pub async fn prune_events(
+        &self,
+        before: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM events WHERE id IN (
+                     SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)",
+                params![fmt_ts(before), batch as i64],
+            )?)
+        })
+        .await
+    }
+
+    /// Deletes up to `batch` history rows fetched before `before`, never a
+    /// document's latest revision.
+    pub async fn prune_history(
+        &self,
+        before: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM document_history WHERE rowid IN (
+                     SELECT h.rowid FROM document_history h
+                     WHERE h.fetched_at < ?1
+                       AND h.revision < (SELECT max(revision) FROM document_history x
+                                         WHERE x.tenant = h.tenant AND x.doc_type = h.doc_type AND x.id = h.id)
+                     LIMIT ?2)",
+                params![fmt_ts(before), batch as i64],
+            )?)
+        })
+        .await
+    }
+}
