@@ -46,4 +46,20 @@ impl Store {
         })
         .await
     }
+
+    /// Deletes up to `batch` `fetch_covered` rows that no recorded event can
+    /// need any more (every event still in the inbox is newer than what the
+    /// row covers). Returns how many were deleted.
+    pub async fn prune_fetch_covered(&self, batch: usize) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM fetch_covered WHERE rowid IN (
+                     SELECT rowid FROM fetch_covered
+                     WHERE max_event < coalesce((SELECT min(id) FROM events INDEXED BY events_to_queue WHERE queued = 0), max_event + 1)
+                     LIMIT ?1)",
+                [batch as i64],
+            )?)
+        })
+        .await
+    }
 }
