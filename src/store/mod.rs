@@ -34,12 +34,13 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema versions in order: entry `i` brings the database to version `i + 1`.
+/// `schema.sql` and the numbered migrations beside it at the repository root.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
-    include_str!("migrations/002_deferred_queue.sql"),
-    include_str!("migrations/003_deletion_evidence.sql"),
-    include_str!("migrations/004_postgres_outbox.sql"),
-    include_str!("migrations/005_recorded_by_document.sql"),
+    include_str!("../../migrations/002_deferred_queue.sql"),
+    include_str!("../../migrations/003_deletion_evidence.sql"),
+    include_str!("../../migrations/004_postgres_outbox.sql"),
+    include_str!("../../migrations/005_recorded_by_document.sql"),
 ];
 
 /// The schema version this binary writes.
