@@ -16,13 +16,12 @@ impl Store {
         before: DateTime<Utc>,
         batch: usize,
     ) -> Result<usize, StoreError> {
-        self.write(move |c| {
-            Ok(c.execute(
-                "DELETE FROM events WHERE id IN (
+        self.prune_before(
+            "DELETE FROM events WHERE id IN (
                      SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)",
-                params![fmt_ts(before), batch as i64],
-            )?)
-        })
+            before,
+            batch,
+        )
         .await
     }
 
@@ -33,18 +32,29 @@ impl Store {
         before: DateTime<Utc>,
         batch: usize,
     ) -> Result<usize, StoreError> {
-        self.write(move |c| {
-            Ok(c.execute(
-                "DELETE FROM document_history WHERE rowid IN (
+        self.prune_before(
+            "DELETE FROM document_history WHERE rowid IN (
                      SELECT h.rowid FROM document_history h
                      WHERE h.fetched_at < ?1
                        AND h.revision < (SELECT max(revision) FROM document_history x
                                          WHERE x.tenant = h.tenant AND x.doc_type = h.doc_type AND x.id = h.id)
                      LIMIT ?2)",
-                params![fmt_ts(before), batch as i64],
-            )?)
-        })
+            before,
+            batch,
+        )
         .await
+    }
+
+    /// Runs one age-bound pruning statement (`?1`: the time bound, `?2`:
+    /// the batch size) as its own write. Returns how many rows it deleted.
+    async fn prune_before(
+        &self,
+        sql: &'static str,
+        before: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| Ok(c.execute(sql, params![fmt_ts(before), batch as i64])?))
+            .await
     }
 
     /// Deletes up to `batch` `fetch_covered` rows that no recorded event can
