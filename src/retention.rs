@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
+use crate::store::retention::Aged;
 
 const BATCH: usize = 500;
 const FIRST_RUN_AFTER: Duration = Duration::from_secs(60);
@@ -23,17 +24,9 @@ pub async fn prune_once(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> (usize, usize) {
-    let events = prune_older_than(config.retention.events_days, "events", shutdown, |before| {
-        store.prune_events(before, BATCH)
-    })
-    .await;
-    let history = prune_older_than(
-        config.retention.history_days,
-        "history",
-        shutdown,
-        |before| store.prune_history(before, BATCH),
-    )
-    .await;
+    let days = &config.retention;
+    let events = prune_older_than(store, Aged::Events, days.events_days, shutdown).await;
+    let history = prune_older_than(store, Aged::History, days.history_days, shutdown).await;
     // Bookkeeping of the inbox, whatever the retention settings: only needed
     // while older recorded events wait to be queued.
     while !shutdown.is_cancelled() {
@@ -52,29 +45,26 @@ pub async fn prune_once(
     (events, history)
 }
 
-/// Deletes batch after batch of rows older than `days` (0: keep forever)
+/// Deletes batch after batch of `what` older than `days` (0: keep forever)
 /// until a batch deletes nothing, a write fails or `shutdown`. Returns how
 /// many rows went.
-async fn prune_older_than<F, Fut>(
+async fn prune_older_than(
+    store: &Store,
+    what: Aged,
     days: u32,
-    what: &str,
     shutdown: &CancellationToken,
-    mut batch: F,
-) -> usize
-where
-    F: FnMut(DateTime<Utc>) -> Fut,
-    Fut: Future<Output = Result<usize, StoreError>>,
-{
+) -> usize {
     let mut deleted = 0;
     if days == 0 {
         return deleted;
     }
     let before = Utc::now() - chrono::Duration::days(i64::from(days));
     while !shutdown.is_cancelled() {
-        match batch(before).await {
+        match store.prune_aged(what, before, BATCH).await {
             Ok(0) => break,
             Ok(n) => deleted += n,
             Err(e) => {
+                let what = what.as_str();
                 tracing::warn!(error = %e, "retention: pruning {what} failed; will try again later");
                 break;
             }

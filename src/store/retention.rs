@@ -9,50 +9,54 @@ use rusqlite::params;
 use super::{Store, StoreError};
 use crate::model::fmt_ts;
 
-impl Store {
-    /// Deletes up to `batch` `done`/`ignored` events received before `before`.
-    pub async fn prune_events(
-        &self,
-        before: DateTime<Utc>,
-        batch: usize,
-    ) -> Result<usize, StoreError> {
-        self.prune_before(
-            "DELETE FROM events WHERE id IN (
-                     SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)",
-            before,
-            batch,
-        )
-        .await
+/// What an age-bound pruning pass deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aged {
+    /// `done`/`ignored` events received before the bound.
+    Events,
+    /// `document_history` rows fetched before the bound, never a
+    /// document's latest revision.
+    History,
+}
+
+impl Aged {
+    /// The name logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aged::Events => "events",
+            Aged::History => "history",
+        }
     }
 
-    /// Deletes up to `batch` history rows fetched before `before`, never a
-    /// document's latest revision.
-    pub async fn prune_history(
-        &self,
-        before: DateTime<Utc>,
-        batch: usize,
-    ) -> Result<usize, StoreError> {
-        self.prune_before(
-            "DELETE FROM document_history WHERE rowid IN (
+    /// The statement: `?1` is the time bound, `?2` the batch size.
+    fn sql(self) -> &'static str {
+        match self {
+            Aged::Events => {
+                "DELETE FROM events WHERE id IN (
+                     SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)"
+            }
+            Aged::History => {
+                "DELETE FROM document_history WHERE rowid IN (
                      SELECT h.rowid FROM document_history h
                      WHERE h.fetched_at < ?1
                        AND h.revision < (SELECT max(revision) FROM document_history x
                                          WHERE x.tenant = h.tenant AND x.doc_type = h.doc_type AND x.id = h.id)
-                     LIMIT ?2)",
-            before,
-            batch,
-        )
-        .await
+                     LIMIT ?2)"
+            }
+        }
     }
+}
 
-    /// Runs one age-bound pruning statement (`?1`: the time bound, `?2`:
-    /// the batch size) as its own write. Returns how many rows it deleted.
-    async fn prune_before(
+impl Store {
+    /// Deletes up to `batch` rows of `what` older than `before`, as its own
+    /// write. Returns how many were deleted.
+    pub async fn prune_aged(
         &self,
-        sql: &'static str,
+        what: Aged,
         before: DateTime<Utc>,
         batch: usize,
     ) -> Result<usize, StoreError> {
+        let sql = what.sql();
         self.write(move |c| Ok(c.execute(sql, params![fmt_ts(before), batch as i64])?))
             .await
     }
