@@ -35,13 +35,13 @@
 //! `synchronous=FULL` on the real disk.)
 
 mod common;
+#[path = "../tests/it/proxy.rs"]
+mod proxy;
 use common::{SECRET, cell, creds, daemon_toml, env_usize};
+use proxy::Proxy;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -49,7 +49,7 @@ use skillsync::config::Config;
 use skillsync::model::DocType;
 use skillsync::pgmirror::PostgresConfig;
 use skillsync::simulator::{Simulator, send_webhooks};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -463,46 +463,6 @@ async fn intake_round(pg: &Server, events: usize, sink: bool) -> f64 {
     rate
 }
 
-/// A TCP proxy that can cut every connection and refuse new ones.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = l.accept().await {
-                if c2.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let up = upstream.clone();
-                let t = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                k2.lock().unwrap().push(t.abort_handle());
-            }
-        });
-        Proxy { addr, cut, conns }
-    }
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-        if cut {
-            for c in self.conns.lock().unwrap().drain(..) {
-                c.abort();
-            }
-        }
-    }
-}
-
 /// Part 4: (refused webhooks, backlog rows at the restore, drain seconds).
 async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
     let s = schema("outage");
@@ -520,7 +480,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
         .filter(|(s, _)| **s != 200)
         .map(|(_, n)| n)
         .sum::<u64>();
-    proxy.set_cut(true);
+    proxy.cut();
     let down = send(down_secs * 50).await;
     refused += down
         .statuses
@@ -532,7 +492,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
     let backlog = rig.sqlite("SELECT count(*) FROM pg_outbox");
     let want =
         rig.sqlite("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'pg_outbox'");
-    proxy.set_cut(false);
+    proxy.restore();
     let restored = Instant::now();
     // Intake goes on at 50/s while the backlog drains.
     let more = tokio::spawn(send(60 * 50));

@@ -17,14 +17,10 @@ impl Simulator {
         headers: warp::http::HeaderMap,
         body: Value,
     ) -> Response {
-        let faults = {
-            let mut s = self.lock();
-            s.listing_calls += 1;
-            s.faults.clone()
+        let faults = match self.gate(&headers, |s| s.listing_calls += 1).await {
+            Ok(faults) => faults,
+            Err(refused) => return refused,
         };
-        if let Some(refused) = self.gate(&faults, &headers).await {
-            return refused;
-        }
         let q = &body["queryBuilder"];
         let skip = q["skip"].as_u64().unwrap_or(0);
         let take = q["take"].as_u64().unwrap_or(500).min(10_000);

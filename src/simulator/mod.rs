@@ -258,15 +258,7 @@ pub async fn run_cli(a: SimulateArgs) -> anyhow::Result<()> {
         a.app_id
     );
     if let Some(url) = &a.webhook_url {
-        let payloads: Vec<Value> = jobs
-            .iter()
-            .map(|id| sim.webhook_payload(DocType::Job, id, "created"))
-            .chain(
-                projects
-                    .iter()
-                    .map(|id| sim.webhook_payload(DocType::Project, id, "created")),
-            )
-            .collect();
+        let payloads = sim.created_payloads(&jobs, &projects);
         let n = payloads.len();
         let r = send_webhooks(
             url,

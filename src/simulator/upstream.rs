@@ -376,6 +376,16 @@ impl Simulator {
         json!({"action": action, "document": {"type": t, "id": id, "url": format!("{}/api/{path}/{id}", self.base_url())}})
     }
 
+    /// The `created` webhook bodies for `jobs`, then `projects` (what `demo`
+    /// and `simulate` send for the documents they seeded).
+    pub fn created_payloads(&self, jobs: &[String], projects: &[String]) -> Vec<Value> {
+        let jobs = jobs.iter().map(|id| (DocType::Job, id));
+        let projects = projects.iter().map(|id| (DocType::Project, id));
+        jobs.chain(projects)
+            .map(|(ty, id)| self.webhook_payload(ty, id, "created"))
+            .collect()
+    }
+
     fn check_auth(&self, headers: &warp::http::HeaderMap) -> bool {
         let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
         let ok = h("x-apptenant") == self.creds.app_tenant
@@ -402,23 +412,32 @@ impl Simulator {
         None
     }
 
-    /// What every request goes through first: the latency, the credentials
-    /// check, and a 429 from the current burst. `Some` is the refusal to send.
+    /// What every request goes through first: `count` records it in the
+    /// counters, then the latency, the credentials check, and a 429 from the
+    /// current burst. `Ok` holds the faults as they were when the request
+    /// came; `Err` is the refusal to send.
     pub(super) async fn gate(
         &self,
-        faults: &Faults,
         headers: &warp::http::HeaderMap,
-    ) -> Option<Response> {
+        count: impl FnOnce(&mut State),
+    ) -> Result<Faults, Response> {
+        let faults = {
+            let mut s = self.lock();
+            count(&mut s);
+            s.faults.clone()
+        };
         if !faults.latency.is_zero() {
             tokio::time::sleep(faults.latency).await;
         }
         if !self.check_auth(headers) {
-            return Some(reply(
+            return Err(reply(
                 StatusCode::UNAUTHORIZED,
                 json!({"error": "invalid credentials"}),
             ));
         }
-        let after = self.take_rate_limit()?;
+        let Some(after) = self.take_rate_limit() else {
+            return Ok(faults);
+        };
         let mut r = reply(
             StatusCode::TOO_MANY_REQUESTS,
             json!({"error": "rate limited"}),
@@ -426,7 +445,7 @@ impl Simulator {
         if let Ok(v) = after.to_string().parse() {
             r.headers_mut().insert("retry-after", v);
         }
-        Some(r)
+        Err(r)
     }
 
     pub(super) async fn get_document(
@@ -435,15 +454,14 @@ impl Simulator {
         id: String,
         headers: warp::http::HeaderMap,
     ) -> Response {
-        let faults = {
-            let mut s = self.lock();
+        let counted = |s: &mut State| {
             s.total_gets += 1;
             *s.gets.entry((ty, id.to_ascii_lowercase())).or_default() += 1;
-            s.faults.clone()
         };
-        if let Some(refused) = self.gate(&faults, &headers).await {
-            return refused;
-        }
+        let faults = match self.gate(&headers, counted).await {
+            Ok(faults) => faults,
+            Err(refused) => return refused,
+        };
         if faults.hang_rate > 0.0 && fastrand::f64() < faults.hang_rate {
             tokio::time::sleep(faults.hang_for).await;
         }

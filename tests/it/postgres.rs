@@ -6,11 +6,8 @@
 //! Equality is always judged by `pgmirror::check::compare`, the function
 //! behind `skillsync postgres-check`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,11 +16,12 @@ use skillsync::model::DocType;
 use skillsync::pgmirror::check::{Report, compare};
 use skillsync::pgmirror::{PostgresConfig, sink};
 use skillsync::simulator::Simulator;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml, count, start_sim, wait_until};
+use crate::proxy::Proxy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -367,51 +365,6 @@ async fn backfill_then_steady_state_match_sqlite() {
     assert_eq!(d.metric("skillsync_postgres_lag_rows").await, Some(0.0));
     d.stop().await;
     token.cancel();
-}
-
-/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = l.local_addr().expect("addr");
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = l.accept().await {
-                if c2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let up = upstream.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                k2.lock().expect("lock").push(task.abort_handle());
-            }
-        });
-        Proxy { addr, cut, conns }
-    }
-
-    /// Drops every connection and refuses new ones, like a server gone.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
 }
 
 #[tokio::test]
