@@ -189,6 +189,17 @@ impl TestApp {
         (id, s, v)
     }
 
+    /// Posts acme's webhook with `action` for each of `ids` in turn; returns
+    /// the answers' statuses in order.
+    pub async fn notify_all(&self, ty: DocType, ids: &[String], action: &str) -> Vec<u16> {
+        let mut statuses = Vec::with_capacity(ids.len());
+        for id in ids {
+            let body = self.sim.webhook_payload(ty, id, action);
+            statuses.push(self.post("", Some(SECRET_ACME), &body).await.0);
+        }
+        statuses
+    }
+
     /// Stops the daemon and waits for it to return.
     pub async fn stop(&mut self) {
         self.token.cancel();

@@ -79,6 +79,26 @@ impl Server {
     }
 }
 
+/// What most tests here start from: the server, a simulator (stopped by the
+/// token) and a temp dir with the SQLite file's path; `None` (with a notice)
+/// when there is no PostgreSQL.
+async fn setup(
+    test: &str,
+) -> Option<(
+    Server,
+    CancellationToken,
+    Simulator,
+    tempfile::TempDir,
+    PathBuf,
+)> {
+    let server = server(test)?;
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    Some((server, token, sim, dir, db))
+}
+
 fn fresh_schema() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
@@ -253,13 +273,11 @@ fn sqlite_i64(db: &Path, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn backfill_then_steady_state_match_sqlite() {
-    let Some(server) = server("backfill_then_steady_state_match_sqlite") else {
+    let Some((server, token, sim, dir, db)) =
+        setup("backfill_then_steady_state_match_sqlite").await
+    else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
 
     // A running installation without PostgreSQL: jobs, projects, edits, deletions.
     let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
@@ -369,14 +387,11 @@ async fn backfill_then_steady_state_match_sqlite() {
 
 #[tokio::test]
 async fn postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains() {
-    let Some(server) = server("postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains")
+    let Some((server, token, sim, dir, db)) =
+        setup("postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains").await
     else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
     let proxy = Proxy::start(server.direct()).await;
     let schema = fresh_schema();
     let mut d = Daemon::start(
@@ -513,14 +528,11 @@ impl Drop for Process {
 
 #[tokio::test]
 async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
-    let Some(server) = server("sink_killed_at_random_points_resumes_from_the_postgres_cursor")
+    let Some((server, token, sim, dir, db)) =
+        setup("sink_killed_at_random_points_resumes_from_the_postgres_cursor").await
     else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
     // Documents to backfill, stored by a daemon without PostgreSQL.
     let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
     let ids: Vec<String> = (0..1000).map(|_| sim.create(DocType::Job)).collect();
