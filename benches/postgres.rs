@@ -37,7 +37,7 @@
 mod common;
 #[path = "../tests/it/proxy.rs"]
 mod proxy;
-use common::{SECRET, cell, creds, daemon_toml, env_usize};
+use common::{SECRET, cell, daemon_toml, env_usize, start_sim};
 use proxy::Proxy;
 
 use std::path::{Path, PathBuf};
@@ -259,6 +259,12 @@ fn drop_schema(pg: &Server, s: &str) {
         .unwrap();
 }
 
+/// [`drop_schema`] on a plain thread, from async code.
+async fn drop_schema_on_thread(s: String) {
+    let pg = server();
+    let _ = on_thread(move || drop_schema(&pg, &s)).await;
+}
+
 async fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
@@ -280,12 +286,7 @@ struct Rig {
 impl Rig {
     async fn start(pg_section: Option<String>) -> Rig {
         let token = CancellationToken::new();
-        let sim = Simulator::start(
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            creds(),
-            token.clone(),
-        )
-        .unwrap();
+        let sim = start_sim(&token).await;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("pg.db");
         let toml = daemon_toml(
@@ -430,11 +431,7 @@ async fn latency_round(pg: &Server, secs: usize) -> (f64, f64, f64, usize) {
         "  latency: {n} documents at 50/s: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"
     );
     rig.stop().await;
-    let _ = on_thread({
-        let pg = server();
-        move || drop_schema(&pg, &s)
-    })
-    .await;
+    drop_schema_on_thread(s).await;
     (p50, p99, max, n)
 }
 
@@ -454,11 +451,7 @@ async fn intake_round(pg: &Server, events: usize, sink: bool) -> f64 {
     );
     rig.stop().await;
     if sink {
-        let _ = on_thread({
-            let pg = server();
-            move || drop_schema(&pg, &s)
-        })
-        .await;
+        drop_schema_on_thread(s).await;
     }
     rate
 }
@@ -514,11 +507,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
         "  outage {down_secs} s: {refused} webhooks not answered 200, backlog {backlog} changes drained in {drain:.1} s"
     );
     rig.stop().await;
-    let _ = on_thread({
-        let pg = server();
-        move || drop_schema(&pg, &s)
-    })
-    .await;
+    drop_schema_on_thread(s).await;
     (refused, backlog, drain)
 }
 
