@@ -232,6 +232,27 @@ impl Drop for TestApp {
     }
 }
 
+/// Starts `cmd` with stdout discarded and stderr read by a thread; joined
+/// after the child exits, the thread returns everything it logged.
+pub fn spawn_logging(
+    cmd: &mut std::process::Command,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start skillsync");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (child, log)
+}
+
 /// Polls `check` until it returns true or `timeout` passes; panics with `what`.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
