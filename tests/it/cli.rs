@@ -209,20 +209,9 @@ fn print_config_is_a_valid_commented_example_without_secrets() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &Path, port: u16, sim_base: &str) -> std::path::PathBuf {
     let db = dir.join("skillsync.db");
-    let toml = config_toml(&db, sim_base, FAST_FETCH, "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let toml = config_toml_on_port(&db, sim_base, FAST_FETCH, "", port);
     let path = dir.join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     path

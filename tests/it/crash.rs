@@ -95,14 +95,6 @@ fn data_dir(dir: &Path) -> PathBuf {
     data
 }
 
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
-        .port()
-}
-
 /// A `skillsync serve` process; SIGKILLed on drop.
 struct Daemon {
     child: Child,

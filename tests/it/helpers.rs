@@ -72,6 +72,30 @@ full_sweep_schedule = "off"
     )
 }
 
+/// A free loopback port (bound, read, released), for a daemon started as a
+/// process with a fixed port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
+}
+
+/// [`config_toml`] with the public listener on `port`.
+pub fn config_toml_on_port(
+    db: &std::path::Path,
+    sim_base: &str,
+    fetch: &str,
+    extra: &str,
+    port: u16,
+) -> String {
+    config_toml(db, sim_base, fetch, extra).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    )
+}
+
 /// Fetch settings that make retries quick in tests.
 pub const FAST_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1";
 

@@ -20,7 +20,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml, count, start_sim, wait_until};
+use crate::helpers::{
+    FAST_FETCH, SECRET_ACME, config_toml, config_toml_on_port, count, free_port, start_sim,
+    wait_until,
+};
 use crate::proxy::Proxy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -486,15 +489,8 @@ struct Process {
 
 impl Process {
     fn spawn(dir: &Path, db: &Path, sim: &Simulator, extra: &str, n: usize) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let toml = config_toml(db, &sim.base_url(), FAST_FETCH, extra).replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-            1,
-        );
+        let port = free_port();
+        let toml = config_toml_on_port(db, &sim.base_url(), FAST_FETCH, extra, port);
         let config = dir.join(format!("serve-{n}.toml"));
         std::fs::write(&config, toml).expect("write config");
         let log = dir.join(format!("serve-{n}.log"));

@@ -50,14 +50,6 @@ fn write_tls_config(
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn post_event(
     client: &reqwest::Client,
     url: &str,
@@ -244,16 +236,8 @@ async fn socket_activation_uses_the_passed_socket() {
     let port = free_port();
     // server.listen names a port nobody will use: the passed socket must win.
     let unused = free_port();
-    let toml = config_toml(
-        &dir.path().join("skillsync.db"),
-        &sim.base_url(),
-        FAST_FETCH,
-        "",
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{unused}\""),
-    );
+    let db = dir.path().join("skillsync.db");
+    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", unused);
     let path = dir.path().join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(activate)
