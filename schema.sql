@@ -1,6 +1,6 @@
 -- skillsync schema, version 1 (PRAGMA user_version = 1).
 -- Applied by the daemon at start-up inside one transaction. Later versions are
--- src/store/migrations/NNN_*.sql, run in order after this file (version 2
+-- migrations/NNN_*.sql, run in order after this file (version 2
 -- adds `events.queued` and re-keys the events indexes: read it with this
 -- one); a database whose user_version is newer than the binary knows is
 -- refused.

@@ -25,7 +25,7 @@
 //! default 3).
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize, summary};
+use common::{SECRET, cell, daemon_toml, env_usize, start_sim, summary};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -69,12 +69,7 @@ struct Rig {
 impl Rig {
     async fn start(concurrency: usize) -> Rig {
         let sim_token = CancellationToken::new();
-        let sim = Simulator::start(
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            creds(),
-            sim_token.clone(),
-        )
-        .unwrap();
+        let sim = start_sim(&sim_token).await;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("pipeline.db");
         let config =

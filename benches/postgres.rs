@@ -35,13 +35,13 @@
 //! `synchronous=FULL` on the real disk.)
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize};
+#[path = "../tests/it/proxy.rs"]
+mod proxy;
+use common::{SECRET, cell, daemon_toml, env_usize, start_sim};
+use proxy::Proxy;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
@@ -49,7 +49,7 @@ use skillsync::config::Config;
 use skillsync::model::DocType;
 use skillsync::pgmirror::PostgresConfig;
 use skillsync::simulator::{Simulator, send_webhooks};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -259,6 +259,12 @@ fn drop_schema(pg: &Server, s: &str) {
         .unwrap();
 }
 
+/// [`drop_schema`] on a plain thread, from async code.
+async fn drop_schema_on_thread(s: String) {
+    let pg = server();
+    let _ = on_thread(move || drop_schema(&pg, &s)).await;
+}
+
 async fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
@@ -280,12 +286,7 @@ struct Rig {
 impl Rig {
     async fn start(pg_section: Option<String>) -> Rig {
         let token = CancellationToken::new();
-        let sim = Simulator::start(
-            TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            creds(),
-            token.clone(),
-        )
-        .unwrap();
+        let sim = start_sim(&token).await;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("pg.db");
         let toml = daemon_toml(
@@ -430,11 +431,7 @@ async fn latency_round(pg: &Server, secs: usize) -> (f64, f64, f64, usize) {
         "  latency: {n} documents at 50/s: p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms"
     );
     rig.stop().await;
-    let _ = on_thread({
-        let pg = server();
-        move || drop_schema(&pg, &s)
-    })
-    .await;
+    drop_schema_on_thread(s).await;
     (p50, p99, max, n)
 }
 
@@ -454,53 +451,9 @@ async fn intake_round(pg: &Server, events: usize, sink: bool) -> f64 {
     );
     rig.stop().await;
     if sink {
-        let _ = on_thread({
-            let pg = server();
-            move || drop_schema(&pg, &s)
-        })
-        .await;
+        drop_schema_on_thread(s).await;
     }
     rate
-}
-
-/// A TCP proxy that can cut every connection and refuse new ones.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = l.accept().await {
-                if c2.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let up = upstream.clone();
-                let t = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                k2.lock().unwrap().push(t.abort_handle());
-            }
-        });
-        Proxy { addr, cut, conns }
-    }
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-        if cut {
-            for c in self.conns.lock().unwrap().drain(..) {
-                c.abort();
-            }
-        }
-    }
 }
 
 /// Part 4: (refused webhooks, backlog rows at the restore, drain seconds).
@@ -520,7 +473,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
         .filter(|(s, _)| **s != 200)
         .map(|(_, n)| n)
         .sum::<u64>();
-    proxy.set_cut(true);
+    proxy.cut();
     let down = send(down_secs * 50).await;
     refused += down
         .statuses
@@ -532,7 +485,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
     let backlog = rig.sqlite("SELECT count(*) FROM pg_outbox");
     let want =
         rig.sqlite("SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'pg_outbox'");
-    proxy.set_cut(false);
+    proxy.restore();
     let restored = Instant::now();
     // Intake goes on at 50/s while the backlog drains.
     let more = tokio::spawn(send(60 * 50));
@@ -554,11 +507,7 @@ async fn outage_round(pg: &Server, down_secs: usize) -> (u64, i64, f64) {
         "  outage {down_secs} s: {refused} webhooks not answered 200, backlog {backlog} changes drained in {drain:.1} s"
     );
     rig.stop().await;
-    let _ = on_thread({
-        let pg = server();
-        move || drop_schema(&pg, &s)
-    })
-    .await;
+    drop_schema_on_thread(s).await;
     (refused, backlog, drain)
 }
 

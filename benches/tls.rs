@@ -10,13 +10,13 @@
 //! (knobs: `TLS_EVENTS` events per trial, default 5000; `TLS_RUNS` rounds, default 5).
 
 mod common;
-use common::{SECRET, creds, daemon_toml, env_usize};
+use common::{SECRET, daemon_toml, env_usize, start_sim};
 use std::time::Duration;
 
 use serde_json::Value;
 use skillsync::config::Config;
 use skillsync::model::DocType;
-use skillsync::simulator::{SendReport, Simulator, send_webhooks_with};
+use skillsync::simulator::{SendReport, send_webhooks_with};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +29,7 @@ struct Trial {
 async fn trial(tls: bool, senders: usize, events: usize, cert: &(String, String)) -> Trial {
     let dir = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
-    let sim = Simulator::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        creds(),
-        token.clone(),
-    )
-    .unwrap();
+    let sim = start_sim(&token).await;
     let base = sim.base_url();
     std::fs::write(dir.path().join("cert.pem"), &cert.0).unwrap();
     std::fs::write(dir.path().join("key.pem"), &cert.1).unwrap();

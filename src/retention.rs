@@ -1,6 +1,7 @@
 //! Retention: prunes `done`/`ignored` events and old `document_history`
 //! rows in small batches (each its own short write, so webhook intake is
-//! never held up), once shortly after start and then hourly.
+//! never held up), once shortly after start and then hourly. This file owns the schedule and the
+//! batching loop; the statements are in `store::retention`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::Store;
+use crate::store::retention::Aged;
 
 const BATCH: usize = 500;
 const FIRST_RUN_AFTER: Duration = Duration::from_secs(60);
@@ -21,40 +23,42 @@ pub async fn prune_once(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> (usize, usize) {
-    let mut events = 0;
-    let mut history = 0;
-    if config.retention.events_days > 0 {
-        let before = Utc::now() - chrono::Duration::days(i64::from(config.retention.events_days));
-        while !shutdown.is_cancelled() {
-            match store.prune_events(before, BATCH).await {
-                Ok(0) => break,
-                Ok(n) => events += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention: pruning events failed; will try again later");
-                    break;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-    if config.retention.history_days > 0 {
-        let before = Utc::now() - chrono::Duration::days(i64::from(config.retention.history_days));
-        while !shutdown.is_cancelled() {
-            match store.prune_history(before, BATCH).await {
-                Ok(0) => break,
-                Ok(n) => history += n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention: pruning history failed; will try again later");
-                    break;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-    }
+    let days = &config.retention;
+    let events = prune_older_than(store, Aged::Events, days.events_days, shutdown).await;
+    let history = prune_older_than(store, Aged::History, days.history_days, shutdown).await;
     if events + history > 0 {
         tracing::info!(events, history_rows = history, "retention: pruned old rows");
     }
     (events, history)
+}
+
+/// Deletes batch after batch of `what` older than `days` (0: keep forever)
+/// until a batch deletes nothing, a write fails or `shutdown`. Returns how
+/// many rows went.
+async fn prune_older_than(
+    store: &Store,
+    what: Aged,
+    days: u32,
+    shutdown: &CancellationToken,
+) -> usize {
+    let mut deleted = 0;
+    if days == 0 {
+        return deleted;
+    }
+    let before = Utc::now() - chrono::Duration::days(i64::from(days));
+    while !shutdown.is_cancelled() {
+        match store.prune_aged(what, before, BATCH).await {
+            Ok(0) => break,
+            Ok(n) => deleted += n,
+            Err(e) => {
+                let what = what.as_str();
+                tracing::warn!(error = %e, "retention: pruning {what} failed; will try again later");
+                break;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    deleted
 }
 
 /// Runs retention until `shutdown`.

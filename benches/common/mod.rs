@@ -1,12 +1,15 @@
 //! What the benchmarks share (included with `mod common;`): the daemon's
-//! config and the credentials its simulator expects, and the statistics —
-//! the median of several rounds with their spread, formatted for the tables.
+//! config, the credentials its simulator expects and starting that
+//! simulator, and the statistics — the median of several rounds with their
+//! spread, formatted for the tables.
 
 #![allow(dead_code)]
 
 use std::path::Path;
 
-use skillsync::simulator::SimCredentials;
+use skillsync::simulator::{SimCredentials, Simulator};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Tenant acme's webhook secret in every benchmark.
 pub const SECRET: &str = "bench-webhook-secret-0123456789";
@@ -20,6 +23,13 @@ pub fn creds() -> SimCredentials {
         app_id: "bench-app".into(),
         app_secret: APP_SECRET.into(),
     }
+}
+
+/// A simulator on a fresh loopback port that accepts [`creds`]; it stops
+/// with `token`.
+pub async fn start_sim(token: &CancellationToken) -> Simulator {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Simulator::start(listener, creds(), token.clone()).unwrap()
 }
 
 /// A daemon config: tenant acme against the simulator at `sim_base`,

@@ -29,12 +29,13 @@
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
 //! (the report and stage views and the derived tables behind them),
-//! `outbox` (what feeds the PostgreSQL mirror).
+//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning).
 
 pub mod mirror;
 pub mod outbox;
 pub mod queue;
 pub mod report;
+pub mod retention;
 pub mod status;
 pub mod sync;
 
@@ -47,13 +48,14 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 /// Schema versions in order: entry `i` brings the database to version `i + 1`.
+/// `schema.sql` and the numbered migrations beside it at the repository root.
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
-    include_str!("migrations/002_deferred_queue.sql"),
-    include_str!("migrations/003_deletion_evidence.sql"),
-    include_str!("migrations/004_postgres_outbox.sql"),
-    include_str!("migrations/005_recorded_by_document.sql"),
-    include_str!("migrations/006_inbox_cursor.sql"),
+    include_str!("../../migrations/002_deferred_queue.sql"),
+    include_str!("../../migrations/003_deletion_evidence.sql"),
+    include_str!("../../migrations/004_postgres_outbox.sql"),
+    include_str!("../../migrations/005_recorded_by_document.sql"),
+    include_str!("../../migrations/006_inbox_cursor.sql"),
 ];
 
 /// The schema version this binary writes.

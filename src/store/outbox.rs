@@ -165,6 +165,20 @@ fn doc_row(ty: DocType, r: &rusqlite::Row) -> rusqlite::Result<DocRow> {
     })
 }
 
+/// Runs a (cached) query and reads every row it returns with `read`: the
+/// one way the reads below turn rows into values (`|r| r.try_into()` reads
+/// a row into a tuple of its columns).
+fn read_rows<T>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    read: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StoreError> {
+    let mut s = c.prepare_cached(sql)?;
+    let rows = s.query_map(params, read)?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// The sink's state: identity, switch-on point, acknowledged seq.
 pub fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
     let database_id: Option<String> = c
@@ -211,21 +225,12 @@ pub fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBa
 }
 
 fn outbox_batch_in(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
-    let mut s = c.prepare_cached(
+    let rows: Vec<(i64, String, String, String, i64, String)> = read_rows(
+        c,
         "SELECT seq, doc_type, tenant, id, revision, changed_at FROM pg_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        params![after, limit as i64],
+        |r| r.try_into(),
     )?;
-    let rows = s
-        .query_map(params![after, limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
     let mut batch = OutboxBatch {
         changes: rows.len(),
         oldest_changed_at: rows.first().map(|r| r.5.clone()),
@@ -285,14 +290,15 @@ pub fn mirror_page(
     let (t, i) = after
         .map(|(t, i)| (t.as_str(), i.as_str()))
         .unwrap_or(("", ""));
-    let mut s = c.prepare_cached(&format!(
-        "SELECT {DOC_COLUMNS} FROM {} WHERE (tenant, id) > (?1, ?2) ORDER BY tenant, id LIMIT ?3",
-        ty.table()
-    ))?;
-    let rows = s
-        .query_map(params![t, i, limit as i64], |r| doc_row(ty, r))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+    read_rows(
+        c,
+        &format!(
+            "SELECT {DOC_COLUMNS} FROM {} WHERE (tenant, id) > (?1, ?2) ORDER BY tenant, id LIMIT ?3",
+            ty.table()
+        ),
+        params![t, i, limit as i64],
+        |r| doc_row(ty, r),
+    )
 }
 
 /// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
@@ -301,23 +307,13 @@ pub fn history_page(
     after_rowid: i64,
     limit: usize,
 ) -> Result<Vec<(i64, HistoryRow)>, StoreError> {
-    let mut s = c.prepare_cached(
+    let rows: Vec<(i64, String, String, String, i64, String, String)> = read_rows(
+        c,
         "SELECT rowid, tenant, doc_type, id, revision, document, fetched_at FROM document_history
          WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+        params![after_rowid, limit as i64],
+        |r| r.try_into(),
     )?;
-    let rows = s
-        .query_map(params![after_rowid, limit as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows
         .into_iter()
         .filter_map(|(rowid, tenant, ty, id, revision, document, fetched_at)| {
@@ -338,13 +334,13 @@ pub fn history_page(
 
 /// `sync_runs` rows with `id >= floor`.
 pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
-    let mut s = c.prepare_cached(
+    read_rows(
+        c,
         "SELECT id, tenant, doc_type, kind, started_at, finished_at, status, listed, enqueued,
                 marked_deleted, missed, candidates, error
          FROM sync_runs WHERE id >= ?1 ORDER BY id",
-    )?;
-    let rows = s
-        .query_map([floor], |r| {
+        [floor],
+        |r| {
             Ok(RunRow {
                 id: r.get(0)?,
                 tenant: r.get(1)?,
@@ -360,20 +356,19 @@ pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError>
                 candidates: r.get(11)?,
                 error: r.get(12)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 /// The queue figures of `sync_status`, per tenant and type.
 pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
-    let mut s = c.prepare_cached(
+    read_rows(
+        c,
         "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
                 dead_documents, oldest_pending_at, complete_as_of
          FROM sync_status ORDER BY tenant, doc_type",
-    )?;
-    let rows = s
-        .query_map([], |r| {
+        [],
+        |r| {
             Ok(QueueRow {
                 tenant: r.get(0)?,
                 doc_type: r.get(1)?,
@@ -385,9 +380,8 @@ pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
                 oldest_pending_at: r.get(7)?,
                 complete_as_of: r.get(8)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+        },
+    )
 }
 
 /// When the oldest change after `seq` was written (`None` when none waits).

@@ -1,6 +1,6 @@
 //! Reconciliation state: run locks (one run per tenant and type, across
 //! processes), `sync_runs` rows, the incremental watermark, the mirror state
-//! a listing page is compared with, deletion marks, and retention pruning.
+//! a listing page is compared with, and deletion marks.
 
 use std::collections::{HashMap, HashSet};
 
@@ -335,43 +335,6 @@ impl Store {
                 |r| r.get(0),
             )?;
             Ok((candidates, live.max(0) as u64))
-        })
-        .await
-    }
-
-    /// Deletes up to `batch` `done`/`ignored` events received before `before`.
-    pub async fn prune_events(
-        &self,
-        before: DateTime<Utc>,
-        batch: usize,
-    ) -> Result<usize, StoreError> {
-        self.write(move |c| {
-            Ok(c.execute(
-                "DELETE FROM events WHERE id IN (
-                     SELECT id FROM events WHERE status IN ('done', 'ignored') AND received_at < ?1 ORDER BY id LIMIT ?2)",
-                params![fmt_ts(before), batch as i64],
-            )?)
-        })
-        .await
-    }
-
-    /// Deletes up to `batch` history rows fetched before `before`, never a
-    /// document's latest revision.
-    pub async fn prune_history(
-        &self,
-        before: DateTime<Utc>,
-        batch: usize,
-    ) -> Result<usize, StoreError> {
-        self.write(move |c| {
-            Ok(c.execute(
-                "DELETE FROM document_history WHERE rowid IN (
-                     SELECT h.rowid FROM document_history h
-                     WHERE h.fetched_at < ?1
-                       AND h.revision < (SELECT max(revision) FROM document_history x
-                                         WHERE x.tenant = h.tenant AND x.doc_type = h.doc_type AND x.id = h.id)
-                     LIMIT ?2)",
-                params![fmt_ts(before), batch as i64],
-            )?)
         })
         .await
     }

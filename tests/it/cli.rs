@@ -2,9 +2,8 @@
 //! `status` exit codes, SIGTERM under load, the demo, and secrets that never
 //! reach the logs, `status` or the database file.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -210,20 +209,9 @@ fn print_config_is_a_valid_commented_example_without_secrets() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &Path, port: u16, sim_base: &str) -> std::path::PathBuf {
     let db = dir.join("skillsync.db");
-    let toml = config_toml(&db, sim_base, FAST_FETCH, "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let toml = config_toml_on_port(&db, sim_base, FAST_FETCH, "", port);
     let path = dir.join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     path
@@ -256,20 +244,12 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero_and_secrets_stay_out_of
     let sim = start_sim(&token).await;
     let port = free_port();
     let config = write_config(dir.path(), port, &sim.base_url());
-    let mut child = bin()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "debug")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let (mut child, log) = spawn_logging(
+        bin()
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "debug"),
+    );
     wait_healthy(port).await;
     let url = format!("http://127.0.0.1:{port}/skillsevent");
     // Unauthenticated attempts, and an upstream that refuses our credentials for a while.
@@ -537,19 +517,11 @@ fn serve_with_json_logs(
         .unwrap()
         .replace("[server]\n", &format!("[server]\n{server_extra}\n"));
     std::fs::write(&path, toml).unwrap();
-    let mut child = bin()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let (child, log) = spawn_logging(
+        bin()
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&path),
+    );
     (child, port, log)
 }
 

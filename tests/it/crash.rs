@@ -59,10 +59,11 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(dir: &Path, db: PathBuf, sim: &Simulator, fetch: &'static str, busy: u64) -> Setup {
+    /// Configs and logs in `dir`, the database `skillsync.db` in `db_dir`.
+    fn new(dir: &Path, db_dir: &Path, sim: &Simulator, fetch: &'static str, busy: u64) -> Setup {
         Setup {
             dir: dir.to_path_buf(),
-            db,
+            db: db_dir.join("skillsync.db"),
             sim_base: sim.base_url(),
             fetch,
             busy_timeout_ms: busy,
@@ -87,12 +88,11 @@ impl Setup {
     }
 }
 
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
-        .port()
+/// `dir/data`, created: a database directory a test can make read-only.
+fn data_dir(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir(&data).expect("mkdir data");
+    data
 }
 
 /// A `skillsync serve` process; SIGKILLed on drop.
@@ -458,13 +458,7 @@ async fn kill_9_while_senders_post_loses_no_acknowledged_event() {
     let sim = start_sim(&token).await;
     let docs = seed_docs(&sim, 100, 0);
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(
-        dir.path(),
-        dir.path().join("skillsync.db"),
-        &sim,
-        CRASH_FETCH,
-        5000,
-    );
+    let setup = Setup::new(dir.path(), dir.path(), &sim, CRASH_FETCH, 5000);
     let mut rng = seeded_rng("kill_9");
 
     let mut daemon = Daemon::start(&setup).await;
@@ -530,13 +524,7 @@ async fn repeated_kill_9_under_load_loses_nothing_and_finishes_all_work() {
     let sim = start_sim(&token).await;
     let docs = seed_docs(&sim, 120, 40);
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(
-        dir.path(),
-        dir.path().join("skillsync.db"),
-        &sim,
-        CRASH_FETCH,
-        5000,
-    );
+    let setup = Setup::new(dir.path(), dir.path(), &sim, CRASH_FETCH, 5000);
     let mut rng = seeded_rng("crash_suite");
 
     let mut acked: Vec<i64> = Vec::new();
@@ -654,13 +642,7 @@ async fn database_locked_past_busy_timeout_answers_503_and_records_nothing() {
     let token = CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(
-        dir.path(),
-        dir.path().join("skillsync.db"),
-        &sim,
-        FAST_FETCH,
-        200,
-    );
+    let setup = Setup::new(dir.path(), dir.path(), &sim, FAST_FETCH, 200);
     let daemon = Daemon::start(&setup).await;
     let c = client();
 
@@ -854,13 +836,7 @@ async fn full_disk_answers_503_keeps_the_file_intact_and_recovers() {
         Ok(m) => m,
         Err(e) => return cannot_mount(&e),
     };
-    let setup = Setup::new(
-        dir.path(),
-        small.join("skillsync.db"),
-        &sim,
-        FAST_FETCH,
-        1000,
-    );
+    let setup = Setup::new(dir.path(), &small, &sim, FAST_FETCH, 1000);
     let daemon = Daemon::start(&setup).await;
     let c = client();
     let url = daemon.webhook_url();
@@ -964,13 +940,7 @@ async fn missing_database_directory_stops_start_up_naming_it() {
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("no-such-dir");
-    let setup = Setup::new(
-        dir.path(),
-        missing.join("skillsync.db"),
-        &sim,
-        FAST_FETCH,
-        1000,
-    );
+    let setup = Setup::new(dir.path(), &missing, &sim, FAST_FETCH, 1000);
     assert_refuses_to_start(&setup, &missing).await;
     assert!(!missing.exists(), "start-up created {}", missing.display());
 }
@@ -980,15 +950,8 @@ async fn read_only_empty_database_directory_stops_start_up_naming_it() {
     let token = CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir data");
-    let setup = Setup::new(
-        dir.path(),
-        data.join("skillsync.db"),
-        &sim,
-        FAST_FETCH,
-        1000,
-    );
+    let data = data_dir(dir.path());
+    let setup = Setup::new(dir.path(), &data, &sim, FAST_FETCH, 1000);
     let _ro = match make_read_only(&data) {
         Ok(r) => r,
         Err(e) => return cannot_mount(&e),
@@ -1004,15 +967,8 @@ async fn read_only_directory_with_a_crashed_database_stops_start_up_naming_it() 
     let token = CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).expect("mkdir data");
-    let setup = Setup::new(
-        dir.path(),
-        data.join("skillsync.db"),
-        &sim,
-        FAST_FETCH,
-        1000,
-    );
+    let data = data_dir(dir.path());
+    let setup = Setup::new(dir.path(), &data, &sim, FAST_FETCH, 1000);
     {
         let mut d = Daemon::start(&setup).await;
         let id = sim.create(DocType::Job);

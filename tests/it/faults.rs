@@ -34,15 +34,7 @@ async fn the_mirror_converges_to_upstream_exactly_under_a_fault_mix() {
     app.sim.set_faults(mixed.clone());
     let jobs = app.sim.seed(DocType::Job, 60);
     let projects = app.sim.seed(DocType::Project, 15);
-    let mut payloads: Vec<Value> = jobs
-        .iter()
-        .map(|id| app.sim.webhook_payload(DocType::Job, id, "created"))
-        .collect();
-    payloads.extend(
-        projects
-            .iter()
-            .map(|id| app.sim.webhook_payload(DocType::Project, id, "created")),
-    );
+    let payloads = app.sim.created_payloads(&jobs, &projects);
     let mut acked =
         skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 8, None)
             .await

@@ -72,6 +72,30 @@ full_sweep_schedule = "off"
     )
 }
 
+/// A free loopback port (bound, read, released), for a daemon started as a
+/// process with a fixed port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
+}
+
+/// [`config_toml`] with the public listener on `port`.
+pub fn config_toml_on_port(
+    db: &std::path::Path,
+    sim_base: &str,
+    fetch: &str,
+    extra: &str,
+    port: u16,
+) -> String {
+    config_toml(db, sim_base, fetch, extra).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    )
+}
+
 /// Fetch settings that make retries quick in tests.
 pub const FAST_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1";
 
@@ -189,6 +213,17 @@ impl TestApp {
         (id, s, v)
     }
 
+    /// Posts acme's webhook with `action` for each of `ids` in turn; returns
+    /// the answers' statuses in order.
+    pub async fn notify_all(&self, ty: DocType, ids: &[String], action: &str) -> Vec<u16> {
+        let mut statuses = Vec::with_capacity(ids.len());
+        for id in ids {
+            let body = self.sim.webhook_payload(ty, id, action);
+            statuses.push(self.post("", Some(SECRET_ACME), &body).await.0);
+        }
+        statuses
+    }
+
     /// Stops the daemon and waits for it to return.
     pub async fn stop(&mut self) {
         self.token.cancel();
@@ -219,6 +254,27 @@ impl Drop for TestApp {
         self.token.cancel();
         self.sim_token.cancel();
     }
+}
+
+/// Starts `cmd` with stdout discarded and stderr read by a thread; joined
+/// after the child exits, the thread returns everything it logged.
+pub fn spawn_logging(
+    cmd: &mut std::process::Command,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start skillsync");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    (child, log)
 }
 
 /// Polls `check` until it returns true or `timeout` passes; panics with `what`.

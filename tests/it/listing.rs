@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use skillsync::model::DocType;
-use skillsync::reconcile::Kind;
+use skillsync::reconcile::{Kind, Reconciler};
 use skillsync::simulator::{Faults, Simulator};
 
 use crate::helpers::*;
@@ -33,6 +33,17 @@ async fn wait_queue_drained(app: &TestApp) {
             ) == 0
     })
     .await;
+}
+
+/// A daemon and a reconciler for it, with `n` jobs upstream already listed
+/// and mirrored; returns their ids too.
+async fn app_with_mirrored_jobs(n: usize) -> (TestApp, Reconciler, Vec<String>) {
+    let app = spawn_app().await;
+    let rec = reconciler(&app);
+    let ids = app.sim.seed(DocType::Job, n);
+    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
+    wait_all_jobs_mirrored(&app).await;
+    (app, rec, ids)
 }
 
 /// Jobs the mirror holds deleted although upstream still serves them.
@@ -159,11 +170,7 @@ async fn a_server_page_cap_does_not_end_the_listing() {
 
 #[tokio::test]
 async fn a_listing_that_lags_gets_cannot_delete_a_job_it_does_not_show_yet() {
-    let app = spawn_app().await;
-    let rec = reconciler(&app);
-    let seeded = app.sim.seed(DocType::Job, 5);
-    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
-    wait_all_jobs_mirrored(&app).await;
+    let (app, rec, seeded) = app_with_mirrored_jobs(5).await;
 
     // The listing's read path lags: a job created and announced now is
     // served by GET but missing from the listing.
@@ -265,11 +272,7 @@ async fn a_listing_failing_past_its_retry_budget_fails_with_the_page_reached() {
 
 #[tokio::test]
 async fn a_job_dated_in_the_future_does_not_blind_later_runs() {
-    let app = spawn_app().await;
-    let rec = reconciler(&app);
-    let ids = app.sim.seed(DocType::Job, 5);
-    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
-    wait_all_jobs_mirrored(&app).await;
+    let (app, rec, ids) = app_with_mirrored_jobs(5).await;
 
     assert!(
         app.sim

@@ -13,6 +13,7 @@ mod observability;
 mod operator;
 mod ops;
 mod postgres;
+mod proxy;
 mod readme;
 mod reconcile;
 mod reporting;

@@ -107,21 +107,9 @@ async fn sighup_reloads_and_never_stops_serve_without_tls() {
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let toml = config_toml(
-        &dir.path().join("skillsync.db"),
-        &sim.base_url(),
-        FAST_FETCH,
-        "",
-    )
-    .replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
+    let port = free_port();
+    let db = dir.path().join("skillsync.db");
+    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
     let config = dir.path().join("skillsync.toml");
     std::fs::write(&config, toml).expect("write config");
     let log = dir.path().join("serve.log");

@@ -6,11 +6,8 @@
 //! Equality is always judged by `pgmirror::check::compare`, the function
 //! behind `skillsync postgres-check`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,11 +16,15 @@ use skillsync::model::DocType;
 use skillsync::pgmirror::check::{Report, compare};
 use skillsync::pgmirror::{PostgresConfig, sink};
 use skillsync::simulator::Simulator;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml, count, start_sim, wait_until};
+use crate::helpers::{
+    FAST_FETCH, SECRET_ACME, config_toml, config_toml_on_port, count, free_port, start_sim,
+    wait_until,
+};
+use crate::proxy::Proxy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -79,6 +80,26 @@ impl Server {
     fn direct(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+}
+
+/// What most tests here start from: the server, a simulator (stopped by the
+/// token) and a temp dir with the SQLite file's path; `None` (with a notice)
+/// when there is no PostgreSQL.
+async fn setup(
+    test: &str,
+) -> Option<(
+    Server,
+    CancellationToken,
+    Simulator,
+    tempfile::TempDir,
+    PathBuf,
+)> {
+    let server = server(test)?;
+    let token = CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    Some((server, token, sim, dir, db))
 }
 
 fn fresh_schema() -> String {
@@ -255,13 +276,11 @@ fn sqlite_i64(db: &Path, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn backfill_then_steady_state_match_sqlite() {
-    let Some(server) = server("backfill_then_steady_state_match_sqlite") else {
+    let Some((server, token, sim, dir, db)) =
+        setup("backfill_then_steady_state_match_sqlite").await
+    else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
 
     // A running installation without PostgreSQL: jobs, projects, edits, deletions.
     let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
@@ -369,61 +388,13 @@ async fn backfill_then_steady_state_match_sqlite() {
     token.cancel();
 }
 
-/// A TCP proxy in front of PostgreSQL that the test can cut and restore.
-struct Proxy {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = l.local_addr().expect("addr");
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = l.accept().await {
-                if c2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let up = upstream.clone();
-                let task = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                k2.lock().expect("lock").push(task.abort_handle());
-            }
-        });
-        Proxy { addr, cut, conns }
-    }
-
-    /// Drops every connection and refuses new ones, like a server gone.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
 #[tokio::test]
 async fn postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains() {
-    let Some(server) = server("postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains")
+    let Some((server, token, sim, dir, db)) =
+        setup("postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains").await
     else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
     let proxy = Proxy::start(server.direct()).await;
     let schema = fresh_schema();
     let mut d = Daemon::start(
@@ -518,15 +489,8 @@ struct Process {
 
 impl Process {
     fn spawn(dir: &Path, db: &Path, sim: &Simulator, extra: &str, n: usize) -> Process {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let toml = config_toml(db, &sim.base_url(), FAST_FETCH, extra).replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-            1,
-        );
+        let port = free_port();
+        let toml = config_toml_on_port(db, &sim.base_url(), FAST_FETCH, extra, port);
         let config = dir.join(format!("serve-{n}.toml"));
         std::fs::write(&config, toml).expect("write config");
         let log = dir.join(format!("serve-{n}.log"));
@@ -560,14 +524,11 @@ impl Drop for Process {
 
 #[tokio::test]
 async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
-    let Some(server) = server("sink_killed_at_random_points_resumes_from_the_postgres_cursor")
+    let Some((server, token, sim, dir, db)) =
+        setup("sink_killed_at_random_points_resumes_from_the_postgres_cursor").await
     else {
         return;
     };
-    let token = CancellationToken::new();
-    let sim = start_sim(&token).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
     // Documents to backfill, stored by a daemon without PostgreSQL.
     let mut plain = Daemon::start(dir.path(), &db, &sim, "").await;
     let ids: Vec<String> = (0..1000).map(|_| sim.create(DocType::Job)).collect();

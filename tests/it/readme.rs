@@ -58,15 +58,7 @@ async fn readme_queries_run_in_sqlite3_while_serve_writes() {
     let app = spawn_app().await;
     let jobs = app.sim.seed(DocType::Job, 12);
     let projects = app.sim.seed(DocType::Project, 3);
-    let mut payloads: Vec<Value> = jobs
-        .iter()
-        .map(|id| app.sim.webhook_payload(DocType::Job, id, "created"))
-        .collect();
-    payloads.extend(
-        projects
-            .iter()
-            .map(|id| app.sim.webhook_payload(DocType::Project, id, "created")),
-    );
+    let payloads = app.sim.created_payloads(&jobs, &projects);
     let r =
         skillsync::simulator::send_webhooks(&app.webhook_url, SECRET_ACME, payloads, 4, None).await;
     assert_eq!(r.acked.len(), 15);

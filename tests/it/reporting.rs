@@ -20,14 +20,7 @@ hours = { path = "$.Hours", type = "integer" }
 
 /// Stores `n` jobs through webhooks and waits until they are mirrored.
 async fn mirror_jobs(app: &TestApp, ids: &[String]) {
-    for id in ids {
-        let (s, _) = app
-            .post(
-                "",
-                Some(SECRET_ACME),
-                &app.sim.webhook_payload(DocType::Job, id, "updated"),
-            )
-            .await;
+    for s in app.notify_all(DocType::Job, ids, "updated").await {
         assert_eq!(s, 200);
     }
     wait_until(Duration::from_secs(20), "the jobs mirrored", || async {
@@ -81,14 +74,7 @@ async fn report_views_type_the_simulators_documents_and_configured_columns() {
     odd.insert("CreatedOn".into(), json!("2026-10-01T08:00:00"));
     app.sim.put_raw(DocType::Job, &ids[0], odd);
     mirror_jobs(&app, &ids).await;
-    for p in &projects {
-        app.post(
-            "",
-            Some(SECRET_ACME),
-            &app.sim.webhook_payload(DocType::Project, p, "created"),
-        )
-        .await;
-    }
+    app.notify_all(DocType::Project, &projects, "created").await;
     // One job deleted upstream: gone from the report view.
     app.sim.delete(DocType::Job, &ids[3]);
     mirror_jobs(&app, &ids[3..]).await;
@@ -579,14 +565,7 @@ async fn duckdb_and_datasette_read_every_table_and_view_while_serve_writes() {
         app.sim.update(DocType::Job, id);
     }
     mirror_jobs(&app, &jobs[..10]).await;
-    for p in &projects {
-        app.post(
-            "",
-            Some(SECRET_ACME),
-            &app.sim.webhook_payload(DocType::Project, p, "created"),
-        )
-        .await;
-    }
+    app.notify_all(DocType::Project, &projects, "created").await;
     app.sim.delete(DocType::Job, &jobs[29]);
     skillsync::cli::reconcile_now(
         std::sync::Arc::new(app.config.clone()),

@@ -4,7 +4,6 @@
 //! certificate keeping the old one, a malformed certificate as a config
 //! error, and the socket handed over the way systemd does.
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -49,14 +48,6 @@ fn write_tls_config(
     let path = dir.join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn post_event(
@@ -142,20 +133,12 @@ async fn certificate_rotates_on_sighup_without_dropping_a_connection() {
     let (cert1, key1) = make_cert();
     let port = free_port();
     let path = write_tls_config(dir.path(), port, &sim.base_url(), &cert1, &key1);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let (mut child, log) = spawn_logging(
+        Command::new(env!("CARGO_BIN_EXE_skillsync"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG"),
+    );
     let url = format!("https://localhost:{port}/skillsevent");
     let old_client = https_client(&cert1); // keeps its connection alive between requests
     wait_until(Duration::from_secs(20), "the TLS listener", || {
@@ -253,16 +236,8 @@ async fn socket_activation_uses_the_passed_socket() {
     let port = free_port();
     // server.listen names a port nobody will use: the passed socket must win.
     let unused = free_port();
-    let toml = config_toml(
-        &dir.path().join("skillsync.db"),
-        &sim.base_url(),
-        FAST_FETCH,
-        "",
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{unused}\""),
-    );
+    let db = dir.path().join("skillsync.db");
+    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", unused);
     let path = dir.path().join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(activate)
