@@ -241,3 +241,64 @@ async fn a_fetch_settles_the_events_it_covers_before_the_cursor_reaches_them() {
     assert_eq!(cursor(), second);
     assert_eq!(done(), 2);
 }
+
+/// The inbox cursor is one for all tenants: a claim for one tenant passes
+/// another tenant's events into `fetch_queue` under that tenant, and that
+/// tenant's next claim leases them; none is lost or claimed by the wrong
+/// tenant.
+#[tokio::test]
+async fn one_tenants_claim_passes_anothers_events_to_that_tenant() {
+    let mut app = spawn_app().await;
+    app.stop().await; // no fetcher: the test claims itself
+    let ours = app.sim.create(DocType::Job);
+    let theirs = app.sim.create(DocType::Job);
+    let store = app.store.clone();
+    let mut other = recorded_event(&app.sim, &theirs);
+    other.tenant = "beta".into();
+    store.insert_event(other).await.expect("beta's event");
+    let last = store
+        .insert_event(recorded_event(&app.sim, &ours))
+        .await
+        .expect("acme's event");
+    let acme = claim_now(&store, 8).await;
+    assert_eq!(acme.len(), 1);
+    assert_eq!(
+        (acme[0].tenant.as_str(), acme[0].doc_id.as_str()),
+        ("acme", ours.as_str())
+    );
+    assert_eq!(
+        count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1"),
+        last,
+        "the cursor passed both tenants' events"
+    );
+    assert_eq!(
+        count(
+            &app.sql(),
+            &format!(
+                "SELECT count(*) FROM fetch_queue WHERE tenant = 'beta' AND doc_id = '{theirs}'"
+            )
+        ),
+        1,
+        "beta's document waits in beta's queue"
+    );
+    let now = chrono::Utc::now();
+    let beta = store
+        .claim(
+            "beta".into(),
+            "test-owner".into(),
+            8,
+            now,
+            now + chrono::Duration::seconds(60),
+        )
+        .await
+        .expect("claim for beta");
+    assert_eq!(beta.len(), 1);
+    assert_eq!(
+        (beta[0].tenant.as_str(), beta[0].doc_id.as_str()),
+        ("beta", theirs.as_str())
+    );
+    assert!(
+        claim_now(&store, 8).await.is_empty(),
+        "acme has nothing more"
+    );
+}
