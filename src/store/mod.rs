@@ -5,25 +5,11 @@
 //! Every write goes through one writer thread that groups whatever writes
 //! arrived while the previous commit ran into one transaction (each write in
 //! its own savepoint, or a single statement, so one failing write does not
-//! undo the others), then commits once. A caller's future resolves only
-//! after that commit is on disk: when the webhook answers 200, the event
-//! survives a power loss, not only a crash.
-//!
-//! Durability is pipelined: the writer commits with `synchronous=NORMAL`
-//! (SQLite writes the batch's WAL frames but does not fsync them) and hands
-//! the batch's callers to the syncer thread, which `fdatasync`s the WAL file
-//! and only then tells them; meanwhile the writer runs the next batch, and
-//! batches that committed during one fsync share the next. The WAL is a log:
-//! after a power loss SQLite recovers the frames up to the last commit whose
-//! frames (and checksums) reached the disk, so every batch acknowledged
-//! after its fsync is recovered, and everything after a lost batch is lost
-//! with it. (SQLite itself still fsyncs the WAL header when the log restarts
-//! and the database file around each checkpoint.) Readers may see a batch a
-//! fraction of a millisecond before it is durable, as with PostgreSQL's
-//! asynchronous commit; no caller is told before. `group_commit = false`
-//! commits every write alone with `synchronous=FULL` (the benchmark's
-//! one-commit-per-event baseline). Reads use the r2d2 pool on blocking
-//! threads, so no SQLite call runs on an async worker thread.
+//! undo the others), then commits once with `synchronous=FULL`. A caller's
+//! future resolves only after that commit: when the webhook answers 200, the
+//! event is on disk. `group_commit = false` commits every write alone (the
+//! benchmark's baseline). Reads use the r2d2 pool on blocking threads, so no
+//! SQLite call runs on an async worker thread.
 //!
 //! Submodules hold the statements by concern: `queue` (events and the fetch
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
@@ -264,24 +250,10 @@ impl Store {
             .build(manager)?;
 
         let checkpointer = start_checkpointer(path, busy_timeout)?;
-        let syncer = if group_commit {
-            // The syncer makes each commit durable (see the module doc).
-            writer_conn.pragma_update(None, "synchronous", "NORMAL")?;
-            Some(Syncer::start(wal_path(path))?)
-        } else {
-            None
-        };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
             .name("skillsync-writer".into())
-            .spawn(move || {
-                writer_loop(
-                    writer_conn,
-                    rx,
-                    if group_commit { MAX_BATCH } else { 1 },
-                    syncer,
-                )
-            })
+            .spawn(move || writer_loop(writer_conn, rx, if group_commit { MAX_BATCH } else { 1 }))
             .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -495,82 +467,7 @@ fn in_savepoint<R>(
     }
 }
 
-/// The WAL file SQLite keeps beside the database at `path`.
-fn wal_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
-}
-
-/// A committed batch's callers and the commit's outcome.
-type Committed = (Vec<Completion>, Result<(), StoreError>);
-
-/// The thread that makes committed batches durable before their callers
-/// hear of them: one `fdatasync` of the WAL file for every batch that
-/// committed while the previous one ran.
-struct Syncer {
-    tx: std::sync::mpsc::Sender<Committed>,
-}
-
-impl Syncer {
-    fn start(wal: PathBuf) -> Result<Syncer, StoreError> {
-        let (tx, rx) = std::sync::mpsc::channel::<Committed>();
-        std::thread::Builder::new()
-            .name("skillsync-sync".into())
-            .spawn(move || sync_loop(&wal, rx))
-            .map_err(|e| StoreError::Other(format!("cannot start WAL sync thread: {e}")))?;
-        Ok(Syncer { tx })
-    }
-}
-
-fn sync_loop(wal: &Path, rx: std::sync::mpsc::Receiver<Committed>) {
-    // Opened at the first commit (SQLite creates the WAL at the first write)
-    // and kept: the file lives as long as the writer's connection.
-    let mut file: Option<std::fs::File> = None;
-    // After a failed fsync the kernel may have dropped the unwritten pages
-    // and reports success next time: nothing written since can be trusted to
-    // be durable, so every later write fails until a restart re-reads the log.
-    let mut broken: Option<StoreError> = None;
-    while let Ok(first) = rx.recv() {
-        let mut batches = vec![first];
-        batches.extend(rx.try_iter());
-        let synced = match &broken {
-            Some(e) => Err(e.clone()),
-            None => {
-                let r = match &file {
-                    Some(f) => f.sync_data(),
-                    None => std::fs::File::open(wal).and_then(|f| {
-                        let r = f.sync_data();
-                        file = Some(f);
-                        r
-                    }),
-                };
-                r.map_err(|e| {
-                    let e = StoreError::Unavailable(format!(
-                        "cannot fsync the database's WAL ({}): {e}; writes are refused until the daemon restarts",
-                        wal.display()
-                    ));
-                    tracing::error!(error = %e, "database is no longer durable");
-                    broken = Some(e.clone());
-                    e
-                })
-            }
-        };
-        for (completions, committed) in batches {
-            let result = committed.and_then(|()| synced.clone());
-            for c in completions {
-                c(result.clone());
-            }
-        }
-    }
-}
-
-fn writer_loop(
-    conn: Connection,
-    mut rx: mpsc::Receiver<WriterMsg>,
-    max_batch: usize,
-    syncer: Option<Syncer>,
-) {
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
     let checkpoint = |reply: oneshot::Sender<Result<(), StoreError>>| {
         let r = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -601,23 +498,8 @@ fn writer_loop(
             }
         }
         let (completions, committed) = batch.commit();
-        match &syncer {
-            // A failed commit wrote nothing to wait for.
-            Some(s) if committed.is_ok() => {
-                if let Err(std::sync::mpsc::SendError((completions, _))) =
-                    s.tx.send((completions, committed))
-                {
-                    let gone = StoreError::Unavailable("the WAL sync thread has stopped".into());
-                    for c in completions {
-                        c(Err(gone.clone()));
-                    }
-                }
-            }
-            _ => {
-                for c in completions {
-                    c(committed.clone());
-                }
-            }
+        for c in completions {
+            c(committed.clone());
         }
         if let Some(reply) = pending_checkpoint {
             checkpoint(reply);
