@@ -255,6 +255,44 @@ impl Seen {
     }
 }
 
+/// The watermark an incremental run is building: the newest ModifiedOn it
+/// listed that is not after the run's start. Rows dated after the run began
+/// do not move it: a clock running ahead (or a typo in 2096) would otherwise
+/// hide every later change.
+struct Watermark {
+    /// The run's start, in table format.
+    start: String,
+    /// Rows dated after this are reported as dated in the future.
+    future: String,
+    newest: Option<String>,
+}
+
+impl Watermark {
+    fn new(start_time: DateTime<Utc>) -> Watermark {
+        Watermark {
+            start: fmt_ts(start_time),
+            future: fmt_ts(
+                start_time + chrono::Duration::from_std(FUTURE_SLACK).unwrap_or_default(),
+            ),
+            newest: None,
+        }
+    }
+
+    /// Takes a listed ModifiedOn into account.
+    fn observe(&mut self, modified_on: &str) {
+        if modified_on <= self.start.as_str()
+            && self.newest.as_deref().is_none_or(|x| modified_on > x)
+        {
+            self.newest = Some(modified_on.to_string());
+        }
+    }
+
+    /// Whether a ModifiedOn is dated in the future (beyond the clock slack).
+    fn is_future(&self, modified_on: &str) -> bool {
+        modified_on > self.future.as_str()
+    }
+}
+
 /// The outcome of one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
@@ -534,13 +572,8 @@ impl Reconciler {
                     fmt_ts(w - chrono::Duration::seconds(self.config.upstream.overlap_secs as i64))
                 }),
         };
-        // Rows dated after the run began do not move the watermark: a clock
-        // running ahead (or a typo in 2096) would otherwise hide every later change.
-        let start = fmt_ts(run.start_time);
-        let future =
-            fmt_ts(run.start_time + chrono::Duration::from_std(FUTURE_SLACK).unwrap_or_default());
         let retry_budget = Duration::from_secs(self.config.upstream.listing_retry_secs);
-        let mut max_seen: Option<String> = None;
+        let mut watermark = Watermark::new(run.start_time);
         let mut seen = Seen::new(run.kind);
         let mut last_renew = Instant::now();
         let mut last_progress = Instant::now();
@@ -631,7 +664,7 @@ impl Reconciler {
                 .as_ref()
                 .map(|c| self.request_page(run.tcfg, doc_type, c));
             let processed = self
-                .process_page(run, page, &mut seen, counts, &start, &future, &mut max_seen)
+                .process_page(run, page, &mut seen, counts, &mut watermark)
                 .await;
             if let Err(e) = processed {
                 if let Some(f) = following {
@@ -655,20 +688,17 @@ impl Reconciler {
             self.queue_candidates(run, seen.all.unwrap_or_default(), counts)
                 .await?;
         }
-        Ok(max_seen)
+        Ok(watermark.newest)
     }
 
     /// Compares one page with the mirror and queues what it lacks.
-    #[allow(clippy::too_many_arguments)]
     async fn process_page(
         &self,
         run: &Run<'_>,
         page: ListPage,
         seen: &mut Seen,
         counts: &mut RunCounts,
-        start: &str,
-        future: &str,
-        max_seen: &mut Option<String>,
+        watermark: &mut Watermark,
     ) -> Result<(), Failure> {
         let tenant = &run.lock.tenant;
         let rows: Vec<ListedDoc> = page
@@ -677,12 +707,8 @@ impl Reconciler {
             .filter(|r| seen.first_time(r))
             .collect();
         counts.listed += rows.len() as u64;
-        for r in &rows {
-            if let Some(m) = &r.modified_on {
-                if m.as_str() <= start && max_seen.as_ref().is_none_or(|x| m > x) {
-                    *max_seen = Some(m.clone());
-                }
-            }
+        for m in rows.iter().filter_map(|r| r.modified_on.as_deref()) {
+            watermark.observe(m);
         }
         if rows.is_empty() {
             return Ok(());
@@ -698,7 +724,7 @@ impl Reconciler {
             return Ok(());
         }
         for d in &p.enqueue {
-            if let Some(m) = d.modified_on.as_deref().filter(|m| *m > future) {
+            if let Some(m) = d.modified_on.as_deref().filter(|m| watermark.is_future(m)) {
                 tracing::warn!(tenant = %tenant, doc_type = run.doc_type.as_str(), id = %d.id, modified_on = m, "document dated in the future: mirrored, but it does not move the watermark");
             }
         }
@@ -969,6 +995,19 @@ mod tests {
         assert!(c.next(&p).is_some());
         assert_eq!(c.next(&page(&[], None)), None);
         assert_eq!(c.next(&page(&[("a", "t1"), ("b", "t2")], Some(2))), None);
+    }
+
+    #[test]
+    fn the_watermark_is_the_newest_time_not_after_the_start() {
+        let start = parse_upstream_ts("2026-11-02T00:00:00Z").unwrap_or_default();
+        let mut w = Watermark::new(start);
+        w.observe("2026-11-01T00:00:00.000Z");
+        w.observe("2026-11-02T00:00:00.000Z");
+        w.observe("2026-10-01T00:00:00.000Z");
+        w.observe("2026-11-02T00:00:30.000Z");
+        assert_eq!(w.newest.as_deref(), Some("2026-11-02T00:00:00.000Z"));
+        assert!(!w.is_future("2026-11-02T00:00:30.000Z"), "within the slack");
+        assert!(w.is_future("2096-11-02T00:00:00.000Z"));
     }
 
     #[test]
