@@ -1,6 +1,7 @@
-//! Domain types shared by the modules: document types, timestamps in the one
-//! text format every table uses, and the queue's claim and outcome types.
-//! No I/O here.
+//! Domain types shared by the modules: document types, reconciliation run
+//! kinds and statuses, timestamps in the one text format every table uses,
+//! and the queue's claim and outcome types. Each enum's `as_str` is the text
+//! its table column holds. No I/O here.
 
 use std::fmt;
 
@@ -8,7 +9,8 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
 /// The document types skillsync mirrors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DocType {
     Job,
     Project,
@@ -44,6 +46,78 @@ impl DocType {
 }
 
 impl fmt::Display for DocType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a reconciliation run lists, as `sync_runs.kind` holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// Documents modified since the watermark.
+    Incremental,
+    /// Every id: also finds deletion candidates.
+    Full,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Incremental => "incremental",
+            RunKind::Full => "full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunKind> {
+        match s {
+            "incremental" => Some(RunKind::Incremental),
+            "full" => Some(RunKind::Full),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RunKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a reconciliation run stands, as `sync_runs.status` holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Ok,
+    /// With `sync_runs.error` saying why.
+    Failed,
+    /// Stopped by a signal, or its process died.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        match s {
+            "running" => Some(RunStatus::Running),
+            "ok" => Some(RunStatus::Ok),
+            "failed" => Some(RunStatus::Failed),
+            "interrupted" => Some(RunStatus::Interrupted),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for RunStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -187,6 +261,23 @@ pub fn get_ci<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_kinds_and_statuses_read_back_what_they_write() {
+        for k in [RunKind::Incremental, RunKind::Full] {
+            assert_eq!(RunKind::parse(k.as_str()), Some(k));
+        }
+        for s in [
+            RunStatus::Running,
+            RunStatus::Ok,
+            RunStatus::Failed,
+            RunStatus::Interrupted,
+        ] {
+            assert_eq!(RunStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::json!(s), s.as_str());
+        }
+        assert_eq!(RunStatus::parse("done"), None);
+    }
 
     #[test]
     fn timestamps_normalise_to_millis_z() {

@@ -74,7 +74,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TenantConfig};
-use crate::model::{DocType, ErrorClass, IdSet, fmt_ts, parse_upstream_ts};
+use crate::model::{DocType, ErrorClass, IdSet, RunKind, RunStatus, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
@@ -83,20 +83,8 @@ use crate::wake::Wake;
 /// How long a run lock lasts without renewal.
 const LOCK_LEASE: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Incremental,
-    Full,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Incremental => "incremental",
-            Kind::Full => "full",
-        }
-    }
-}
+/// [`RunKind`] under the name callers of the reconciler import it by.
+pub use crate::model::RunKind as Kind;
 
 /// What one page asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -234,9 +222,9 @@ struct Seen {
 }
 
 impl Seen {
-    fn new(kind: Kind) -> Seen {
+    fn new(kind: RunKind) -> Seen {
         Seen {
-            all: (kind == Kind::Full).then(IdSet::default),
+            all: (kind == RunKind::Full).then(IdSet::default),
             boundary_time: None,
             boundary: HashSet::new(),
         }
@@ -299,8 +287,9 @@ pub struct RunSummary {
     /// The `sync_runs` row.
     pub run_id: i64,
     pub tenant: String,
-    pub doc_type: String,
-    pub kind: &'static str,
+    pub doc_type: DocType,
+    pub kind: RunKind,
+    /// As `sync_runs.status` holds it ([`RunStatus::as_str`]).
     pub status: &'static str,
     #[serde(flatten)]
     pub counts: RunCounts,
@@ -345,7 +334,7 @@ pub struct Reconciler {
 struct Run<'a> {
     tcfg: &'a TenantConfig,
     doc_type: DocType,
-    kind: Kind,
+    kind: RunKind,
     force: bool,
     run_id: i64,
     lock: RunRef,
@@ -383,7 +372,7 @@ impl Reconciler {
         &self,
         tenant: &str,
         doc_type: DocType,
-        kind: Kind,
+        kind: RunKind,
         force: bool,
         shutdown: &CancellationToken,
     ) -> Result<RunSummary, RunError> {
@@ -413,7 +402,7 @@ impl Reconciler {
             .start_run(
                 tenant.to_string(),
                 doc_type,
-                kind.as_str(),
+                kind,
                 self.owner.clone(),
                 start_time,
             )
@@ -436,21 +425,29 @@ impl Reconciler {
         let mut counts = RunCounts::default();
         let result = self.list_and_enqueue(&run, &mut counts).await;
         let (status, error, watermark) = match result {
-            Ok(w) => ("ok", None, if kind == Kind::Incremental { w } else { None }),
+            Ok(w) => (
+                RunStatus::Ok,
+                None,
+                if kind == RunKind::Incremental {
+                    w
+                } else {
+                    None
+                },
+            ),
             Err(Failure::Interrupted) => (
-                "interrupted",
+                RunStatus::Interrupted,
                 Some("stopped before the listing finished".to_string()),
                 None,
             ),
             Err(Failure::LostLock) => (
-                "failed",
+                RunStatus::Failed,
                 Some(
                     "lost the run lock to another process; nothing after that was recorded"
                         .to_string(),
                 ),
                 None,
             ),
-            Err(Failure::Failed(e)) => ("failed", Some(e), None),
+            Err(Failure::Failed(e)) => (RunStatus::Failed, Some(e), None),
         };
         let finished = self
             .store
@@ -470,15 +467,15 @@ impl Reconciler {
         let summary = RunSummary {
             run_id,
             tenant: tenant.to_string(),
-            doc_type: doc_type.as_str().to_string(),
-            kind: kind.as_str(),
-            status: finished.status,
+            doc_type,
+            kind,
+            status: finished.status.as_str(),
             counts,
             error: finished.error,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         let c = &summary.counts;
-        if summary.status == "ok" {
+        if finished.status == RunStatus::Ok {
             tracing::info!(
                 tenant,
                 doc_type = doc_type.as_str(),
@@ -561,8 +558,8 @@ impl Reconciler {
         let tenant = run.tcfg.name.clone();
         let doc_type = run.doc_type;
         let since = match run.kind {
-            Kind::Full => None,
-            Kind::Incremental => self
+            RunKind::Full => None,
+            RunKind::Incremental => self
                 .store
                 .watermark(tenant.clone(), doc_type)
                 .await
@@ -684,7 +681,7 @@ impl Reconciler {
                 _ => break,
             }
         }
-        if run.kind == Kind::Full {
+        if run.kind == RunKind::Full {
             self.queue_candidates(run, seen.all.unwrap_or_default(), counts)
                 .await?;
         }
@@ -811,8 +808,8 @@ impl Reconciler {
         let mut jobs = Vec::new();
         for t in &self.config.tenants {
             for (schedule, kind) in [
-                (&t.reconcile_schedule, Kind::Incremental),
-                (&t.full_sweep_schedule, Kind::Full),
+                (&t.reconcile_schedule, RunKind::Incremental),
+                (&t.full_sweep_schedule, RunKind::Full),
             ] {
                 let Some(schedule) = schedule else { continue };
                 for doc_type in DocType::ALL {
@@ -1012,13 +1009,13 @@ mod tests {
 
     #[test]
     fn an_incremental_run_drops_only_rows_read_again_at_the_boundary() {
-        let mut seen = Seen::new(Kind::Incremental);
+        let mut seen = Seen::new(RunKind::Incremental);
         assert!(seen.first_time(&row("a", Some("t1"))));
         assert!(seen.first_time(&row("b", Some("t2"))));
         assert!(!seen.first_time(&row("b", Some("t2"))));
         // Edited during the run: a new time, read again.
         assert!(seen.first_time(&row("a", Some("t3"))));
-        let mut full = Seen::new(Kind::Full);
+        let mut full = Seen::new(RunKind::Full);
         assert!(full.first_time(&row("a", Some("t1"))));
         assert!(!full.first_time(&row("a", Some("t3"))));
     }
