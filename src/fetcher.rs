@@ -172,16 +172,7 @@ impl Fetcher {
         if self.served_recently(&claim.tenant, claim.doc_type) {
             return GoneVerdict::Trusted;
         }
-        let sample = match self
-            .store
-            .control_sample(
-                claim.tenant.clone(),
-                claim.doc_type,
-                claim.doc_id.clone(),
-                CONTROL_SAMPLE,
-            )
-            .await
-        {
+        let sample = match self.store.control_sample(claim.key(), CONTROL_SAMPLE).await {
             Ok(s) => s,
             Err(e) => {
                 return GoneVerdict::Undecided(crate::upstream::CallError {

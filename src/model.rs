@@ -1,6 +1,6 @@
 //! Domain types shared by the modules: document types, reconciliation run
-//! kinds and statuses, timestamps in the one text format every table uses,
-//! and the queue's claim and outcome types. Each enum's `as_str` is the text
+//! kinds and statuses, document keys, timestamps in the one text format every
+//! table uses, and the queue's claim and outcome types. Each enum's `as_str` is the text
 //! its table column holds. No I/O here.
 
 use std::fmt;
@@ -232,6 +232,15 @@ impl IdSet {
     }
 }
 
+/// One document of a tenant: the key of its mirror row, its history and its
+/// queue row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DocKey {
+    pub tenant: String,
+    pub doc_type: DocType,
+    pub id: String,
+}
+
 /// A document leased to one fetcher.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -245,6 +254,17 @@ pub struct Claim {
     pub max_event: i64,
     pub attempts: u32,
     pub reason: String,
+}
+
+impl Claim {
+    /// The claimed document's key.
+    pub fn key(&self) -> DocKey {
+        DocKey {
+            tenant: self.tenant.clone(),
+            doc_type: self.doc_type,
+            id: self.doc_id.clone(),
+        }
+    }
 }
 
 /// A key of a document looked up case-insensitively (the upstream schema

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::queue::settle_success;
 use super::{Store, StoreError};
-use crate::model::{Claim, DocType, fmt_ts};
+use crate::model::{Claim, DocKey, DocType, fmt_ts};
 
 /// A document as fetched, with the columns extracted from it.
 #[derive(Debug, Clone)]
@@ -47,13 +47,12 @@ fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i6
 /// Upserts one document; the heart of the mirror. Runs inside a write.
 pub(crate) fn upsert_document(
     c: &Connection,
-    tenant: &str,
-    doc_type: DocType,
-    id: &str,
+    key: &DocKey,
     doc: &FetchedDoc,
     now: &str,
     report: Option<&crate::reporting::ReportSpec>,
 ) -> Result<StoreOutcome, StoreError> {
+    let (tenant, doc_type, id) = (key.tenant.as_str(), key.doc_type, key.id.as_str());
     let table = doc_type.table();
     let existing: Option<(Option<String>, Option<i64>, String, i64)> = c
         .prepare_cached(&format!(
@@ -101,9 +100,7 @@ pub(crate) fn upsert_document(
     )?
     .execute(params![tenant, doc_type.as_str(), id, revision, doc.document, now])?;
     let stored = super::report::Revision {
-        tenant,
-        doc_type,
-        id,
+        key,
         revision,
         document: &doc.document,
         fetched_at: now,
@@ -129,18 +126,11 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<StoreOutcome, StoreError> {
         let report = self.inner.report.clone();
+        let key = claim.key();
         let outcome = self
             .write(move |c| {
                 let now = fmt_ts(now);
-                let outcome = upsert_document(
-                    c,
-                    &claim.tenant,
-                    claim.doc_type,
-                    &claim.doc_id,
-                    &doc,
-                    &now,
-                    report.as_deref(),
-                )?;
+                let outcome = upsert_document(c, &key, &doc, &now, report.as_deref())?;
                 settle_success(c, &claim, &owner, &now)?;
                 Ok(outcome)
             })
@@ -188,15 +178,13 @@ impl Store {
         marked
     }
 
-    /// Up to `n` live documents of a tenant and type other than `except`
+    /// Up to `n` live documents of `except`'s tenant and type other than it
     /// and not waiting for a fetch themselves (a sweep's other candidates
     /// may be gone too), newest first: the control sample that tells a real deletion from a
     /// misconfigured path when a GET answers 404.
     pub async fn control_sample(
         &self,
-        tenant: String,
-        doc_type: DocType,
-        except: String,
+        except: DocKey,
         n: usize,
     ) -> Result<Vec<String>, StoreError> {
         self.read(move |c| {
@@ -204,10 +192,13 @@ impl Store {
                 "SELECT id FROM {} m WHERE tenant = ?1 AND deleted_at IS NULL AND id <> ?2
                    AND NOT EXISTS (SELECT 1 FROM fetch_queue q WHERE q.tenant = ?1 AND q.doc_type = ?4 AND q.doc_id = m.id)
                  ORDER BY rowid DESC LIMIT ?3",
-                doc_type.table()
+                except.doc_type.table()
             ))?;
             let ids = s
-                .query_map(params![tenant, except, n as i64, doc_type.as_str()], |r| r.get(0))?
+                .query_map(
+                    params![except.tenant, except.id, n as i64, except.doc_type.as_str()],
+                    |r| r.get(0),
+                )?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(ids)
         })
