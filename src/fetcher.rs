@@ -20,7 +20,7 @@ use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{Claim, DocType, ErrorClass, get_ci, normalize_ts, parse_upstream_ts};
 use crate::store::Store;
-use crate::store::mirror::{FetchedDoc, StoreOutcome};
+use crate::store::mirror::{FetchedDoc, GoneOutcome, StoreOutcome};
 use crate::store::queue::{Failure, FailureResult};
 use crate::upstream::{Fetched, Upstream};
 
@@ -389,7 +389,8 @@ impl Fetcher {
                     .finish_gone(claim.clone(), self.owner.clone(), now)
                     .await
                 {
-                    Ok(marked) => {
+                    Ok(outcome) => {
+                        let marked = outcome == GoneOutcome::Marked;
                         tracing::info!(tenant = %t, doc_type = ty, id = %claim.doc_id, status = code, marked, "document gone upstream")
                     }
                     Err(e) => {

@@ -34,6 +34,15 @@ pub enum StoreOutcome {
     Stale,
 }
 
+/// What recording a 404/410 did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneOutcome {
+    /// A live row got its `deleted_at`.
+    Marked,
+    /// No live row to mark: deleted already, or never mirrored.
+    NothingLive,
+}
+
 /// True when `new` is older than `old` by ModifiedOn, then by Version.
 fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i64>) -> bool {
     match (new.modified_on.as_deref(), old_modified) {
@@ -144,14 +153,14 @@ impl Store {
     }
 
     /// Records that upstream answered 404/410: sets `deleted_at` (row kept)
-    /// and settles the claim. Returns whether a live row was marked.
+    /// and settles the claim.
     pub async fn finish_gone(
         &self,
         claim: Claim,
         owner: String,
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let marked = self.write(move |c| {
+    ) -> Result<GoneOutcome, StoreError> {
+        let outcome = self.write(move |c| {
             let now = fmt_ts(now);
             let marked = c
                 .prepare_cached(&format!(
@@ -169,13 +178,17 @@ impl Store {
                 .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner])?;
             }
             settle_success(c, &claim, &owner, &now)?;
-            Ok(marked > 0)
+            Ok(if marked > 0 {
+                GoneOutcome::Marked
+            } else {
+                GoneOutcome::NothingLive
+            })
         })
         .await;
-        if matches!(marked, Ok(true)) {
+        if matches!(outcome, Ok(GoneOutcome::Marked)) {
             self.inner.outbox_wake.notify();
         }
-        marked
+        outcome
     }
 
     /// Up to `n` live documents of `except`'s tenant and type other than it
