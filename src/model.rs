@@ -1,31 +1,73 @@
 //! Domain types shared by the modules: document types, reconciliation run
 //! kinds and statuses, document keys, timestamps in the one text format every
-//! table uses, and the queue's claim and outcome types. Each enum's `as_str` is the text
-//! its table column holds. No I/O here.
+//! table uses, and the queue's claim and outcome types. The enums a table
+//! column holds as text are declared with `text_enum!`, so their text is
+//! written once. No I/O here.
 
 use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
-/// The document types skillsync mirrors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DocType {
-    Job,
-    Project,
+/// Declares an enum whose values a table column holds as text. The one list
+/// of variants and texts gives `as_str` (the text written), `parse` (the
+/// text read back), and `Display` and `Serialize` (the same text), so the
+/// database, the logs and `--json` cannot disagree.
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// The text its column holds.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+
+            /// Reads that text back; `None` for any other.
+            pub fn parse(s: &str) -> Option<$name> {
+                match s {
+                    $( $text => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// The document types skillsync mirrors, named `job` and `project` in
+    /// every table.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum DocType {
+        Job => "job",
+        Project => "project",
+    }
 }
 
 impl DocType {
     pub const ALL: [DocType; 2] = [DocType::Job, DocType::Project];
-
-    /// The name used in every table: `job` or `project`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DocType::Job => "job",
-            DocType::Project => "project",
-        }
-    }
 
     /// The mirror table holding this type.
     pub fn table(self) -> &'static str {
@@ -34,92 +76,29 @@ impl DocType {
             DocType::Project => "projects",
         }
     }
+}
 
-    /// Parses the table name (`job`/`project`).
-    pub fn parse(s: &str) -> Option<DocType> {
-        match s {
-            "job" => Some(DocType::Job),
-            "project" => Some(DocType::Project),
-            _ => None,
-        }
+text_enum! {
+    /// What a reconciliation run lists, as `sync_runs.kind` holds it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RunKind {
+        /// Documents modified since the watermark.
+        Incremental => "incremental",
+        /// Every id: also finds deletion candidates.
+        Full => "full",
     }
 }
 
-impl fmt::Display for DocType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What a reconciliation run lists, as `sync_runs.kind` holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunKind {
-    /// Documents modified since the watermark.
-    Incremental,
-    /// Every id: also finds deletion candidates.
-    Full,
-}
-
-impl RunKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunKind::Incremental => "incremental",
-            RunKind::Full => "full",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<RunKind> {
-        match s {
-            "incremental" => Some(RunKind::Incremental),
-            "full" => Some(RunKind::Full),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for RunKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Where a reconciliation run stands, as `sync_runs.status` holds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunStatus {
-    Running,
-    Ok,
-    /// With `sync_runs.error` saying why.
-    Failed,
-    /// Stopped by a signal, or its process died.
-    Interrupted,
-}
-
-impl RunStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Running => "running",
-            RunStatus::Ok => "ok",
-            RunStatus::Failed => "failed",
-            RunStatus::Interrupted => "interrupted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<RunStatus> {
-        match s {
-            "running" => Some(RunStatus::Running),
-            "ok" => Some(RunStatus::Ok),
-            "failed" => Some(RunStatus::Failed),
-            "interrupted" => Some(RunStatus::Interrupted),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for RunStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+text_enum! {
+    /// Where a reconciliation run stands, as `sync_runs.status` holds it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RunStatus {
+        Running => "running",
+        Ok => "ok",
+        /// With `sync_runs.error` saying why.
+        Failed => "failed",
+        /// Stopped by a signal, or its process died.
+        Interrupted => "interrupted",
     }
 }
 
@@ -161,40 +140,28 @@ pub fn normalize_ts(s: &str) -> String {
         .unwrap_or_else(|| s.to_string())
 }
 
-/// Why a fetch failed, as counted in metrics and shown in `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// 401/403: credentials are wrong or revoked.
-    Auth,
-    /// 429.
-    RateLimited,
-    /// 5xx.
-    Server,
-    /// No answer within the timeout.
-    Timeout,
-    /// Connection refused, reset, DNS.
-    Network,
-    /// A 2xx body that is not a JSON object, or too large.
-    Malformed,
-    /// Any other 4xx.
-    Client,
-    /// 404/410 while documents the mirror holds live answer 404 too: a
-    /// wrong path or a user who cannot see documents, not a deletion.
-    UnconfirmedGone,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Auth => "auth",
-            ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Server => "server",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Network => "network",
-            ErrorClass::Malformed => "malformed",
-            ErrorClass::Client => "client",
-            ErrorClass::UnconfirmedGone => "unconfirmed_gone",
-        }
+text_enum! {
+    /// Why a fetch failed, as counted in metrics and shown in `status`
+    /// (`fetch_queue.last_error_class`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ErrorClass {
+        /// 401/403: credentials are wrong or revoked.
+        Auth => "auth",
+        /// 429.
+        RateLimited => "rate_limited",
+        /// 5xx.
+        Server => "server",
+        /// No answer within the timeout.
+        Timeout => "timeout",
+        /// Connection refused, reset, DNS.
+        Network => "network",
+        /// A 2xx body that is not a JSON object, or too large.
+        Malformed => "malformed",
+        /// Any other 4xx.
+        Client => "client",
+        /// 404/410 while documents the mirror holds live answer 404 too: a
+        /// wrong path or a user who cannot see documents, not a deletion.
+        UnconfirmedGone => "unconfirmed_gone",
     }
 }
 
