@@ -397,21 +397,12 @@ impl Reconciler {
         {
             return Err(RunError::Busy(tenant.to_string(), doc_type));
         }
-        let run_id = self
-            .store
-            .start_run(
-                tenant.to_string(),
-                doc_type,
-                kind,
-                self.owner.clone(),
-                start_time,
-            )
-            .await?;
         let lock = RunRef {
             tenant: tenant.to_string(),
             doc_type,
             owner: self.owner.clone(),
         };
+        let run_id = self.store.start_run(lock.clone(), kind, start_time).await?;
         let run = Run {
             tcfg: &tcfg,
             doc_type,
@@ -528,16 +519,7 @@ impl Reconciler {
     async fn renew(&self, run: &Run<'_>) -> Result<(), Failure> {
         let until = Utc::now()
             + chrono::Duration::from_std(LOCK_LEASE).unwrap_or(chrono::Duration::minutes(5));
-        match self
-            .store
-            .renew_sync_lock(
-                run.lock.tenant.clone(),
-                run.doc_type,
-                run.lock.owner.clone(),
-                until,
-            )
-            .await
-        {
+        match self.store.renew_sync_lock(run.lock.clone(), until).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::LostLock),
             Err(e) => {

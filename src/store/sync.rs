@@ -139,15 +139,13 @@ impl Store {
     /// Extends a held run lock.
     pub async fn renew_sync_lock(
         &self,
-        tenant: String,
-        doc_type: DocType,
-        owner: String,
+        run: RunRef,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         self.write(move |c| {
             Ok(c.execute(
                 "UPDATE sync_state SET lock_until = ?4 WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
-                params![tenant, doc_type.as_str(), owner, fmt_ts(until)],
+                params![run.tenant, run.doc_type.as_str(), run.owner, fmt_ts(until)],
             )? == 1)
         })
         .await
@@ -186,16 +184,14 @@ impl Store {
     /// Records the start of a run; returns its id.
     pub async fn start_run(
         &self,
-        tenant: String,
-        doc_type: DocType,
+        run: RunRef,
         kind: RunKind,
-        owner: String,
         now: DateTime<Utc>,
     ) -> Result<i64, StoreError> {
         self.write(move |c| {
             Ok(c.query_row(
                 "INSERT INTO sync_runs (tenant, doc_type, kind, started_at, status, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
-                params![tenant, doc_type.as_str(), kind.as_str(), fmt_ts(now), RunStatus::Running.as_str(), owner],
+                params![run.tenant, run.doc_type.as_str(), kind.as_str(), fmt_ts(now), RunStatus::Running.as_str(), run.owner],
                 |r| r.get(0),
             )?)
         })
