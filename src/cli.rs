@@ -10,8 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::oneshot::OneShot;
 use crate::config::{Config, EXAMPLE_CONFIG};
-use crate::model::DocType;
-use crate::reconcile::Kind;
+use crate::model::{DocType, RunKind};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -301,7 +300,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                     Some(t) => vec![t.into()],
                     None => DocType::ALL.to_vec(),
                 };
-                let kind = if full { Kind::Full } else { Kind::Incremental };
+                let kind = if full {
+                    RunKind::Full
+                } else {
+                    RunKind::Incremental
+                };
                 match reconcile_now(Arc::new(config), tenant, types, kind, force, token).await {
                     Ok(true) => Ok(ExitCode::SUCCESS),
                     Ok(false) => Err(ExitCode::FAILURE),
@@ -397,7 +400,7 @@ pub async fn reconcile_now(
     config: Arc<Config>,
     tenant: Option<String>,
     types: Vec<DocType>,
-    kind: Kind,
+    kind: RunKind,
     force: bool,
     token: CancellationToken,
 ) -> anyhow::Result<bool> {

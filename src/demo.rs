@@ -13,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::oneshot::OneShot;
 use crate::config::Config;
-use crate::model::DocType;
-use crate::reconcile::Kind;
+use crate::model::{DocType, RunKind};
 use crate::simulator::{SimCredentials, Simulator, send_webhooks};
 use crate::store::Store;
 
@@ -209,11 +208,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (step, kind) in [
         (
             "6. skillsync reconcile (incremental), beside the running daemon:",
-            Kind::Incremental,
+            RunKind::Incremental,
         ),
         (
             "7. skillsync reconcile --full (detects deletions):",
-            Kind::Full,
+            RunKind::Full,
         ),
     ] {
         println!("{step}");

@@ -20,7 +20,7 @@ use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{Claim, DocType, ErrorClass, get_ci, normalize_ts, parse_upstream_ts};
 use crate::store::Store;
-use crate::store::mirror::{FetchedDoc, StoreOutcome};
+use crate::store::mirror::{FetchedDoc, GoneOutcome, StoreOutcome};
 use crate::store::queue::{Failure, FailureResult};
 use crate::upstream::{Fetched, Upstream};
 
@@ -172,16 +172,7 @@ impl Fetcher {
         if self.served_recently(&claim.tenant, claim.doc_type) {
             return GoneVerdict::Trusted;
         }
-        let sample = match self
-            .store
-            .control_sample(
-                claim.tenant.clone(),
-                claim.doc_type,
-                claim.doc_id.clone(),
-                CONTROL_SAMPLE,
-            )
-            .await
-        {
+        let sample = match self.store.control_sample(claim.key(), CONTROL_SAMPLE).await {
             Ok(s) => s,
             Err(e) => {
                 return GoneVerdict::Undecided(crate::upstream::CallError {
@@ -398,7 +389,8 @@ impl Fetcher {
                     .finish_gone(claim.clone(), self.owner.clone(), now)
                     .await
                 {
-                    Ok(marked) => {
+                    Ok(outcome) => {
+                        let marked = outcome == GoneOutcome::Marked;
                         tracing::info!(tenant = %t, doc_type = ty, id = %claim.doc_id, status = code, marked, "document gone upstream")
                     }
                     Err(e) => {

@@ -1,29 +1,73 @@
-//! Domain types shared by the modules: document types, timestamps in the one
-//! text format every table uses, and the queue's claim and outcome types.
-//! No I/O here.
+//! Domain types shared by the modules: document types, reconciliation run
+//! kinds and statuses, document keys, timestamps in the one text format every
+//! table uses, and the queue's claim and outcome types. The enums a table
+//! column holds as text are declared with `text_enum!`, so their text is
+//! written once. No I/O here.
 
 use std::fmt;
 
 use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
-/// The document types skillsync mirrors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DocType {
-    Job,
-    Project,
+/// Declares an enum whose values a table column holds as text. The one list
+/// of variants and texts gives `as_str` (the text written), `parse` (the
+/// text read back), and `Display` and `Serialize` (the same text), so the
+/// database, the logs and `--json` cannot disagree.
+macro_rules! text_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// The text its column holds.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+
+            /// Reads that text back; `None` for any other.
+            pub fn parse(s: &str) -> Option<$name> {
+                match s {
+                    $( $text => Some($name::$variant), )+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// The document types skillsync mirrors, named `job` and `project` in
+    /// every table.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum DocType {
+        Job => "job",
+        Project => "project",
+    }
 }
 
 impl DocType {
     pub const ALL: [DocType; 2] = [DocType::Job, DocType::Project];
-
-    /// The name used in every table: `job` or `project`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DocType::Job => "job",
-            DocType::Project => "project",
-        }
-    }
 
     /// The mirror table holding this type.
     pub fn table(self) -> &'static str {
@@ -32,20 +76,29 @@ impl DocType {
             DocType::Project => "projects",
         }
     }
+}
 
-    /// Parses the table name (`job`/`project`).
-    pub fn parse(s: &str) -> Option<DocType> {
-        match s {
-            "job" => Some(DocType::Job),
-            "project" => Some(DocType::Project),
-            _ => None,
-        }
+text_enum! {
+    /// What a reconciliation run lists, as `sync_runs.kind` holds it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RunKind {
+        /// Documents modified since the watermark.
+        Incremental => "incremental",
+        /// Every id: also finds deletion candidates.
+        Full => "full",
     }
 }
 
-impl fmt::Display for DocType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+text_enum! {
+    /// Where a reconciliation run stands, as `sync_runs.status` holds it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RunStatus {
+        Running => "running",
+        Ok => "ok",
+        /// With `sync_runs.error` saying why.
+        Failed => "failed",
+        /// Stopped by a signal, or its process died.
+        Interrupted => "interrupted",
     }
 }
 
@@ -87,40 +140,28 @@ pub fn normalize_ts(s: &str) -> String {
         .unwrap_or_else(|| s.to_string())
 }
 
-/// Why a fetch failed, as counted in metrics and shown in `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// 401/403: credentials are wrong or revoked.
-    Auth,
-    /// 429.
-    RateLimited,
-    /// 5xx.
-    Server,
-    /// No answer within the timeout.
-    Timeout,
-    /// Connection refused, reset, DNS.
-    Network,
-    /// A 2xx body that is not a JSON object, or too large.
-    Malformed,
-    /// Any other 4xx.
-    Client,
-    /// 404/410 while documents the mirror holds live answer 404 too: a
-    /// wrong path or a user who cannot see documents, not a deletion.
-    UnconfirmedGone,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Auth => "auth",
-            ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Server => "server",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Network => "network",
-            ErrorClass::Malformed => "malformed",
-            ErrorClass::Client => "client",
-            ErrorClass::UnconfirmedGone => "unconfirmed_gone",
-        }
+text_enum! {
+    /// Why a fetch failed, as counted in metrics and shown in `status`
+    /// (`fetch_queue.last_error_class`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ErrorClass {
+        /// 401/403: credentials are wrong or revoked.
+        Auth => "auth",
+        /// 429.
+        RateLimited => "rate_limited",
+        /// 5xx.
+        Server => "server",
+        /// No answer within the timeout.
+        Timeout => "timeout",
+        /// Connection refused, reset, DNS.
+        Network => "network",
+        /// A 2xx body that is not a JSON object, or too large.
+        Malformed => "malformed",
+        /// Any other 4xx.
+        Client => "client",
+        /// 404/410 while documents the mirror holds live answer 404 too: a
+        /// wrong path or a user who cannot see documents, not a deletion.
+        UnconfirmedGone => "unconfirmed_gone",
     }
 }
 
@@ -158,6 +199,15 @@ impl IdSet {
     }
 }
 
+/// One document of a tenant: the key of its mirror row, its history and its
+/// queue row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DocKey {
+    pub tenant: String,
+    pub doc_type: DocType,
+    pub id: String,
+}
+
 /// A document leased to one fetcher.
 #[derive(Debug, Clone)]
 pub struct Claim {
@@ -171,6 +221,17 @@ pub struct Claim {
     pub max_event: i64,
     pub attempts: u32,
     pub reason: String,
+}
+
+impl Claim {
+    /// The claimed document's key.
+    pub fn key(&self) -> DocKey {
+        DocKey {
+            tenant: self.tenant.clone(),
+            doc_type: self.doc_type,
+            id: self.doc_id.clone(),
+        }
+    }
 }
 
 /// A key of a document looked up case-insensitively (the upstream schema
@@ -187,6 +248,23 @@ pub fn get_ci<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_kinds_and_statuses_read_back_what_they_write() {
+        for k in [RunKind::Incremental, RunKind::Full] {
+            assert_eq!(RunKind::parse(k.as_str()), Some(k));
+        }
+        for s in [
+            RunStatus::Running,
+            RunStatus::Ok,
+            RunStatus::Failed,
+            RunStatus::Interrupted,
+        ] {
+            assert_eq!(RunStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::json!(s), s.as_str());
+        }
+        assert_eq!(RunStatus::parse("done"), None);
+    }
 
     #[test]
     fn timestamps_normalise_to_millis_z() {

@@ -74,7 +74,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, TenantConfig};
-use crate::model::{DocType, ErrorClass, IdSet, fmt_ts, parse_upstream_ts};
+use crate::model::{DocType, ErrorClass, IdSet, RunKind, RunStatus, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
@@ -83,20 +83,8 @@ use crate::wake::Wake;
 /// How long a run lock lasts without renewal.
 const LOCK_LEASE: Duration = Duration::from_secs(300);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Incremental,
-    Full,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Incremental => "incremental",
-            Kind::Full => "full",
-        }
-    }
-}
+/// [`RunKind`] under the name callers of the reconciler import it by.
+pub use crate::model::RunKind as Kind;
 
 /// What one page asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -234,9 +222,9 @@ struct Seen {
 }
 
 impl Seen {
-    fn new(kind: Kind) -> Seen {
+    fn new(kind: RunKind) -> Seen {
         Seen {
-            all: (kind == Kind::Full).then(IdSet::default),
+            all: (kind == RunKind::Full).then(IdSet::default),
             boundary_time: None,
             boundary: HashSet::new(),
         }
@@ -255,14 +243,53 @@ impl Seen {
     }
 }
 
+/// The watermark an incremental run is building: the newest ModifiedOn it
+/// listed that is not after the run's start. Rows dated after the run began
+/// do not move it: a clock running ahead (or a typo in 2096) would otherwise
+/// hide every later change.
+struct Watermark {
+    /// The run's start, in table format.
+    start: String,
+    /// Rows dated after this are reported as dated in the future.
+    future: String,
+    newest: Option<String>,
+}
+
+impl Watermark {
+    fn new(start_time: DateTime<Utc>) -> Watermark {
+        Watermark {
+            start: fmt_ts(start_time),
+            future: fmt_ts(
+                start_time + chrono::Duration::from_std(FUTURE_SLACK).unwrap_or_default(),
+            ),
+            newest: None,
+        }
+    }
+
+    /// Takes a listed ModifiedOn into account.
+    fn observe(&mut self, modified_on: &str) {
+        if modified_on <= self.start.as_str()
+            && self.newest.as_deref().is_none_or(|x| modified_on > x)
+        {
+            self.newest = Some(modified_on.to_string());
+        }
+    }
+
+    /// Whether a ModifiedOn is dated in the future (beyond the clock slack).
+    fn is_future(&self, modified_on: &str) -> bool {
+        modified_on > self.future.as_str()
+    }
+}
+
 /// The outcome of one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunSummary {
     /// The `sync_runs` row.
     pub run_id: i64,
     pub tenant: String,
-    pub doc_type: String,
-    pub kind: &'static str,
+    pub doc_type: DocType,
+    pub kind: RunKind,
+    /// As `sync_runs.status` holds it ([`RunStatus::as_str`]).
     pub status: &'static str,
     #[serde(flatten)]
     pub counts: RunCounts,
@@ -307,7 +334,7 @@ pub struct Reconciler {
 struct Run<'a> {
     tcfg: &'a TenantConfig,
     doc_type: DocType,
-    kind: Kind,
+    kind: RunKind,
     force: bool,
     run_id: i64,
     lock: RunRef,
@@ -345,7 +372,7 @@ impl Reconciler {
         &self,
         tenant: &str,
         doc_type: DocType,
-        kind: Kind,
+        kind: RunKind,
         force: bool,
         shutdown: &CancellationToken,
     ) -> Result<RunSummary, RunError> {
@@ -370,21 +397,12 @@ impl Reconciler {
         {
             return Err(RunError::Busy(tenant.to_string(), doc_type));
         }
-        let run_id = self
-            .store
-            .start_run(
-                tenant.to_string(),
-                doc_type,
-                kind.as_str(),
-                self.owner.clone(),
-                start_time,
-            )
-            .await?;
         let lock = RunRef {
             tenant: tenant.to_string(),
             doc_type,
             owner: self.owner.clone(),
         };
+        let run_id = self.store.start_run(lock.clone(), kind, start_time).await?;
         let run = Run {
             tcfg: &tcfg,
             doc_type,
@@ -398,21 +416,29 @@ impl Reconciler {
         let mut counts = RunCounts::default();
         let result = self.list_and_enqueue(&run, &mut counts).await;
         let (status, error, watermark) = match result {
-            Ok(w) => ("ok", None, if kind == Kind::Incremental { w } else { None }),
+            Ok(w) => (
+                RunStatus::Ok,
+                None,
+                if kind == RunKind::Incremental {
+                    w
+                } else {
+                    None
+                },
+            ),
             Err(Failure::Interrupted) => (
-                "interrupted",
+                RunStatus::Interrupted,
                 Some("stopped before the listing finished".to_string()),
                 None,
             ),
             Err(Failure::LostLock) => (
-                "failed",
+                RunStatus::Failed,
                 Some(
                     "lost the run lock to another process; nothing after that was recorded"
                         .to_string(),
                 ),
                 None,
             ),
-            Err(Failure::Failed(e)) => ("failed", Some(e), None),
+            Err(Failure::Failed(e)) => (RunStatus::Failed, Some(e), None),
         };
         let finished = self
             .store
@@ -432,15 +458,15 @@ impl Reconciler {
         let summary = RunSummary {
             run_id,
             tenant: tenant.to_string(),
-            doc_type: doc_type.as_str().to_string(),
-            kind: kind.as_str(),
-            status: finished.status,
+            doc_type,
+            kind,
+            status: finished.status.as_str(),
             counts,
             error: finished.error,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         let c = &summary.counts;
-        if summary.status == "ok" {
+        if finished.status == RunStatus::Ok {
             tracing::info!(
                 tenant,
                 doc_type = doc_type.as_str(),
@@ -493,16 +519,7 @@ impl Reconciler {
     async fn renew(&self, run: &Run<'_>) -> Result<(), Failure> {
         let until = Utc::now()
             + chrono::Duration::from_std(LOCK_LEASE).unwrap_or(chrono::Duration::minutes(5));
-        match self
-            .store
-            .renew_sync_lock(
-                run.lock.tenant.clone(),
-                run.doc_type,
-                run.lock.owner.clone(),
-                until,
-            )
-            .await
-        {
+        match self.store.renew_sync_lock(run.lock.clone(), until).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::LostLock),
             Err(e) => {
@@ -523,8 +540,8 @@ impl Reconciler {
         let tenant = run.tcfg.name.clone();
         let doc_type = run.doc_type;
         let since = match run.kind {
-            Kind::Full => None,
-            Kind::Incremental => self
+            RunKind::Full => None,
+            RunKind::Incremental => self
                 .store
                 .watermark(tenant.clone(), doc_type)
                 .await
@@ -534,13 +551,8 @@ impl Reconciler {
                     fmt_ts(w - chrono::Duration::seconds(self.config.upstream.overlap_secs as i64))
                 }),
         };
-        // Rows dated after the run began do not move the watermark: a clock
-        // running ahead (or a typo in 2096) would otherwise hide every later change.
-        let start = fmt_ts(run.start_time);
-        let future =
-            fmt_ts(run.start_time + chrono::Duration::from_std(FUTURE_SLACK).unwrap_or_default());
         let retry_budget = Duration::from_secs(self.config.upstream.listing_retry_secs);
-        let mut max_seen: Option<String> = None;
+        let mut watermark = Watermark::new(run.start_time);
         let mut seen = Seen::new(run.kind);
         let mut last_renew = Instant::now();
         let mut last_progress = Instant::now();
@@ -631,7 +643,7 @@ impl Reconciler {
                 .as_ref()
                 .map(|c| self.request_page(run.tcfg, doc_type, c));
             let processed = self
-                .process_page(run, page, &mut seen, counts, &start, &future, &mut max_seen)
+                .process_page(run, page, &mut seen, counts, &mut watermark)
                 .await;
             if let Err(e) = processed {
                 if let Some(f) = following {
@@ -651,24 +663,21 @@ impl Reconciler {
                 _ => break,
             }
         }
-        if run.kind == Kind::Full {
+        if run.kind == RunKind::Full {
             self.queue_candidates(run, seen.all.unwrap_or_default(), counts)
                 .await?;
         }
-        Ok(max_seen)
+        Ok(watermark.newest)
     }
 
     /// Compares one page with the mirror and queues what it lacks.
-    #[allow(clippy::too_many_arguments)]
     async fn process_page(
         &self,
         run: &Run<'_>,
         page: ListPage,
         seen: &mut Seen,
         counts: &mut RunCounts,
-        start: &str,
-        future: &str,
-        max_seen: &mut Option<String>,
+        watermark: &mut Watermark,
     ) -> Result<(), Failure> {
         let tenant = &run.lock.tenant;
         let rows: Vec<ListedDoc> = page
@@ -677,12 +686,8 @@ impl Reconciler {
             .filter(|r| seen.first_time(r))
             .collect();
         counts.listed += rows.len() as u64;
-        for r in &rows {
-            if let Some(m) = &r.modified_on {
-                if m.as_str() <= start && max_seen.as_ref().is_none_or(|x| m > x) {
-                    *max_seen = Some(m.clone());
-                }
-            }
+        for m in rows.iter().filter_map(|r| r.modified_on.as_deref()) {
+            watermark.observe(m);
         }
         if rows.is_empty() {
             return Ok(());
@@ -698,7 +703,7 @@ impl Reconciler {
             return Ok(());
         }
         for d in &p.enqueue {
-            if let Some(m) = d.modified_on.as_deref().filter(|m| *m > future) {
+            if let Some(m) = d.modified_on.as_deref().filter(|m| watermark.is_future(m)) {
                 tracing::warn!(tenant = %tenant, doc_type = run.doc_type.as_str(), id = %d.id, modified_on = m, "document dated in the future: mirrored, but it does not move the watermark");
             }
         }
@@ -785,8 +790,8 @@ impl Reconciler {
         let mut jobs = Vec::new();
         for t in &self.config.tenants {
             for (schedule, kind) in [
-                (&t.reconcile_schedule, Kind::Incremental),
-                (&t.full_sweep_schedule, Kind::Full),
+                (&t.reconcile_schedule, RunKind::Incremental),
+                (&t.full_sweep_schedule, RunKind::Full),
             ] {
                 let Some(schedule) = schedule else { continue };
                 for doc_type in DocType::ALL {
@@ -972,14 +977,27 @@ mod tests {
     }
 
     #[test]
+    fn the_watermark_is_the_newest_time_not_after_the_start() {
+        let start = parse_upstream_ts("2026-11-02T00:00:00Z").unwrap_or_default();
+        let mut w = Watermark::new(start);
+        w.observe("2026-11-01T00:00:00.000Z");
+        w.observe("2026-11-02T00:00:00.000Z");
+        w.observe("2026-10-01T00:00:00.000Z");
+        w.observe("2026-11-02T00:00:30.000Z");
+        assert_eq!(w.newest.as_deref(), Some("2026-11-02T00:00:00.000Z"));
+        assert!(!w.is_future("2026-11-02T00:00:30.000Z"), "within the slack");
+        assert!(w.is_future("2096-11-02T00:00:00.000Z"));
+    }
+
+    #[test]
     fn an_incremental_run_drops_only_rows_read_again_at_the_boundary() {
-        let mut seen = Seen::new(Kind::Incremental);
+        let mut seen = Seen::new(RunKind::Incremental);
         assert!(seen.first_time(&row("a", Some("t1"))));
         assert!(seen.first_time(&row("b", Some("t2"))));
         assert!(!seen.first_time(&row("b", Some("t2"))));
         // Edited during the run: a new time, read again.
         assert!(seen.first_time(&row("a", Some("t3"))));
-        let mut full = Seen::new(Kind::Full);
+        let mut full = Seen::new(RunKind::Full);
         assert!(full.first_time(&row("a", Some("t1"))));
         assert!(!full.first_time(&row("a", Some("t3"))));
     }

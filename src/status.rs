@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::config::{Config, cron_parser};
-use crate::model::parse_upstream_ts;
+use crate::model::{RunStatus, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::status::{StatusRow, status_rows};
 
@@ -43,7 +43,7 @@ pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) ->
             row.unconfirmed_gone
         ));
     }
-    if row.last_run_status.as_deref() == Some("failed") {
+    if row.last_run_status == Some(RunStatus::Failed) {
         p.push(format!(
             "last reconciliation failed: {}",
             row.last_run_error.as_deref().unwrap_or("unknown error")

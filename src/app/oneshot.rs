@@ -12,8 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::Pipeline;
 use crate::config::Config;
-use crate::model::DocType;
-use crate::reconcile::{Kind, RunError, RunSummary};
+use crate::model::{DocType, RunKind, RunStatus};
+use crate::reconcile::{RunError, RunSummary};
 use crate::store::report::ReportRole;
 
 /// How one tenant and type's run went.
@@ -33,8 +33,8 @@ pub enum RunOutcome {
 #[derive(Debug)]
 pub struct ConfirmedDeletions {
     pub tenant: String,
-    pub doc_type: String,
-    pub kind: &'static str,
+    pub doc_type: DocType,
+    pub kind: RunKind,
     pub marked: u64,
     pub candidates: u64,
 }
@@ -64,7 +64,7 @@ impl ReconcileReport {
     pub fn all_ok(&self) -> bool {
         self.runs
             .iter()
-            .all(|r| matches!(r, RunOutcome::Ran(s) if s.status == "ok"))
+            .all(|r| matches!(r, RunOutcome::Ran(s) if s.status == RunStatus::Ok.as_str()))
     }
 
     /// `Err` when the reconciliation stopped on an error, else [`Self::all_ok`].
@@ -129,14 +129,14 @@ pub struct OneShot {
     /// One tenant, or (`None`) every configured one.
     pub tenant: Option<String>,
     pub types: Vec<DocType>,
-    pub kind: Kind,
+    pub kind: RunKind,
     /// With a full sweep: mark deletions even beyond `max_delete_fraction`.
     pub force: bool,
 }
 
 impl OneShot {
     /// Every tenant and type, without `force`.
-    pub fn everything(kind: Kind) -> OneShot {
+    pub fn everything(kind: RunKind) -> OneShot {
         OneShot {
             tenant: None,
             types: DocType::ALL.to_vec(),
@@ -205,7 +205,7 @@ async fn reconcile_into(
                 s.run_id,
                 ConfirmedDeletions {
                     tenant: s.tenant.clone(),
-                    doc_type: s.doc_type.clone(),
+                    doc_type: s.doc_type,
                     kind: s.kind,
                     marked: 0,
                     candidates: s.counts.candidates,

@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 
 use super::schema::{self, Ensured};
 use super::{PgError, PostgresConfig};
-use crate::model::DocType;
+use crate::model::{DocType, RunStatus};
 use crate::reporting::{ColumnType, ReportSpec, Typed};
 use crate::store::Store;
 use crate::store::outbox::{self, DocRow, HistoryRow, OutboxBatch, QueueRow, RunRow, Wake};
@@ -362,7 +362,7 @@ impl Sink {
             if let Some((runs, _)) = refresh {
                 status.runs_floor = runs
                     .iter()
-                    .filter(|r| r.status == "running")
+                    .filter(|r| r.status == RunStatus::Running.as_str())
                     .map(|r| r.id)
                     .min()
                     .or_else(|| runs.iter().map(|r| r.id + 1).max())

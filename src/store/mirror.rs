@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::queue::settle_success;
 use super::{Store, StoreError};
-use crate::model::{Claim, DocType, fmt_ts};
+use crate::model::{Claim, DocKey, DocType, fmt_ts};
 
 /// A document as fetched, with the columns extracted from it.
 #[derive(Debug, Clone)]
@@ -34,6 +34,15 @@ pub enum StoreOutcome {
     Stale,
 }
 
+/// What recording a 404/410 did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneOutcome {
+    /// A live row got its `deleted_at`.
+    Marked,
+    /// No live row to mark: deleted already, or never mirrored.
+    NothingLive,
+}
+
 /// True when `new` is older than `old` by ModifiedOn, then by Version.
 fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i64>) -> bool {
     match (new.modified_on.as_deref(), old_modified) {
@@ -47,13 +56,12 @@ fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i6
 /// Upserts one document; the heart of the mirror. Runs inside a write.
 pub(crate) fn upsert_document(
     c: &Connection,
-    tenant: &str,
-    doc_type: DocType,
-    id: &str,
+    key: &DocKey,
     doc: &FetchedDoc,
     now: &str,
     report: Option<&crate::reporting::ReportSpec>,
 ) -> Result<StoreOutcome, StoreError> {
+    let (tenant, doc_type, id) = (key.tenant.as_str(), key.doc_type, key.id.as_str());
     let table = doc_type.table();
     let existing: Option<(Option<String>, Option<i64>, String, i64)> = c
         .prepare_cached(&format!(
@@ -101,9 +109,7 @@ pub(crate) fn upsert_document(
     )?
     .execute(params![tenant, doc_type.as_str(), id, revision, doc.document, now])?;
     let stored = super::report::Revision {
-        tenant,
-        doc_type,
-        id,
+        key,
         revision,
         document: &doc.document,
         fetched_at: now,
@@ -129,18 +135,11 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<StoreOutcome, StoreError> {
         let report = self.inner.report.clone();
+        let key = claim.key();
         let outcome = self
             .write(move |c| {
                 let now = fmt_ts(now);
-                let outcome = upsert_document(
-                    c,
-                    &claim.tenant,
-                    claim.doc_type,
-                    &claim.doc_id,
-                    &doc,
-                    &now,
-                    report.as_deref(),
-                )?;
+                let outcome = upsert_document(c, &key, &doc, &now, report.as_deref())?;
                 settle_success(c, &claim, &owner, &now)?;
                 Ok(outcome)
             })
@@ -154,14 +153,14 @@ impl Store {
     }
 
     /// Records that upstream answered 404/410: sets `deleted_at` (row kept)
-    /// and settles the claim. Returns whether a live row was marked.
+    /// and settles the claim.
     pub async fn finish_gone(
         &self,
         claim: Claim,
         owner: String,
         now: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let marked = self.write(move |c| {
+    ) -> Result<GoneOutcome, StoreError> {
+        let outcome = self.write(move |c| {
             let now = fmt_ts(now);
             let marked = c
                 .prepare_cached(&format!(
@@ -179,24 +178,26 @@ impl Store {
                 .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner])?;
             }
             settle_success(c, &claim, &owner, &now)?;
-            Ok(marked > 0)
+            Ok(if marked > 0 {
+                GoneOutcome::Marked
+            } else {
+                GoneOutcome::NothingLive
+            })
         })
         .await;
-        if matches!(marked, Ok(true)) {
+        if matches!(outcome, Ok(GoneOutcome::Marked)) {
             self.inner.outbox_wake.notify();
         }
-        marked
+        outcome
     }
 
-    /// Up to `n` live documents of a tenant and type other than `except`
+    /// Up to `n` live documents of `except`'s tenant and type other than it
     /// and not waiting for a fetch themselves (a sweep's other candidates
     /// may be gone too), newest first: the control sample that tells a real deletion from a
     /// misconfigured path when a GET answers 404.
     pub async fn control_sample(
         &self,
-        tenant: String,
-        doc_type: DocType,
-        except: String,
+        except: DocKey,
         n: usize,
     ) -> Result<Vec<String>, StoreError> {
         self.read(move |c| {
@@ -204,10 +205,13 @@ impl Store {
                 "SELECT id FROM {} m WHERE tenant = ?1 AND deleted_at IS NULL AND id <> ?2
                    AND NOT EXISTS (SELECT 1 FROM fetch_queue q WHERE q.tenant = ?1 AND q.doc_type = ?4 AND q.doc_id = m.id)
                  ORDER BY rowid DESC LIMIT ?3",
-                doc_type.table()
+                except.doc_type.table()
             ))?;
             let ids = s
-                .query_map(params![tenant, except, n as i64, doc_type.as_str()], |r| r.get(0))?
+                .query_map(
+                    params![except.tenant, except.id, n as i64, except.doc_type.as_str()],
+                    |r| r.get(0),
+                )?
                 .collect::<Result<Vec<String>, _>>()?;
             Ok(ids)
         })

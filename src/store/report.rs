@@ -20,7 +20,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 
 use super::StoreError;
-use crate::model::DocType;
+use crate::model::{DocKey, DocType};
 use crate::reporting::{ReportSpec, Source, Typed};
 
 /// `daemon_state` key holding the hash of the extraction rules the derived tables were built with.
@@ -323,8 +323,13 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
         let mut read = conn.prepare(&format!("SELECT tenant, id, document FROM {}", ty.table()))?;
         let mut rows = read.query([])?;
         while let Some(r) = rows.next()? {
-            let (tenant, id, doc): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            write_values(conn, spec, ty, &tenant, &id, &parse(&doc))?;
+            let key = DocKey {
+                tenant: r.get(0)?,
+                doc_type: ty,
+                id: r.get(1)?,
+            };
+            let doc: String = r.get(2)?;
+            write_values(conn, spec, &key, &parse(&doc))?;
             n += 1;
         }
     }
@@ -408,11 +413,10 @@ fn parse(doc: &str) -> Map<String, Value> {
 fn write_values(
     conn: &Connection,
     spec: &ReportSpec,
-    ty: DocType,
-    tenant: &str,
-    id: &str,
+    key: &DocKey,
     doc: &Map<String, Value>,
 ) -> Result<(), StoreError> {
+    let ty = key.doc_type;
     let names: Vec<String> = spec
         .stored_columns(ty)
         .map(|(c, _)| quote(&c.name))
@@ -434,7 +438,7 @@ fn write_values(
         })
         .collect();
     let mut stmt = conn.prepare_cached(&sql)?;
-    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&tenant, &id];
+    let mut params: Vec<&dyn rusqlite::ToSql> = vec![&key.tenant, &key.id];
     params.extend(values.iter().map(|v| v as &dyn rusqlite::ToSql));
     stmt.execute(params.as_slice())?;
     Ok(())
@@ -442,9 +446,7 @@ fn write_values(
 
 /// One stored revision of a document, as the report tables record it.
 pub(crate) struct Revision<'a> {
-    pub tenant: &'a str,
-    pub doc_type: DocType,
-    pub id: &'a str,
+    pub key: &'a DocKey,
     pub revision: i64,
     pub document: &'a str,
     pub fetched_at: &'a str,
@@ -454,15 +456,15 @@ pub(crate) struct Revision<'a> {
 /// that stored it, so the views never lag the mirror).
 pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
     let doc = parse(r.document);
-    write_values(conn, spec, r.doc_type, r.tenant, r.id, &doc)?;
+    write_values(conn, spec, r.key, &doc)?;
     conn.prepare_cached(
         "INSERT OR REPLACE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
-        r.tenant,
-        r.doc_type.as_str(),
-        r.id,
+        r.key.tenant,
+        r.key.doc_type.as_str(),
+        r.key.id,
         r.revision,
         spec.stage(&doc),
         r.fetched_at

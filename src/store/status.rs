@@ -5,6 +5,7 @@
 use rusqlite::Connection;
 
 use super::{Store, StoreError};
+use crate::model::{RunKind, RunStatus};
 
 /// Per tenant and type, as `status` and `/metrics` report it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -21,8 +22,8 @@ pub struct StatusRow {
     pub oldest_pending_at: Option<String>,
     pub last_ok_started_at: Option<String>,
     pub last_ok_finished_at: Option<String>,
-    pub last_run_kind: Option<String>,
-    pub last_run_status: Option<String>,
+    pub last_run_kind: Option<RunKind>,
+    pub last_run_status: Option<RunStatus>,
     pub last_run_finished_at: Option<String>,
     pub last_run_missed: Option<i64>,
     pub last_run_error: Option<String>,

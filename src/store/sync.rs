@@ -1,14 +1,34 @@
 //! Reconciliation state: run locks (one run per tenant and type, across
-//! processes), `sync_runs` rows, the incremental watermark, the mirror state
-//! a listing page is compared with, and deletion marks.
+//! processes), `sync_runs` rows (their `kind` and `status` read back as
+//! [`RunKind`] and [`RunStatus`]), the incremental watermark, the mirror
+//! state a listing page is compared with, and deletion marks.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Store, StoreError};
-use crate::model::{DocType, IdSet, fmt_ts};
+use crate::model::{DocType, IdSet, RunKind, RunStatus, fmt_ts};
+
+/// Reads a text column that holds one of an enum's values.
+fn from_text<T>(v: ValueRef<'_>, parse: fn(&str) -> Option<T>) -> FromSqlResult<T> {
+    let s = v.as_str()?;
+    parse(s).ok_or_else(|| FromSqlError::Other(format!("unknown value `{s}`").into()))
+}
+
+impl FromSql for RunKind {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        from_text(v, RunKind::parse)
+    }
+}
+
+impl FromSql for RunStatus {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        from_text(v, RunStatus::parse)
+    }
+}
 
 /// How one reconciliation run ended, as written to `sync_runs`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -45,7 +65,7 @@ pub(crate) fn holds_lock(c: &rusqlite::Connection, run: &RunRef) -> rusqlite::Re
 /// How a run ended, as its process saw it.
 #[derive(Debug, Clone)]
 pub struct RunEnd {
-    pub status: &'static str,
+    pub status: RunStatus,
     pub counts: RunCounts,
     pub error: Option<String>,
     /// For a successful incremental run: the watermark it may advance to.
@@ -55,7 +75,7 @@ pub struct RunEnd {
 /// How `finish_run` recorded a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
-    pub status: &'static str,
+    pub status: RunStatus,
     pub error: Option<String>,
 }
 
@@ -100,9 +120,15 @@ impl Store {
             )?;
             if got == 1 {
                 c.execute(
-                    "UPDATE sync_runs SET status = 'interrupted', finished_at = ?3, error = 'the process running it stopped'
-                     WHERE tenant = ?1 AND doc_type = ?2 AND status = 'running'",
-                    params![tenant, doc_type.as_str(), now],
+                    "UPDATE sync_runs SET status = ?4, finished_at = ?3, error = 'the process running it stopped'
+                     WHERE tenant = ?1 AND doc_type = ?2 AND status = ?5",
+                    params![
+                        tenant,
+                        doc_type.as_str(),
+                        now,
+                        RunStatus::Interrupted.as_str(),
+                        RunStatus::Running.as_str()
+                    ],
                 )?;
             }
             Ok(got == 1)
@@ -113,15 +139,13 @@ impl Store {
     /// Extends a held run lock.
     pub async fn renew_sync_lock(
         &self,
-        tenant: String,
-        doc_type: DocType,
-        owner: String,
+        run: RunRef,
         until: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         self.write(move |c| {
             Ok(c.execute(
                 "UPDATE sync_state SET lock_until = ?4 WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
-                params![tenant, doc_type.as_str(), owner, fmt_ts(until)],
+                params![run.tenant, run.doc_type.as_str(), run.owner, fmt_ts(until)],
             )? == 1)
         })
         .await
@@ -160,16 +184,14 @@ impl Store {
     /// Records the start of a run; returns its id.
     pub async fn start_run(
         &self,
-        tenant: String,
-        doc_type: DocType,
-        kind: &'static str,
-        owner: String,
+        run: RunRef,
+        kind: RunKind,
         now: DateTime<Utc>,
     ) -> Result<i64, StoreError> {
         self.write(move |c| {
             Ok(c.query_row(
-                "INSERT INTO sync_runs (tenant, doc_type, kind, started_at, status, owner) VALUES (?1, ?2, ?3, ?4, 'running', ?5) RETURNING id",
-                params![tenant, doc_type.as_str(), kind, fmt_ts(now), owner],
+                "INSERT INTO sync_runs (tenant, doc_type, kind, started_at, status, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                params![run.tenant, run.doc_type.as_str(), kind.as_str(), fmt_ts(now), RunStatus::Running.as_str(), run.owner],
                 |r| r.get(0),
             )?)
         })
@@ -199,7 +221,11 @@ impl Store {
                 (status, error, watermark)
             } else {
                 (
-                    if status == "interrupted" { status } else { "failed" },
+                    if status == RunStatus::Interrupted {
+                        status
+                    } else {
+                        RunStatus::Failed
+                    },
                     Some(error.unwrap_or_else(|| {
                         "lost the run lock to another process; nothing after that was recorded".into()
                     })),
@@ -214,7 +240,7 @@ impl Store {
                 params![
                     run_id,
                     fmt_ts(now),
-                    status,
+                    status.as_str(),
                     counts.listed as i64,
                     counts.enqueued as i64,
                     counts.candidates as i64,
