@@ -151,17 +151,8 @@ impl Simulator {
     }
 }
 
-trait IntoResponseFix {
-    fn into_response_fix(self) -> Response;
-}
-impl<T: warp::Reply> IntoResponseFix for T {
-    fn into_response_fix(self) -> Response {
-        warp::Reply::into_response(self)
-    }
-}
-
 fn reply(status: StatusCode, body: Value) -> Response {
-    warp::reply::with_status(warp::reply::json(&body), status).into_response_fix()
+    warp::Reply::into_response(warp::reply::with_status(warp::reply::json(&body), status))
 }
 
 /// `skillsync simulate` options.

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
-use super::{IntoResponseFix, Simulator, reply};
+use super::{Simulator, reply};
 use crate::model::{DocType, fmt_ts, normalize_ts};
 
 /// Faults to inject; all off by default.
@@ -489,8 +489,10 @@ impl Simulator {
             return reply(code, json!({"error": "simulated failure"}));
         }
         if faults.malformed_rate > 0.0 && fastrand::f64() < faults.malformed_rate {
-            return warp::reply::with_status("<html>upstream proxy error</html>", StatusCode::OK)
-                .into_response_fix();
+            return warp::Reply::into_response(warp::reply::with_status(
+                "<html>upstream proxy error</html>",
+                StatusCode::OK,
+            ));
         }
         if faults.oversize_rate > 0.0 && fastrand::f64() < faults.oversize_rate {
             let big = json!({"Id": id, "Blob": "x".repeat(faults.oversize_bytes)});
