@@ -136,9 +136,25 @@ fn queue_recorded_events(c: &Connection, limit: i64, now: &str) -> rusqlite::Res
             ))
         })?
         .collect::<Result<_, _>>()?;
-    let Some(last_id) = rows.last().map(|r| r.0) else {
+    let Some(mut last_id) = rows.last().map(|r| r.0) else {
         return Ok(0);
     };
+    if rows.len() as i64 == limit && rows.iter().all(|r| r.5 != "pending") {
+        // A long run of events settled before the cursor reached them (by
+        // fetches that covered them, or written by another tool): jump to
+        // just before the next waiting one, found in the small index of
+        // waiting events, instead of passing `limit` settled rows per claim.
+        let next: Option<i64> = c
+            .prepare_cached(
+                "SELECT min(id) FROM events INDEXED BY events_by_document
+                 WHERE status IN ('pending', 'dead') AND status = 'pending' AND id > ?1",
+            )?
+            .query_row([last_id], |r| r.get(0))?;
+        let newest: i64 = c
+            .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
+            .query_row([], |r| r.get(0))?;
+        last_id = next.map_or(newest, |n| n - 1).max(last_id);
+    }
     let mut queue_row = c.prepare_cached(
         "SELECT status, claimed_max_event, lease_owner IS NOT NULL AND lease_until > ?4, attempts, last_error
          FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
@@ -393,9 +409,10 @@ impl Store {
                      SELECT min(max(next_attempt_at, coalesce(lease_until, ''))) AS due FROM fetch_queue
                      WHERE tenant = ?1 AND status = 'queued'
                      UNION ALL
-                     SELECT * FROM (SELECT received_at FROM events
-                                   WHERE id > coalesce((SELECT last_id FROM inbox_cursor WHERE id = 1), 0)
-                                     AND tenant = ?1 AND status = 'pending' ORDER BY id LIMIT 1))",
+                     SELECT * FROM (SELECT received_at FROM events INDEXED BY events_by_document
+                                   WHERE tenant = ?1 AND status IN ('pending', 'dead') AND status = 'pending'
+                                     AND id > coalesce((SELECT last_id FROM inbox_cursor WHERE id = 1), 0)
+                                   ORDER BY id LIMIT 1))",
                 [tenant],
                 |r| r.get::<_, Option<String>>(0),
             )?)

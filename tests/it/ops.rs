@@ -302,3 +302,37 @@ async fn one_tenants_claim_passes_anothers_events_to_that_tenant() {
         "acme has nothing more"
     );
 }
+
+/// Events a fetch settled before the inbox cursor reached them are jumped
+/// over, not passed a claim's worth at a time: after 300 settled events, the
+/// next claim still finds the one waiting event behind them.
+#[tokio::test]
+async fn the_cursor_jumps_over_a_long_run_of_settled_events() {
+    let mut app = spawn_app().await;
+    app.stop().await; // no fetcher: the test claims itself
+    let busy = app.sim.create(DocType::Job);
+    let quiet = app.sim.create(DocType::Job);
+    let store = app.store.clone();
+    let inserts = (0..300).map(|_| store.insert_event(recorded_event(&app.sim, &busy)));
+    let ids: Vec<i64> = futures_util::future::join_all(inserts)
+        .await
+        .into_iter()
+        .map(|r| r.expect("event"))
+        .collect();
+    let newest = ids.iter().copied().max().expect("ids");
+    // One slot: the cursor passes one event; the fetch covers all 300.
+    let c = claim_now(&store, 1).await;
+    assert_eq!((c.len(), c[0].max_event), (1, newest));
+    store_fetched(&app, c[0].clone()).await;
+    let waiting = store
+        .insert_event(recorded_event(&app.sim, &quiet))
+        .await
+        .expect("the event behind them");
+    let c = claim_now(&store, 1).await;
+    assert_eq!(c.len(), 1, "the waiting event was reached in one claim");
+    assert_eq!(c[0].doc_id, quiet);
+    assert_eq!(
+        count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1"),
+        waiting
+    );
+}
