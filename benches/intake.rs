@@ -318,6 +318,17 @@ impl Daemon {
     }
 }
 
+/// A bench that panics (say, events that never settle) must not leave its
+/// daemon running and loading the host for the next measurements.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn pending_events(db: &Path) -> i64 {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("open db");
