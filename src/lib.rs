@@ -31,11 +31,9 @@
 //!   gauges (the PostgreSQL lag among them).
 //! - [`pgmirror`]: the PostgreSQL copy: the sink thread fed by the outbox,
 //!   its schema and views in PostgreSQL, `postgres-check`.
-//! - [`store`]: the only place with SQL: pool, single group-committing writer
-//!   and the thread that fsyncs its commits before anyone is answered, schema
-//!   and migrations; events and the inbox cursor, fetch queue, mirror,
-//!   reconciliation state, report tables, the PostgreSQL outbox, retention's
-//!   statements.
+//! - [`store`]: the only place with SQL: pool, single group-committing writer,
+//!   schema and migrations; events, fetch queue, mirror, reconciliation
+//!   state, report tables, the PostgreSQL outbox, retention's statements.
 //!
 //! Beside it:
 //! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.

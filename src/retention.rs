@@ -1,6 +1,7 @@
-//! Retention: prunes `done`/`ignored` events and old `document_history`
-//! rows in small batches (each its own short write, so webhook intake is
-//! never held up), once shortly after start and then hourly. This file owns the schedule and the
+//! Retention: prunes `done`/`ignored` events, old `document_history` rows
+//! and `fetch_covered` rows no recorded event needs, in small batches (each
+//! its own short write, so webhook intake is never held up), once shortly
+//! after start and then hourly. This file owns the schedule and the
 //! batching loop; the statements are in `store::retention`.
 
 use std::sync::Arc;
@@ -26,6 +27,18 @@ pub async fn prune_once(
     let days = &config.retention;
     let events = prune_older_than(store, Aged::Events, days.events_days, shutdown).await;
     let history = prune_older_than(store, Aged::History, days.history_days, shutdown).await;
+    // Bookkeeping of the inbox, whatever the retention settings: only needed
+    // while older recorded events wait to be queued.
+    while !shutdown.is_cancelled() {
+        match store.prune_fetch_covered(BATCH).await {
+            Ok(n) if n == BATCH => tokio::task::yield_now().await,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: pruning fetch_covered failed; will try again later");
+                break;
+            }
+        }
+    }
     if events + history > 0 {
         tracing::info!(events, history_rows = history, "retention: pruned old rows");
     }

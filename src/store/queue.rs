@@ -7,7 +7,7 @@
 //! queue row stays and the document is fetched once more.
 //!
 //! Queries that find a document's events spell out the partial index's
-//! condition, `status IN ('pending', 'dead')`, even beside a
+//! condition, `queued = 1 AND status IN ('pending', 'dead')`, even beside a
 //! narrower `status = …`: SQLite uses a partial index only when the query
 //! repeats its terms.
 
@@ -94,114 +94,99 @@ fn enqueue(
 /// (and the webhook commits queued behind it) stays within milliseconds.
 const QUEUE_BATCH: i64 = 256;
 
-/// Turns up to `limit` recorded events (of every tenant), oldest first, into
-/// fetch requests: the events after the inbox cursor (`inbox_cursor`), which
-/// then moves past them. An event still `pending` puts its document in
-/// `fetch_queue`, unless a fetch running now began after it arrived (that
-/// fetch settles it) or the document went dead in such a fetch (the event
-/// shares that fate). An event that is no longer `pending` was settled by a
-/// fetch that began after it arrived, before it was reached here. Returns
-/// how many events the cursor passed.
+/// Moves up to `limit` of `tenant`'s recorded events, oldest first, out of
+/// the inbox (`queued = 1`). An event that arrived before a fetch of its
+/// document began takes that fetch's outcome: `done` at once if the fetch
+/// succeeded (`fetch_covered`), `dead` if it ended the document dead, and
+/// nothing new if it is still running (it settles the event). Any other
+/// event puts its document in `fetch_queue`. Returns how many moved.
 ///
-/// Recording an event writes nothing keyed by its document beyond the small
-/// index of waiting events, and moving it writes nothing per event: the
-/// cursor is one row. A fetch settles every waiting event of its document
-/// received before it began, moved or not, so correctness does not depend on
-/// when this runs: an event moved after its document's fetch began bumps the
-/// document's generation, so it is fetched again.
-fn queue_recorded_events(c: &Connection, limit: i64, now: &str) -> rusqlite::Result<usize> {
+/// The inbox insert leaves this to the fetcher so that acknowledging an event
+/// writes only pages ordered by id or time; the writes keyed by document id
+/// happen here, at the pace documents are fetched, into b-trees as small as
+/// the backlog. Correctness does not depend on when it runs: settling only
+/// touches `queued = 1` events, and an event queued after its document's
+/// fetch began bumps the document's generation, so it is fetched again.
+fn queue_recorded_events(
+    c: &Connection,
+    tenant: &str,
+    limit: i64,
+    now: &str,
+) -> rusqlite::Result<usize> {
     if limit <= 0 {
         return Ok(0);
     }
-    let cursor: i64 = c
-        .prepare_cached("SELECT last_id FROM inbox_cursor WHERE id = 1")?
-        .query_row([], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    /// An event after the cursor: id, tenant, doc_type, doc_id, received_at, status.
-    type Recorded = (i64, String, Option<String>, Option<String>, String, String);
-    let rows: Vec<Recorded> = c
+    // Read first; write per event only where a fetch already decided the
+    // event (it leaves the inbox settled, in one write), then take the rest
+    // out of the inbox with one range UPDATE. Per document, its coverage and
+    // queue row are read once: nothing below changes them before the
+    // requests are made at the end.
+    let rows: Vec<(i64, String, String, String)> = c
         .prepare_cached(
-            "SELECT id, tenant, doc_type, doc_id, received_at, status FROM events
-             WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, doc_type, doc_id, received_at FROM events
+             WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT ?2",
         )?
-        .query_map(params![cursor, limit], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
+        .query_map(params![tenant, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })?
         .collect::<Result<_, _>>()?;
-    let Some(mut last_id) = rows.last().map(|r| r.0) else {
+    let Some(last_id) = rows.last().map(|r| r.0) else {
         return Ok(0);
     };
-    if rows.len() as i64 == limit && rows.iter().all(|r| r.5 != "pending") {
-        // A long run of events settled before the cursor reached them (by
-        // fetches that covered them, or written by another tool): jump to
-        // just before the next waiting one, found in the small index of
-        // waiting events, instead of passing `limit` settled rows per claim.
-        let next: Option<i64> = c
-            .prepare_cached(
-                "SELECT min(id) FROM events INDEXED BY events_by_document
-                 WHERE status IN ('pending', 'dead') AND status = 'pending' AND id > ?1",
-            )?
-            .query_row([last_id], |r| r.get(0))?;
-        let newest: i64 = c
-            .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
-            .query_row([], |r| r.get(0))?;
-        last_id = next.map_or(newest, |n| n - 1).max(last_id);
-    }
+    let mut covered = c.prepare_cached(
+        "SELECT max_event FROM fetch_covered WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
+    )?;
     let mut queue_row = c.prepare_cached(
         "SELECT status, claimed_max_event, lease_owner IS NOT NULL AND lease_until > ?4, attempts, last_error
          FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3",
     )?;
     /// A document's queue row: status, claimed_max_event, leased, attempts, last_error.
     type Row = (String, Option<i64>, bool, i64, Option<String>);
-    type Key<'r> = (&'r str, &'r str, &'r str);
-    // Per document, its queue row is read once: nothing below changes it
-    // before the requests are made at the end.
-    let mut documents: std::collections::HashMap<Key<'_>, Option<Row>> = Default::default();
+    /// What the batch needs to know of a document: its coverage and queue row.
+    type Known = (Option<i64>, Option<Row>);
+    let mut documents: std::collections::HashMap<(&str, &str), Known> = Default::default();
     // One request per document for the whole batch, asked for the earliest
     // of its events (a request per event only bumped the same row again).
     // Deferring it past the loop changes no decision: rows are in id order,
     // so every event at or below a document's `claimed_max_event` (the only
     // ones whose branch reads the row's status) comes before any event that
     // asks for a fetch.
-    let mut asks: std::collections::HashMap<Key<'_>, &str> = Default::default();
-    for (id, tenant, doc_type, doc_id, received_at, status) in &rows {
-        // Settled already (or ignored, or nothing to fetch): only passed.
-        let (Some(doc_type), Some(doc_id)) = (doc_type, doc_id) else {
-            continue;
-        };
-        if status != "pending" {
-            continue;
-        }
-        let key = (tenant.as_str(), doc_type.as_str(), doc_id.as_str());
-        let row = &*match documents.entry(key) {
+    let mut asks: std::collections::HashMap<(&str, &str), &str> = Default::default();
+    for (id, doc_type, doc_id, received_at) in &rows {
+        let key = (doc_type.as_str(), doc_id.as_str());
+        let (last, row) = &*match documents.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                let last: Option<i64> = covered
+                    .query_row(params![tenant, doc_type, doc_id], |r| r.get(0))
+                    .optional()?;
                 let row: Option<Row> = queue_row
                     .query_row(params![tenant, doc_type, doc_id, now], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })
                     .optional()?;
-                e.insert(row)
+                e.insert((last, row))
             }
         };
+        if last.is_some_and(|m| *id <= m) {
+            // A fetch that began after this event arrived has stored the document.
+            c.prepare_cached(
+                "UPDATE events SET queued = 1, status = 'done', processed_at = ?1, next_attempt_at = NULL
+                 WHERE id = ?2 AND status = 'pending'",
+            )?
+            .execute(params![now, id])?;
+            continue;
+        }
         match row {
             // A fetch running now began after this event arrived: its outcome
-            // settles the event, so no new request.
+            // settles the event (it is `queued = 1` below), so no new request.
             Some((status, Some(m), true, _, _)) if status == "queued" && *id <= *m => {}
             // The document went dead in a fetch that began after this event
             // arrived: the event shares that fate (`retry --dead` revives both)
             // instead of reviving the document for another round of failures.
             Some((status, Some(m), _, attempts, last_error)) if status == "dead" && *id <= *m => {
                 c.prepare_cached(
-                    "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
+                    "UPDATE events SET queued = 1, status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
                      WHERE id = ?4 AND status = 'pending'",
                 )?
                 .execute(params![attempts, last_error, now, id])?;
@@ -213,12 +198,11 @@ fn queue_recorded_events(c: &Connection, limit: i64, now: &str) -> rusqlite::Res
             }
         }
     }
-    c.prepare_cached(
-        "INSERT INTO inbox_cursor (id, last_id) VALUES (1, ?1)
-         ON CONFLICT (id) DO UPDATE SET last_id = max(last_id, excluded.last_id)",
-    )?
-    .execute([last_id])?;
-    for ((tenant, doc_type, doc_id), requested_at) in asks {
+    // Every recorded event up to the batch's last id is one of `rows` (ids
+    // only grow, and this transaction is the only writer).
+    c.prepare_cached("UPDATE events SET queued = 1 WHERE tenant = ?1 AND queued = 0 AND id <= ?2")?
+        .execute(params![tenant, last_id])?;
+    for ((doc_type, doc_id), requested_at) in asks {
         enqueue(
             c,
             tenant,
@@ -269,24 +253,27 @@ fn lease_due(
 
 impl Store {
     /// Records a delivery; resolves once it is committed durably. Returns the
-    /// event id. One INSERT: the row, its place in `events_by_status` and,
-    /// while it waits for a fetch, in the small index of waiting events by
-    /// document; the fetcher turns it into a fetch request when it next
-    /// claims work ([`queue_recorded_events`]).
+    /// event id. One INSERT that touches only pages ordered by id or time
+    /// (the inbox's whole cost on the acknowledgement path); the fetcher
+    /// moves the event's document into `fetch_queue` when it next claims
+    /// work ([`queue_recorded_events`]).
     pub async fn insert_event(&self, ev: NewEvent) -> Result<i64, StoreError> {
         // Formatted here, on the caller's thread: the writer thread is the
         // one every acknowledgement waits for. `OR FAIL`: SQLite checks a
         // row's constraints before writing any of it, so a one-row insert
         // that fails has written nothing, and without `ABORT`'s statement
         // rollback SQLite skips the statement journal — a 4 KiB copy of
-        // every page the insert touches, a measured 3% of the writer's time.
+        // every page the insert touches (the table, three indexes and
+        // sqlite_sequence), a measured 3% of the writer's time.
         let now = fmt_ts(ev.received_at);
         self.write_one(move |c| {
             let status = if ev.ignored { "ignored" } else { "pending" };
+            // Only an event with a document to fetch waits to be queued.
+            let to_queue = !ev.ignored && ev.doc_type.is_some() && ev.doc_id.is_some();
             let id: i64 = c
                 .prepare_cached(
-                    "INSERT OR FAIL INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9) RETURNING id",
+                    "INSERT OR FAIL INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload, queued)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10) RETURNING id",
                 )?
                 .query_row(
                     params![
@@ -299,6 +286,7 @@ impl Store {
                         if ev.ignored { None } else { Some(&now) },
                         if ev.ignored { Some(&now) } else { None },
                         ev.payload,
+                        i64::from(!to_queue),
                     ],
                     |r| r.get(0),
                 )?;
@@ -363,13 +351,13 @@ impl Store {
             // The oldest recorded webhooks join the queue at least as fast as
             // documents are claimed, so a long reconciliation cannot starve
             // them (they sort first: their due time is their arrival).
-            let moved = queue_recorded_events(c, limit as i64, &now)?;
+            let moved = queue_recorded_events(c, &tenant, limit as i64, &now)?;
             let max_event: i64 =
                 c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
             let mut rows = lease_due(c, &tenant, &owner, limit, &now, &lease_until, max_event)?;
             if rows.len() < limit && moved == limit {
                 // Nothing else due: move a larger share of the backlog.
-                queue_recorded_events(c, QUEUE_BATCH, &now)?;
+                queue_recorded_events(c, &tenant, QUEUE_BATCH, &now)?;
                 rows.extend(lease_due(
                     c,
                     &tenant,
@@ -409,10 +397,7 @@ impl Store {
                      SELECT min(max(next_attempt_at, coalesce(lease_until, ''))) AS due FROM fetch_queue
                      WHERE tenant = ?1 AND status = 'queued'
                      UNION ALL
-                     SELECT * FROM (SELECT received_at FROM events INDEXED BY events_by_document
-                                   WHERE tenant = ?1 AND status IN ('pending', 'dead') AND status = 'pending'
-                                     AND id > coalesce((SELECT last_id FROM inbox_cursor WHERE id = 1), 0)
-                                   ORDER BY id LIMIT 1))",
+                     SELECT * FROM (SELECT received_at FROM events WHERE tenant = ?1 AND queued = 0 ORDER BY id LIMIT 1))",
                 [tenant],
                 |r| r.get::<_, Option<String>>(0),
             )?)
@@ -466,21 +451,17 @@ impl Store {
                 return Ok(FailureResult::WillRetry { attempts });
             }
             if dead {
-                // Every pending event of the document that waits on this
-                // fetch: received before it began, or already turned into a
-                // request. One recorded later and not yet reached by the
-                // inbox cursor revives the document when it is.
+                // Every pending event of the document waits on this fetch.
                 c.execute(
                     "UPDATE events SET status = 'dead', attempts = ?1, last_error = ?2, next_attempt_at = NULL, processed_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status IN ('pending', 'dead') AND status = 'pending'
-                       AND id <= max(?7, coalesce((SELECT last_id FROM inbox_cursor WHERE id = 1), 0))",
-                    params![attempts, message, now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event],
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'pending'",
+                    params![attempts, message, now, claim.tenant, claim.doc_type.as_str(), claim.doc_id],
                 )?;
                 Ok(FailureResult::Dead { attempts })
             } else {
                 c.execute(
                     "UPDATE events SET attempts = ?1, last_error = ?2, next_attempt_at = ?3
-                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND status IN ('pending', 'dead') AND status = 'pending' AND id <= ?7",
+                     WHERE tenant = ?4 AND doc_type = ?5 AND doc_id = ?6 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'pending' AND id <= ?7",
                     params![attempts, message, retry_at, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event],
                 )?;
                 Ok(FailureResult::WillRetry { attempts })
@@ -527,7 +508,7 @@ impl Store {
                     )?,
                     None => c.execute(
                         "UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL, processed_at = NULL
-                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND status = 'dead'",
+                         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND status = 'dead'",
                         params![now, tenant, doc_type, doc_id],
                     )?,
                 };
@@ -556,9 +537,20 @@ pub(crate) fn settle_success(
 ) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
-         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND status IN ('pending', 'dead') AND id <= ?5",
+         WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND id <= ?5",
     )?
     .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
+    // Events still in the inbox that this fetch covered settle when they
+    // move. Only written while such events exist (none can appear later: new
+    // events get larger ids), so a fetch with an empty inbox writes nothing
+    // here and the table stays as small as the backlog.
+    c.prepare_cached(
+        "INSERT INTO fetch_covered (tenant, doc_type, doc_id, max_event)
+         SELECT ?1, ?2, ?3, ?4
+         WHERE EXISTS (SELECT 1 FROM events INDEXED BY events_to_queue WHERE tenant = ?1 AND queued = 0 AND id <= ?4)
+         ON CONFLICT (tenant, doc_type, doc_id) DO UPDATE SET max_event = max(max_event, excluded.max_event)",
+    )?
+    .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.max_event])?;
     let generation: Option<i64> = c
         .prepare_cached(
             "SELECT generation FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",

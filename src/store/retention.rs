@@ -1,6 +1,6 @@
-//! Retention's statements: deleting old `done`/`ignored` events and old
-//! `document_history` revisions, each call one bounded batch in its own
-//! short write. The schedule
+//! Retention's statements: deleting old `done`/`ignored` events, old
+//! `document_history` revisions and `fetch_covered` rows no recorded event
+//! needs, each call one bounded batch in its own short write. The schedule
 //! and the batching loop are in `crate::retention`; this file owns only SQL.
 
 use chrono::{DateTime, Utc};
@@ -59,5 +59,21 @@ impl Store {
         let sql = what.sql();
         self.write(move |c| Ok(c.execute(sql, params![fmt_ts(before), batch as i64])?))
             .await
+    }
+
+    /// Deletes up to `batch` `fetch_covered` rows that no recorded event can
+    /// need any more (every event still in the inbox is newer than what the
+    /// row covers). Returns how many were deleted.
+    pub async fn prune_fetch_covered(&self, batch: usize) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            Ok(c.execute(
+                "DELETE FROM fetch_covered WHERE rowid IN (
+                     SELECT rowid FROM fetch_covered
+                     WHERE max_event < coalesce((SELECT min(id) FROM events INDEXED BY events_to_queue WHERE queued = 0), max_event + 1)
+                     LIMIT ?1)",
+                [batch as i64],
+            )?)
+        })
+        .await
     }
 }

@@ -295,14 +295,13 @@ impl Store {
             let mut q = c.prepare_cached(
                 "SELECT 1 FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND status = 'queued'",
             )?;
-            // A document with a webhook still waiting for its fetch is just
-            // as announced, whether or not the fetcher has made it a request
-            // yet (normally within a second). Looked up per id in the partial
-            // index of waiting events, so a page costs the same whatever the
+            // Documents whose webhook is recorded but not yet moved into the
+            // queue are just as announced (normally none: the fetcher moves
+            // them within a second). Looked up per id in the partial index
+            // of recorded events, so a page costs the same whatever the
             // inbox backlog.
             let mut recorded = c.prepare_cached(
-                "SELECT 1 FROM events WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3
-                 AND status IN ('pending', 'dead') AND status = 'pending'",
+                "SELECT 1 FROM events WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND queued = 0",
             )?;
             for id in ids {
                 if let Some(s) = m

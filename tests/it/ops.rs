@@ -132,19 +132,9 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
         assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-        // The inbox cursor starts after the version-1 event: it was queued
-        // when recorded, so it does not go back through the inbox.
-        assert_eq!(
-            count(&c, "SELECT last_id FROM inbox_cursor WHERE id = 1"),
-            count(&c, "SELECT max(id) FROM events")
-        );
-        assert_eq!(
-            count(
-                &c,
-                "SELECT count(*) FROM sqlite_schema WHERE name = 'fetch_covered'"
-            ),
-            0
-        );
+        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 0"), 0);
+        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 1"), 1);
+        assert_eq!(count(&c, "SELECT count(*) FROM fetch_covered"), 0);
         let index: String = c
             .query_row(
                 "SELECT sql FROM sqlite_master WHERE name = 'events_by_document'",
@@ -152,10 +142,7 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
                 |r| r.get(0),
             )
             .expect("the index");
-        assert!(
-            index.contains("WHERE status IN ('pending', 'dead')"),
-            "{index}"
-        );
+        assert!(index.contains("WHERE queued = 1"), "{index}");
     }
 
     let toml = config_toml(&db, &sim.base_url(), FAST_FETCH, "");
@@ -184,14 +171,18 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-    assert_eq!(version, 6);
+    assert_eq!(version, 5);
     assert_eq!(
         count(
             &conn,
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'inbox_cursor'"
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'events_recorded_by_document'"
         ),
         1,
         "the upgrade ran every migration up to the last one"
+    );
+    assert_eq!(
+        count(&conn, "SELECT count(*) FROM events WHERE queued = 1"),
+        1
     );
     assert_eq!(count(&conn, "SELECT count(*) FROM fetch_queue"), 0);
     assert_eq!(
@@ -203,16 +194,15 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
     );
 }
 
-/// A fetch settles every pending event of its document received before it
-/// began, including those the inbox cursor has not reached yet; the cursor
-/// later passes them without a new fetch.
+/// `fetch_covered` rows are kept while a recorded event they cover still
+/// waits in the inbox, and pruned once none can need them.
 #[tokio::test]
-async fn a_fetch_settles_the_events_it_covers_before_the_cursor_reaches_them() {
+async fn fetch_covered_rows_are_pruned_only_once_no_recorded_event_needs_them() {
     let mut app = spawn_app().await;
     app.stop().await; // no fetcher: the test moves events itself
     let id = app.sim.create(DocType::Job);
     let store = app.store.clone();
-    let first = store
+    store
         .insert_event(recorded_event(&app.sim, &id))
         .await
         .expect("first event");
@@ -220,119 +210,30 @@ async fn a_fetch_settles_the_events_it_covers_before_the_cursor_reaches_them() {
         .insert_event(recorded_event(&app.sim, &id))
         .await
         .expect("second event");
-    let cursor = || count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1");
-    let done = || {
-        count(
-            &app.sql(),
-            "SELECT count(*) FROM events WHERE status = 'done'",
-        )
-    };
-    // One slot: only the first event is passed, the fetch covers both.
+    // One slot: the first event moves, the fetch covers both.
     let c = claim_now(&store, 1).await;
     assert_eq!((c.len(), c[0].max_event), (1, second));
-    assert_eq!(cursor(), first);
     store_fetched(&app, c[0].clone()).await;
-    assert_eq!(done(), 2, "the covering fetch settled the second event too");
-    // The cursor passes the settled event: no new fetch.
+    let covered = || count(&app.sql(), "SELECT count(*) FROM fetch_covered");
+    assert_eq!(covered(), 1);
+    assert_eq!(
+        store.prune_fetch_covered(500).await.expect("prune"),
+        0,
+        "the second event still waits and is covered by the row"
+    );
+    assert_eq!(covered(), 1);
+    // The second event leaves the inbox, settled by the covering fetch.
     assert!(
         claim_now(&store, 1).await.is_empty(),
         "no new fetch for a covered event"
     );
-    assert_eq!(cursor(), second);
-    assert_eq!(done(), 2);
-}
-
-/// The inbox cursor is one for all tenants: a claim for one tenant passes
-/// another tenant's events into `fetch_queue` under that tenant, and that
-/// tenant's next claim leases them; none is lost or claimed by the wrong
-/// tenant.
-#[tokio::test]
-async fn one_tenants_claim_passes_anothers_events_to_that_tenant() {
-    let mut app = spawn_app().await;
-    app.stop().await; // no fetcher: the test claims itself
-    let ours = app.sim.create(DocType::Job);
-    let theirs = app.sim.create(DocType::Job);
-    let store = app.store.clone();
-    let mut other = recorded_event(&app.sim, &theirs);
-    other.tenant = "beta".into();
-    store.insert_event(other).await.expect("beta's event");
-    let last = store
-        .insert_event(recorded_event(&app.sim, &ours))
-        .await
-        .expect("acme's event");
-    let acme = claim_now(&store, 8).await;
-    assert_eq!(acme.len(), 1);
-    assert_eq!(
-        (acme[0].tenant.as_str(), acme[0].doc_id.as_str()),
-        ("acme", ours.as_str())
-    );
-    assert_eq!(
-        count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1"),
-        last,
-        "the cursor passed both tenants' events"
-    );
     assert_eq!(
         count(
             &app.sql(),
-            &format!(
-                "SELECT count(*) FROM fetch_queue WHERE tenant = 'beta' AND doc_id = '{theirs}'"
-            )
+            "SELECT count(*) FROM events WHERE status = 'done'"
         ),
-        1,
-        "beta's document waits in beta's queue"
+        2
     );
-    let now = chrono::Utc::now();
-    let beta = store
-        .claim(
-            "beta".into(),
-            "test-owner".into(),
-            8,
-            now,
-            now + chrono::Duration::seconds(60),
-        )
-        .await
-        .expect("claim for beta");
-    assert_eq!(beta.len(), 1);
-    assert_eq!(
-        (beta[0].tenant.as_str(), beta[0].doc_id.as_str()),
-        ("beta", theirs.as_str())
-    );
-    assert!(
-        claim_now(&store, 8).await.is_empty(),
-        "acme has nothing more"
-    );
-}
-
-/// Events a fetch settled before the inbox cursor reached them are jumped
-/// over, not passed a claim's worth at a time: after 300 settled events, the
-/// next claim still finds the one waiting event behind them.
-#[tokio::test]
-async fn the_cursor_jumps_over_a_long_run_of_settled_events() {
-    let mut app = spawn_app().await;
-    app.stop().await; // no fetcher: the test claims itself
-    let busy = app.sim.create(DocType::Job);
-    let quiet = app.sim.create(DocType::Job);
-    let store = app.store.clone();
-    let inserts = (0..300).map(|_| store.insert_event(recorded_event(&app.sim, &busy)));
-    let ids: Vec<i64> = futures_util::future::join_all(inserts)
-        .await
-        .into_iter()
-        .map(|r| r.expect("event"))
-        .collect();
-    let newest = ids.iter().copied().max().expect("ids");
-    // One slot: the cursor passes one event; the fetch covers all 300.
-    let c = claim_now(&store, 1).await;
-    assert_eq!((c.len(), c[0].max_event), (1, newest));
-    store_fetched(&app, c[0].clone()).await;
-    let waiting = store
-        .insert_event(recorded_event(&app.sim, &quiet))
-        .await
-        .expect("the event behind them");
-    let c = claim_now(&store, 1).await;
-    assert_eq!(c.len(), 1, "the waiting event was reached in one claim");
-    assert_eq!(c[0].doc_id, quiet);
-    assert_eq!(
-        count(&app.sql(), "SELECT last_id FROM inbox_cursor WHERE id = 1"),
-        waiting
-    );
+    assert_eq!(store.prune_fetch_covered(500).await.expect("prune"), 1);
+    assert_eq!(covered(), 0);
 }
