@@ -129,6 +129,11 @@ impl Default for ReportingConfig {
 /// Column names no configuration may take: the view's key.
 pub const RESERVED_COLUMNS: [&str; 2] = ["tenant", "id"];
 
+/// `name` as a quoted SQL identifier (SQLite and PostgreSQL alike).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// True for a snake_case SQL identifier (`budget`, `stage_type2`).
 pub fn is_column_name(s: &str) -> bool {
     let mut chars = s.chars();
@@ -185,6 +190,22 @@ impl ReportSpec {
             DocType::Job => &self.job,
             DocType::Project => &self.project,
         }
+    }
+
+    /// The select list of the `{ty}_report` view, the same in SQLite and
+    /// PostgreSQL: table columns from the document row `d`, extracted
+    /// values from the values row `v`, each named as configured.
+    pub fn view_select_list(&self, ty: DocType) -> Vec<String> {
+        self.columns(ty)
+            .iter()
+            .map(|c| match &c.source {
+                Source::Table(col) => format!("d.{col} AS {}", quote_ident(&c.name)),
+                Source::Fields(_) => {
+                    let name = quote_ident(&c.name);
+                    format!("v.{name} AS {name}")
+                }
+            })
+            .collect()
     }
 
     /// The columns whose values the store keeps beside the documents.

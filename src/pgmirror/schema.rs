@@ -17,14 +17,10 @@
 use postgres::Transaction;
 
 use crate::model::DocType;
-use crate::reporting::{ColumnType, ReportSpec, Source};
+use crate::reporting::{ColumnType, ReportSpec, quote_ident};
 
 /// The version of the fixed tables this binary writes.
 pub const SCHEMA_VERSION: i64 = 1;
-
-fn q(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
 
 /// The fixed tables (version 1).
 fn fixed_sql(s: &str) -> String {
@@ -118,7 +114,7 @@ fn report_sql(s: &str, spec: &ReportSpec) -> String {
     for ty in DocType::ALL {
         let cols: String = spec
             .stored_columns(ty)
-            .map(|(c, _)| format!(",\n    {} {}", q(&c.name), pg_type(c.ty)))
+            .map(|(c, _)| format!(",\n    {} {}", quote_ident(&c.name), pg_type(c.ty)))
             .collect();
         out.push_str(&format!(
             "CREATE TABLE {s}.{ty}_report_values (\n    tenant text NOT NULL,\n    id uuid NOT NULL{cols},\n    PRIMARY KEY (tenant, id)\n);\n"
@@ -137,14 +133,7 @@ fn report_sql(s: &str, spec: &ReportSpec) -> String {
 "
     ));
     for ty in DocType::ALL {
-        let cols: Vec<String> = spec
-            .columns(ty)
-            .iter()
-            .map(|c| match &c.source {
-                Source::Table(col) => format!("d.{col} AS {}", q(&c.name)),
-                Source::Fields(_) => format!("v.{} AS {}", q(&c.name), q(&c.name)),
-            })
-            .collect();
+        let cols = spec.view_select_list(ty);
         out.push_str(&format!(
             "CREATE VIEW {s}.{ty}_report AS
 SELECT d.tenant AS tenant, d.id AS id,
@@ -275,7 +264,7 @@ pub fn ensure(
     schema: &str,
     spec: &ReportSpec,
 ) -> Result<Ensured, String> {
-    let s = q(schema);
+    let s = quote_ident(schema);
     let e = |e: postgres::Error| super::describe(&e);
     tx.execute(
         "SELECT pg_advisory_xact_lock(hashtext($1))",
@@ -338,5 +327,5 @@ pub fn ensure(
 
 /// The quoted schema name for SQL text.
 pub fn quoted(schema: &str) -> String {
-    q(schema)
+    quote_ident(schema)
 }

@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use super::StoreError;
 use crate::model::{DocKey, DocType};
-use crate::reporting::{ReportSpec, Source, Typed};
+use crate::reporting::{ReportSpec, Typed, quote_ident};
 
 /// `daemon_state` key holding the hash of the extraction rules the derived tables were built with.
 const HASH_KEY: &str = "reporting_values_hash";
@@ -68,17 +68,13 @@ fn values_table(ty: DocType) -> String {
     format!("{}_report_values", ty.as_str())
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// The derived tables' DDL.
 fn table_sql(spec: &ReportSpec) -> Vec<String> {
     let mut out = Vec::new();
     for ty in DocType::ALL {
         let cols: String = spec
             .stored_columns(ty)
-            .map(|(c, _)| format!(",\n    {} {}", quote(&c.name), c.ty.sql_type()))
+            .map(|(c, _)| format!(",\n    {} {}", quote_ident(&c.name), c.ty.sql_type()))
             .collect();
         out.push(format!(
             "CREATE TABLE {} (\n    tenant TEXT NOT NULL,\n    id TEXT NOT NULL{cols},\n    PRIMARY KEY (tenant, id)\n)",
@@ -105,14 +101,7 @@ fn table_sql(spec: &ReportSpec) -> Vec<String> {
 fn view_sql(spec: &ReportSpec) -> Vec<(String, String)> {
     let mut out = vec![("sync_status".to_string(), SYNC_STATUS.trim().to_string())];
     for ty in DocType::ALL {
-        let cols: Vec<String> = spec
-            .columns(ty)
-            .iter()
-            .map(|c| match &c.source {
-                Source::Table(col) => format!("d.{col} AS {}", quote(&c.name)),
-                Source::Fields(_) => format!("v.{} AS {}", quote(&c.name), quote(&c.name)),
-            })
-            .collect();
+        let cols = spec.view_select_list(ty);
         let name = format!("{ty}_report");
         out.push((
             name.clone(),
@@ -419,7 +408,7 @@ fn write_values(
     let ty = key.doc_type;
     let names: Vec<String> = spec
         .stored_columns(ty)
-        .map(|(c, _)| quote(&c.name))
+        .map(|(c, _)| quote_ident(&c.name))
         .collect();
     let marks: String = (0..names.len()).map(|i| format!(", ?{}", i + 3)).collect();
     let sql = format!(
