@@ -33,7 +33,9 @@
 //! Reproduce: `cargo bench --bench intake` (knobs: `INTAKE_RUNS` rounds,
 //! default 3; `INTAKE_SECS` seconds per trial, default 10;
 //! `INTAKE_OLD_EVENTS`, default 5000000; `INTAKE_OLD_DOCS`, default 100000;
-//! `INTAKE_BIN`, another daemon binary to measure instead of this build's).
+//! `INTAKE_BIN`, another daemon binary to measure instead of this build's;
+//! `INTAKE_QUICK`, only the ceiling and durable trials and no summary, for
+//! A/B rounds; `INTAKE_PERF`, a directory for `perf record` profiles).
 //! The in-process variant (`--bench intake_inprocess`) is a diagnostic.
 
 mod common;
@@ -221,6 +223,26 @@ fn thread_stat(pid: u32, name: &str) -> Option<String> {
         let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
         (comm.trim() == name).then(|| e.path().join("stat").display().to_string())
     })
+}
+
+/// Median milliseconds of a 4 KiB append + `fdatasync` in `dir` (200
+/// tries): what one durable commit costs this disk at the moment, printed
+/// with each round because it moves with the host's load.
+fn fsync_ms(dir: &Path) -> f64 {
+    use std::io::Write;
+    let path = dir.join("fsync.probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let mut times: Vec<f64> = (0..200)
+        .map(|_| {
+            f.write_all(&[0u8; 4096]).expect("probe write");
+            let t = Instant::now();
+            f.sync_data().expect("probe fdatasync");
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let _ = std::fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 fn free_port() -> u16 {
@@ -494,6 +516,8 @@ fn main() {
     let secs = env_usize("INTAKE_SECS", 10) as u64;
     let old_events = env_usize("INTAKE_OLD_EVENTS", 5_000_000);
     let old_docs = env_usize("INTAKE_OLD_DOCS", 100_000);
+    // INTAKE_QUICK=1: ceiling and durable only, no summary (for A/B rounds).
+    let quick = std::env::var_os("INTAKE_QUICK").is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -553,10 +577,16 @@ fn main() {
     ];
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); trials.len()];
     let mut fixed: Vec<Sample> = Vec::new();
+    let mut fsync: Vec<f64> = Vec::new();
     for round in 0..runs {
-        eprintln!("round {}/{runs}", round + 1);
+        let probe = fsync_ms(dir.path());
+        fsync.push(probe);
+        eprintln!(
+            "round {}/{runs} (4 KiB append + fdatasync: {probe:.2} ms)",
+            round + 1
+        );
         for (ti, &trial) in trials.iter().enumerate() {
-            if trial == Trial::DurableOld && skip_old {
+            if (trial == Trial::DurableOld && skip_old) || (quick && trial == Trial::OneCommit) {
                 continue;
             }
             let s = match trial {
@@ -582,15 +612,17 @@ fn main() {
                     std::thread::sleep(Duration::from_secs(2));
                     let idle = rss_mb(d.pid()).0;
                     // INTAKE_PERF=DIR: a perf profile of the daemon during
-                    // the load, to DIR/<trial>-<round>.data.
+                    // the load, to DIR/<trial>-<round>.data. Frame-pointer
+                    // stacks (`-g`): for whole stacks, measure a daemon built
+                    // with them (BENCHMARKS.md §1 says how). DWARF unwinding
+                    // cost the daemon two thirds of its throughput.
                     let perf = std::env::var("INTAKE_PERF").ok().map(|out| {
                         Command::new("perf")
                             .args([
                                 "record",
                                 "-F",
-                                "299",
-                                "--call-graph",
-                                "dwarf,32768",
+                                "999",
+                                "-g",
                                 "-p",
                                 &d.pid().to_string(),
                                 "-o",
@@ -646,6 +678,9 @@ fn main() {
             );
             results[ti].push(s);
         }
+        if quick {
+            continue;
+        }
         let db = dir.path().join(format!("fixed{round}.db"));
         let d = Daemon::start(dir.path(), &db, &sim.base_url(), true);
         std::thread::sleep(Duration::from_secs(1));
@@ -658,6 +693,10 @@ fn main() {
         fixed.push(s);
     }
     sim_token.cancel();
+    if quick {
+        // INTAKE_QUICK: the per-trial lines above are the whole report.
+        return;
+    }
 
     let index = |t: Trial| trials.iter().position(|x| *x == t).expect("trial");
     let ratio = |a: Trial, b: Trial| -> Vec<f64> {
@@ -670,9 +709,10 @@ fn main() {
     println!();
     println!(
         "intake (external load: wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s, {DOCUMENTS} documents, upstream {} ms), \
-         {runs} rounds, median [min–max]; total {:.0} s",
+         {runs} rounds, median [min–max]; total {:.0} s; 4 KiB append + fdatasync {} ms",
         UPSTREAM_LATENCY.as_millis(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        cell(&fsync, 2)
     );
     println!();
     println!(

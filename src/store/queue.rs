@@ -270,12 +270,14 @@ impl Store {
             let status = if ev.ignored { "ignored" } else { "pending" };
             // Only an event with a document to fetch waits to be queued.
             let to_queue = !ev.ignored && ev.doc_type.is_some() && ev.doc_id.is_some();
+            // `insert` answers the new rowid (the id): no `RETURNING`, which
+            // makes SQLite open, fill and free a temporary b-tree per row.
             let id: i64 = c
                 .prepare_cached(
                     "INSERT OR FAIL INTO events (tenant, received_at, action, doc_type, doc_id, status, attempts, next_attempt_at, processed_at, payload, queued)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10) RETURNING id",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?10)",
                 )?
-                .query_row(
+                .insert(
                     params![
                         ev.tenant,
                         now,
@@ -288,7 +290,6 @@ impl Store {
                         ev.payload,
                         i64::from(!to_queue),
                     ],
-                    |r| r.get(0),
                 )?;
             Ok(id)
         })
