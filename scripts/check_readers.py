@@ -53,7 +53,8 @@ def read_with_duckdb(db, names, queries):
             try:
                 n = con.execute(f'SELECT count(*) FROM s."{name}"').fetchone()[0]
                 con.execute(f'SELECT * FROM s."{name}" LIMIT 5').fetchall()
-                out["objects"][name] = {"rows": n}
+                types = con.execute(f'DESCRIBE SELECT * FROM s."{name}"').fetchall()
+                out["objects"][name] = {"rows": n, "types": {c[0]: c[1] for c in types}}
             except Exception as e:  # reported, judged by the test
                 out["objects"][name] = {"error": str(e)[:2000]}
         for sql in queries:

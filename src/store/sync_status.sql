@@ -9,10 +9,12 @@ WITH kinds AS (
         UNION ALL SELECT tenant, doc_type FROM fetch_queue
     ) AS k
 ),
+-- Counts are count(CASE …), not sum(CASE … 1 ELSE 0): the same numbers, but
+-- DuckDB types a sum of integers as HUGEINT, which many clients cannot take.
 mirror AS (
     SELECT tenant, doc_type,
-           sum(CASE WHEN deleted_at IS NULL THEN 1 ELSE 0 END) AS mirrored,
-           sum(CASE WHEN deleted_at IS NULL THEN 0 ELSE 1 END) AS deleted
+           count(CASE WHEN deleted_at IS NULL THEN 1 END) AS mirrored,
+           count(CASE WHEN deleted_at IS NOT NULL THEN 1 END) AS deleted
     FROM (
         SELECT tenant, 'job' AS doc_type, deleted_at FROM jobs
         UNION ALL SELECT tenant, 'project' AS doc_type, deleted_at FROM projects
@@ -21,17 +23,17 @@ mirror AS (
 ),
 queue AS (
     SELECT tenant, doc_type,
-           sum(CASE WHEN status = 'queued' THEN 1 ELSE 0 END) AS queued,
-           sum(CASE WHEN status = 'queued' AND attempts > 0 THEN 1 ELSE 0 END) AS retrying,
-           sum(CASE WHEN status = 'dead' THEN 1 ELSE 0 END) AS dead_documents,
+           count(CASE WHEN status = 'queued' THEN 1 END) AS queued,
+           count(CASE WHEN status = 'queued' AND attempts > 0 THEN 1 END) AS retrying,
+           count(CASE WHEN status = 'dead' THEN 1 END) AS dead_documents,
            min(CASE WHEN status = 'queued' THEN requested_at END) AS oldest_queued_at,
            min(requested_at) AS oldest_unmirrored_at
     FROM fetch_queue GROUP BY tenant, doc_type
 ),
 ev AS (
     SELECT tenant, doc_type,
-           sum(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS pending_events,
-           sum(CASE WHEN status = 'dead' THEN 1 ELSE 0 END) AS dead_events,
+           count(CASE WHEN status = 'pending' THEN 1 END) AS pending_events,
+           count(CASE WHEN status = 'dead' THEN 1 END) AS dead_events,
            min(CASE WHEN status = 'pending' THEN received_at END) AS oldest_pending_at
     FROM events WHERE status IN ('pending', 'dead') GROUP BY tenant, doc_type
 ),
