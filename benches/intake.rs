@@ -39,7 +39,7 @@
 //! The in-process variant (`--bench intake_inprocess`) is a diagnostic.
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize, summary};
+use common::{SECRET, cell, creds, daemon_toml, env_usize, fsync_probe_ms, summary};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -223,26 +223,6 @@ fn thread_stat(pid: u32, name: &str) -> Option<String> {
         let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
         (comm.trim() == name).then(|| e.path().join("stat").display().to_string())
     })
-}
-
-/// Median milliseconds of a 4 KiB append + `fdatasync` in `dir` (200
-/// tries): what one durable commit costs this disk at the moment, printed
-/// with each round because it moves with the host's load.
-fn fsync_ms(dir: &Path) -> f64 {
-    use std::io::Write;
-    let path = dir.join("fsync.probe");
-    let mut f = std::fs::File::create(&path).expect("probe file");
-    let mut times: Vec<f64> = (0..200)
-        .map(|_| {
-            f.write_all(&[0u8; 4096]).expect("probe write");
-            let t = Instant::now();
-            f.sync_data().expect("probe fdatasync");
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    let _ = std::fs::remove_file(&path);
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 fn free_port() -> u16 {
@@ -579,7 +559,7 @@ fn main() {
     let mut fixed: Vec<Sample> = Vec::new();
     let mut fsync: Vec<f64> = Vec::new();
     for round in 0..runs {
-        let probe = fsync_ms(dir.path());
+        let probe = fsync_probe_ms(dir.path());
         fsync.push(probe);
         eprintln!(
             "round {}/{runs} (4 KiB append + fdatasync: {probe:.2} ms)",

@@ -47,7 +47,7 @@
 //! default 10000).
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize, summary};
+use common::{SECRET, cell, creds, daemon_toml, env_usize, fsync_probe_ms, summary};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -283,23 +283,6 @@ async fn trial(server: Server, events: usize, senders: usize, rate: Option<f64>)
         s.other
     );
     s
-}
-
-/// Median time to append 4 KiB and `fdatasync` it in `dir`: how busy the
-/// shared disk is right now (context for the numbers, not a result).
-fn fsync_probe_ms(dir: &Path) -> f64 {
-    use std::io::Write;
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let block = [0u8; 4096];
-    let mut v = Vec::new();
-    for _ in 0..50 {
-        let t = Instant::now();
-        f.write_all(&block).unwrap();
-        f.sync_data().unwrap();
-        v.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    summary(&v).0
 }
 
 fn main() {

@@ -97,3 +97,21 @@ pub fn cell(v: &[f64], prec: usize) -> String {
         format!("{m:.prec$} [{lo:.prec$}–{hi:.prec$}]")
     }
 }
+
+/// Median time to append 4 KiB and `fdatasync` it in `dir` (50 tries): how
+/// busy the shared disk is right now (context for the numbers, not a result).
+pub fn fsync_probe_ms(dir: &Path) -> f64 {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).expect("probe file");
+    let block = [0u8; 4096];
+    let mut v = Vec::new();
+    for _ in 0..50 {
+        let t = std::time::Instant::now();
+        f.write_all(&block).expect("probe write");
+        f.sync_data().expect("probe fdatasync");
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_file(&path);
+    summary(&v).0
+}
