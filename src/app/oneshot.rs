@@ -113,10 +113,19 @@ impl fmt::Display for ReconcileReport {
             )?;
         }
         for b in &self.backlog {
+            let events = if b.events.is_empty() {
+                "none".to_string()
+            } else {
+                b.events
+                    .iter()
+                    .map(|(status, n)| format!("{n} {status}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             writeln!(
                 f,
-                "{}: fetches still queued {}, dead documents {}; events {:?}",
-                b.tenant, b.queued_fetches, b.dead_documents, b.events
+                "{}: fetches still queued {}, dead documents {}; events: {events}",
+                b.tenant, b.queued_fetches, b.dead_documents
             )?;
         }
         Ok(())

@@ -18,4 +18,5 @@ mod readme;
 mod reconcile;
 mod reporting;
 mod tls;
+mod tools;
 mod webhook;

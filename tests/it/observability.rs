@@ -181,10 +181,15 @@ async fn the_scrape_is_lint_clean_for_promtool() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) if std::env::var_os("SKILLSYNC_REQUIRE_PROMTOOL").is_some() => {
-            panic!("promtool is required (SKILLSYNC_REQUIRE_PROMTOOL) but cannot run: {e}")
-        }
-        Err(e) => eprintln!("promtool not run ({e}); the lint above still ran"),
+        Err(e) => crate::tools::missing(
+            "observability::the_scrape_is_lint_clean_for_promtool",
+            "promtool",
+            "SKILLSYNC_REQUIRE_PROMTOOL",
+            &format!(
+                "cannot run it ({e}); apt-get install prometheus (.ci/run installs it); \
+                 the lint above still ran"
+            ),
+        ),
     }
 }
 

@@ -50,12 +50,12 @@ fn server(test: &str) -> Option<Server> {
             has_password: var("PGPASSWORD").is_some(),
         }),
         _ => {
-            assert!(
-                std::env::var("SKILLSYNC_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "SKILLSYNC_REQUIRE_POSTGRES=1 but PGHOST/PGPORT/PGUSER are not set (run under pg_virtualenv)"
-            );
-            eprintln!(
-                "notice: {test} skipped: no PostgreSQL (set PGHOST, PGPORT, PGUSER[, PGPASSWORD], e.g. `pg_virtualenv cargo test`)"
+            crate::tools::missing(
+                test,
+                "PostgreSQL",
+                "SKILLSYNC_REQUIRE_POSTGRES",
+                "set PGHOST, PGPORT, PGUSER[, PGPASSWORD], e.g. `pg_virtualenv cargo test --locked` \
+                 (Debian's postgresql and postgresql-common)",
             );
             None
         }

@@ -477,28 +477,6 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
     );
 }
 
-/// The python that has DuckDB, its sqlite extension and Datasette
-/// (scripts/reporting-venv.sh builds it; CI runs that first).
-fn readers_python() -> Option<std::path::PathBuf> {
-    let p = std::env::var_os("SKILLSYNC_READERS_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("target/reporting-venv/bin/python")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var_os("SKILLSYNC_SKIP_READERS").is_some() {
-        return None;
-    }
-    panic!(
-        "DuckDB/Datasette venv not found at {}: run `bash scripts/reporting-venv.sh` \
-         (CI does), or set SKILLSYNC_SKIP_READERS=1 to skip this test",
-        p.display()
-    );
-}
-
 fn check_readers(python: &std::path::Path, db: &std::path::Path, queries: &[&str]) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(python)
@@ -558,8 +536,9 @@ fn assert_all_read(v: &Value) {
 
 #[tokio::test]
 async fn duckdb_and_datasette_read_every_table_and_view_while_serve_writes() {
-    let Some(python) = readers_python() else {
-        eprintln!("skipped: SKILLSYNC_SKIP_READERS is set");
+    let Some(python) = crate::tools::readers_python(
+        "reporting::duckdb_and_datasette_read_every_table_and_view_while_serve_writes",
+    ) else {
         return;
     };
     let app = spawn_app().await;
