@@ -7,10 +7,13 @@
 //! unless `server.metrics_listen = "off"`, the metrics one (`/metrics`,
 //! detailed `/healthz`). SIGHUP re-reads the whole config file and applies
 //! it (tenants, secrets, credentials, fetch, reconciliation and retention
-//! settings, schedules, `[postgres]`, the TLS certificate) without a
-//! restart, or keeps the old config when the new one is invalid; what is
-//! bound or opened at start (listen addresses, database, `[reporting]`)
-//! is named in the log as needing a restart. It never stops the daemon.
+//! settings, schedules, `[reporting]`, `[postgres]`, the TLS certificate)
+//! without a restart, or keeps the old config when the new one is invalid;
+//! what is bound or opened at start (listen addresses, database) is named
+//! in the log as needing a restart. It never stops the daemon.
+//!
+//! Work proportional to the database (refilling the report tables after a
+//! `[reporting]` change) runs after READY, in bounded batches.
 //!
 //! The background work of one config is a [`Generation`]; a reload starts
 //! the next before retiring the previous, whose in-flight fetches and runs
@@ -130,6 +133,13 @@ pub async fn run_reloadable(
         "skillsync serving"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // Derived work proportional to the database runs only now, in batches.
+    let rebuild = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(rebuild_reports(
+        store.clone(),
+        rebuild.clone(),
+        shutdown.clone(),
+    ));
 
     let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
         (Some(cert), Some(key)) => {
@@ -160,6 +170,7 @@ pub async fn run_reloadable(
     }));
     tasks.spawn(reload_on_hangup(Reloader {
         hangups,
+        rebuild,
         config_path,
         tls,
         state: state.clone(),
@@ -258,6 +269,8 @@ impl Generation {
 /// What the SIGHUP task needs.
 struct Reloader {
     hangups: Option<tokio::signal::unix::Signal>,
+    /// Wakes [`rebuild_reports`] after a `[reporting]` change.
+    rebuild: Arc<tokio::sync::Notify>,
     /// The file to re-read; `None` (tests, the demo): only the certificate.
     config_path: Option<PathBuf>,
     tls: Option<crate::tls::Tls>,
@@ -389,8 +402,21 @@ async fn reload(r: &Reloader, path: &std::path::Path) -> Result<String, String> 
     r.tasks.spawn(async move { previous.retire().await });
 
     let mut changed = vec!["tenants and secrets"];
-    if current.postgres != next.postgres {
-        changed.push("[postgres]");
+    if current.reporting != next.reporting {
+        let spec = crate::reporting::ReportSpec::new(&next.reporting);
+        match running.pipeline.store.set_report_spec(spec).await {
+            Ok(()) => {
+                changed.push("[reporting]");
+                r.rebuild.notify_one();
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: the report tables could not be reshaped for the new [reporting]; they keep the previous columns"
+            ),
+        }
+    }
+    if current.postgres != next.postgres || current.reporting != next.reporting {
+        changed.push("the PostgreSQL sink");
         let store = running.pipeline.store.clone();
         if let Some(sink) = running.pg_sink.take() {
             run_blocking(move || sink.stop()).await;
@@ -440,7 +466,6 @@ fn restart_only(current: &Config, next: &Config) -> Vec<&'static str> {
         ("server.tls_cert_file", a.tls_cert_file != b.tls_cert_file),
         ("server.tls_key_file", a.tls_key_file != b.tls_key_file),
         ("database", current.database != next.database),
-        ("reporting", current.reporting != next.reporting),
     ] {
         if differs {
             keys.push(key);
@@ -461,7 +486,56 @@ fn keep_restart_only(current: &Config, next: &mut Config) {
     next.server.tls_cert_file = s.tls_cert_file.clone();
     next.server.tls_key_file = s.tls_key_file.clone();
     next.database = current.database.clone();
-    next.reporting = current.reporting.clone();
+}
+
+/// Rows per batch of the background report rebuild: one write of a few
+/// milliseconds, so webhooks committed beside it wait at most that long.
+const REBUILD_BATCH: usize = 500;
+
+/// Fills the report tables after a `[reporting]` change (at start-up or on
+/// reload), one batch per write, until done; then waits for the next
+/// change. Resumes where a killed daemon stopped (the position is committed
+/// with each batch). Logs progress every 10 s.
+async fn rebuild_reports(
+    store: crate::store::Store,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut last_log = std::time::Instant::now();
+    loop {
+        match store.rebuild_reports_step(REBUILD_BATCH).await {
+            Ok(Some(st)) => {
+                if last_log.elapsed() >= Duration::from_secs(10) {
+                    last_log = std::time::Instant::now();
+                    tracing::info!(
+                        phase = %st.phase,
+                        done = st.done,
+                        total = st.total.unwrap_or_default(),
+                        "report rebuild in progress"
+                    );
+                }
+                // Let other writers in between batches.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "report rebuild: a batch failed; retrying in 5 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+        }
+    }
 }
 
 /// Half the systemd watchdog interval, when systemd asked for pings.

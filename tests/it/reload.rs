@@ -291,7 +291,7 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest() {
+async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest_reporting_too() {
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -326,16 +326,20 @@ async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest() {
     .await;
     // Another listen port (needs a restart) and a new secret (does not).
     let other_port = free_port();
-    let next = base
-        .replace(
+    let next =
+        base.replace(
             &format!("listen = \"127.0.0.1:{port}\""),
             &format!("listen = \"127.0.0.1:{other_port}\""),
         )
         .replace(
             &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
             &format!("webhook_secrets = [\"{NEW_SECRET}\"]"),
-        );
+        ) + REPORTING_CHANGE;
+    let c = rusqlite::Connection::open(&db).expect("open");
+    assert!(c.prepare("SELECT budget FROM job_report").is_err());
     d.reload(&next, 1).await;
+    // [reporting] applied by the reload: the new column is there.
+    assert_eq!(count(&c, "SELECT count(budget) FROM job_report"), 0);
     let id = sim.create(DocType::Job);
     let body = sim
         .webhook_payload(DocType::Job, &id, "created")
@@ -346,10 +350,177 @@ async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest() {
         l.contains("change only with a restart") && l.contains("server.listen"),
         "{l}"
     );
+    assert!(
+        l.contains("[reporting]") && !l.contains("\"reporting\""),
+        "{l}"
+    );
     let mut child = d.child;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
     assert_eq!(child.wait().expect("wait").code(), Some(0));
+    token.cancel();
+}
+
+/// A `[reporting]` change that reshapes both the values and the stage rows.
+const REPORTING_CHANGE: &str = "[reporting]\nstage_field = \"Client\"\n[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n";
+
+fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("SKILLSYNC_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("start serve")
+}
+
+fn rebuild_state(db: &std::path::Path) -> Option<skillsync::store::report::RebuildState> {
+    let c = skillsync::store::Store::open_read_only(db).expect("open read-only");
+    skillsync::store::report::rebuild_state(&c).expect("rebuild state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
+    const JOBS: u64 = 40_000;
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", JOBS, 2).expect("fill");
+    let port = free_port();
+    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, REPORTING_CHANGE, port);
+    let config = dir.path().join("skillsync.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let log = dir.path().join("serve.log");
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+
+    let started = std::time::Instant::now();
+    let mut child = serve(&config, &log);
+    // The first webhook is answered while the rebuild has only begun.
+    let mut first = None;
+    while first.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no answer");
+        let id = sim.create(DocType::Job);
+        let body = sim
+            .webhook_payload(DocType::Job, &id, "created")
+            .to_string();
+        let r = client
+            .post(format!("{url}/skillsevent"))
+            .header("content-type", "application/json")
+            .header("x-webhook-secret", SECRET_ACME)
+            .body(body)
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            first = Some(started.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let at_first = rebuild_state(&db);
+    eprintln!(
+        "first webhook answered {:?} after exec; rebuild then: {at_first:?}",
+        first.unwrap_or_default()
+    );
+    assert!(
+        at_first.is_some(),
+        "the rebuild of {JOBS} jobs was finished before the first webhook: it ran before serving"
+    );
+    // While it runs, the views and `status` say so.
+    let c = rusqlite::Connection::open(&db).expect("open");
+    assert_eq!(
+        count(&c, "SELECT max(report_rebuilding) FROM sync_status"),
+        1
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["status", "--json", "--db"])
+        .arg(&db)
+        .env_remove("SKILLSYNC_CONFIG")
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(
+        v["report_rebuild"]["total"].is_u64() || v["report_rebuild"]["phase"].is_string(),
+        "{v}"
+    );
+
+    // kill -9 in the middle, once a batch has been committed.
+    wait_until(Duration::from_secs(60), "a committed rebuild batch", || {
+        let done = rebuild_state(&db).map_or(0, |s| s.done);
+        async move { done > 0 }
+    })
+    .await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let killed_at = rebuild_state(&db).expect("killed in the middle of the rebuild");
+    eprintln!("killed at {killed_at:?}");
+
+    let mut child = serve(&config, &log);
+    wait_until(Duration::from_secs(300), "the rebuild to finish", || {
+        let left = rebuild_state(&db);
+        async move { left.is_none() }
+    })
+    .await;
+    let c = rusqlite::Connection::open(&db).expect("open");
+    let jobs = count(&c, "SELECT count(*) FROM jobs");
+    assert!(jobs >= JOBS as i64);
+    assert_eq!(count(&c, "SELECT count(*) FROM job_report_values"), jobs);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM job_report WHERE budget IS NOT NULL"
+        ),
+        JOBS as i64,
+        "every synthetic job has its new column"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM document_stages"),
+        count(
+            &c,
+            "SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project')"
+        )
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM job_stages WHERE stage IN ('Brief', 'Estimate', 'Production', 'Review', 'Done')"
+        ),
+        0,
+        "the stage rows follow the new stage field"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'retired%'"
+        ),
+        0,
+        "the old tables are dropped"
+    );
+    assert_eq!(
+        count(&c, "SELECT max(report_rebuilding) FROM sync_status"),
+        0
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(l.contains("report rebuild finished"), "{l}");
+    assert_eq!(
+        l.matches("skillsync serving").count(),
+        2,
+        "one start, one restart, no loop"
+    );
     token.cancel();
 }
