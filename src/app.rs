@@ -224,19 +224,20 @@ impl Generation {
     async fn start(p: &Pipeline, shutdown: &CancellationToken) -> anyhow::Result<Generation> {
         let stop = shutdown.child_token();
         let tasks = TaskTracker::new();
+        // The schedules first: if they cannot start, nothing of this
+        // generation runs. Scheduled runs stop only with the daemon: a
+        // reload lets a run in progress finish under the config it started with.
+        let scheduler = p
+            .reconciler
+            .clone()
+            .start_schedules(shutdown.clone(), &tasks)
+            .await?;
         p.spawn_fetchers(
             &tasks,
             p.config.tenants.iter().map(|t| &t.name),
             &stop,
             None,
         );
-        // Scheduled runs stop only with the daemon: a reload lets a run in
-        // progress finish under the config it started with.
-        let scheduler = p
-            .reconciler
-            .clone()
-            .start_schedules(shutdown.clone(), &tasks)
-            .await?;
         tasks.spawn(crate::retention::run(
             p.store.clone(),
             p.config.clone(),
