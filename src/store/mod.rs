@@ -464,9 +464,14 @@ impl Store {
         &self,
         batch: usize,
     ) -> Result<Option<report::RebuildState>, StoreError> {
+        // How much there is to do, counted on a reader, kept with the state.
+        let total = match self.read(report::rebuild_state).await? {
+            Some(st) if st.total.is_none() => Some(self.read(report::rebuild_rows).await?),
+            _ => None,
+        };
         let slot = self.inner.report.clone();
         self.write(move |c| match current_report(&slot) {
-            Some(spec) => report::rebuild_step(c, &spec, batch),
+            Some(spec) => report::rebuild_step(c, &spec, batch, total),
             None => Ok(None),
         })
         .await

@@ -311,7 +311,9 @@ pub struct RebuildState {
     pub history_after: i64,
     /// Rows done so far (all phases).
     pub done: u64,
-    /// Rows to do: documents plus history revisions (counted at the first step).
+    /// Rows to do: documents plus history revisions, when counted (by the
+    /// daemon on a reader connection, never inside the writer's batch: a
+    /// count of millions of rows would hold every webhook's commit).
     pub total: Option<u64>,
     pub started_at: String,
 }
@@ -369,7 +371,7 @@ fn begin_rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<(),
     // A small database is filled at once, in this transaction: the views
     // are never seen half-built, for a cost well under the start-up bound.
     if rows_at_most(conn, SYNC_REBUILD_ROWS)? {
-        while rebuild_step(conn, spec, SYNC_REBUILD_ROWS as usize)?.is_some() {}
+        while rebuild_step(conn, spec, SYNC_REBUILD_ROWS as usize, None)?.is_some() {}
     }
     Ok(())
 }
@@ -415,6 +417,17 @@ fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
         .is_some())
 }
 
+/// Documents plus history revisions: what a rebuild reads (on a reader).
+pub fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM projects)
+              + (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
+}
+
 /// The rebuild in progress, if any (any connection, read-only too).
 pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
     let text: Option<String> = conn
@@ -434,18 +447,13 @@ pub(crate) fn rebuild_step(
     conn: &Connection,
     spec: &ReportSpec,
     batch: usize,
+    total: Option<u64>,
 ) -> Result<Option<RebuildState>, StoreError> {
     let Some(mut st) = rebuild_state(conn)? else {
         return Ok(None);
     };
     if st.total.is_none() {
-        let n: i64 = conn.query_row(
-            "SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM projects)
-                  + (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
-            [],
-            |r| r.get(0),
-        )?;
-        st.total = Some(n.max(0) as u64);
+        st.total = total;
     }
     let limit = batch.max(1) as i64;
     match st.phase.as_str() {
