@@ -17,6 +17,7 @@ mod proxy;
 mod readme;
 mod reconcile;
 mod reporting;
+mod restart;
 mod tls;
 mod tools;
 mod webhook;
