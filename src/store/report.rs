@@ -275,6 +275,90 @@ fn ensure_owner(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> 
     }
 }
 
+/// What [`ensure`] would do as the owner with `spec` (for `skillsync migrate
+/// --dry-run`), read without changing anything. On a database whose
+/// migrations have not run yet, a table they would add reads as absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportWork {
+    /// Tables and views are those of `spec`: nothing to do.
+    UpToDate,
+    /// Only view definitions differ (a new binary's view SQL): recreated, no rows read.
+    Views,
+    /// The derived tables are rebuilt from the documents.
+    Rebuild {
+        /// Why: never built, the `[reporting]` rules changed, or marked stale
+        /// by a command that ran with another config.
+        why: RebuildReason,
+        /// Whether the stage rule changed too (or the stage table is
+        /// missing), so every history revision is read again.
+        stages: bool,
+    },
+}
+
+/// Why the report tables are rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildReason {
+    /// This database has never had them (new, or made before they existed).
+    FirstBuild,
+    /// The `[reporting]` config (or this binary's extraction) differs from the one they were built with.
+    ConfigChanged,
+    /// A command with another `[reporting]` config stored documents without their values.
+    Stale,
+}
+
+pub(super) fn plan(conn: &Connection, spec: &ReportSpec) -> Result<ReportWork, StoreError> {
+    let has_state: bool = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daemon_state'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    let stored = if has_state { stored_hash(conn)? } else { None };
+    let why = match stored.as_deref() {
+        None => Some(RebuildReason::FirstBuild),
+        Some(STALE) => Some(RebuildReason::Stale),
+        Some(h) if h != values_hash(spec) => Some(RebuildReason::ConfigChanged),
+        Some(_) => None,
+    };
+    if let Some(why) = why {
+        let stage_hash: Option<String> = if has_state {
+            conn.query_row(
+                "SELECT value FROM daemon_state WHERE key = ?1",
+                [STAGE_HASH_KEY],
+                |r| r.get(0),
+            )
+            .optional()?
+        } else {
+            None
+        };
+        let stages_table = conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'document_stages'",
+                [],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let stages = !(stages_table && stage_hash.as_deref() == Some(&*stage_rule_hash(spec)));
+        return Ok(ReportWork::Rebuild { why, stages });
+    }
+    for (name, sql) in view_sql(spec) {
+        let have: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if have.as_deref() != Some(sql.as_str()) {
+            return Ok(ReportWork::Views);
+        }
+    }
+    Ok(ReportWork::UpToDate)
+}
+
 /// Recreates the derived tables and fills them from the stored documents;
 /// returns how many documents and revisions it read.
 fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, StoreError> {
