@@ -259,6 +259,17 @@ impl Store {
         .map_err(|e| {
             StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
         })?;
+        // A schema newer than this binary's is refused before anything is
+        // set on the file (not even WAL mode): the binary that wrote it may
+        // still need it exactly as it is.
+        writer_conn.busy_timeout(busy_timeout)?;
+        let found: i64 = writer_conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
         apply_pragmas(&writer_conn, busy_timeout).map_err(|e| {
             StoreError::Unavailable(format!("cannot set up database {}: {e}", path.display()))
         })?;
