@@ -20,4 +20,5 @@ mod reporting;
 mod restart;
 mod tls;
 mod tools;
+mod upgrade;
 mod webhook;
