@@ -44,6 +44,11 @@ const REBUILD_SECS_PER_DOCUMENT: f64 = 6e-6;
 /// [`REBUILD_SECS_PER_DOCUMENT`].
 const REBUILD_SECS_PER_REVISION: f64 = 4e-6;
 
+/// Seconds per row the PostgreSQL backfill copies (documents and history
+/// rows alike): 100,000 documents of ~2 KB in 8.0 s on loopback
+/// (BENCHMARKS.md, the postgres bench).
+const BACKFILL_SECS_PER_ROW: f64 = 80e-6;
+
 /// A `serve` writes its health probe every 5 s: one written this recently
 /// means a daemon may be running on the database.
 const PROBE_FRESH: chrono::Duration = chrono::Duration::seconds(30);
@@ -52,6 +57,8 @@ const PROBE_FRESH: chrono::Duration = chrono::Duration::seconds(30);
 struct Step {
     what: String,
     secs: f64,
+    /// Runs after serve is ready, without delaying webhooks.
+    background: bool,
 }
 
 fn fmt_count(n: u64) -> String {
@@ -76,8 +83,9 @@ fn fmt_secs(s: f64) -> String {
     }
 }
 
-/// The steps of a plan with their estimates, in the order they run.
-fn steps(plan: &UpgradePlan) -> Vec<Step> {
+/// The steps of a plan with their estimates, in the order they run;
+/// `postgres`: the config has a `[postgres]` section.
+fn steps(plan: &UpgradePlan, postgres: bool) -> Vec<Step> {
     let mut out = Vec::new();
     for m in &plan.migrations {
         let rows: u64 = m.scans.iter().map(|(_, n)| n).sum();
@@ -93,6 +101,7 @@ fn steps(plan: &UpgradePlan) -> Vec<Step> {
         out.push(Step {
             what: format!("migration {} {}: {}; {reads}", m.version, m.name, m.summary),
             secs: rows as f64 * SCAN_SECS_PER_ROW,
+            background: false,
         });
     }
     let docs = plan.rows.jobs + plan.rows.projects;
@@ -101,6 +110,7 @@ fn steps(plan: &UpgradePlan) -> Vec<Step> {
         ReportWork::Views => out.push(Step {
             what: "report views recreated (their SQL changed; no rows read)".into(),
             secs: 0.0,
+            background: false,
         }),
         ReportWork::Rebuild { why, stages } => {
             let why = match why {
@@ -131,14 +141,26 @@ fn steps(plan: &UpgradePlan) -> Vec<Step> {
                 ),
                 secs: docs as f64 * REBUILD_SECS_PER_DOCUMENT
                     + revisions as f64 * REBUILD_SECS_PER_REVISION,
+                background: false,
             });
         }
+    }
+    if postgres && !plan.pg_sink {
+        out.push(Step {
+            what: format!(
+                "PostgreSQL backfill ([postgres] is set and no sink has run on this database): copies {} documents and {} history revisions",
+                fmt_count(docs),
+                fmt_count(plan.rows.history)
+            ),
+            secs: (docs + plan.rows.history) as f64 * BACKFILL_SECS_PER_ROW,
+            background: true,
+        });
     }
     out
 }
 
 /// The plan as text for a person.
-fn render(path: &Path, plan: &UpgradePlan, config_note: Option<&str>) -> String {
+fn render(path: &Path, plan: &UpgradePlan, postgres: bool, config_note: Option<&str>) -> String {
     use std::fmt::Write;
     let known = crate::store::SCHEMA_VERSION;
     let mut s = String::new();
@@ -165,26 +187,40 @@ fn render(path: &Path, plan: &UpgradePlan, config_note: Option<&str>) -> String 
     if let Some(note) = config_note {
         let _ = writeln!(s, "note: {note}");
     }
-    let steps = steps(plan);
+    let steps = steps(plan, postgres);
     if steps.is_empty() {
         let _ = writeln!(s, "nothing to do: serve starts on it without upgrade work");
         return s;
     }
     let _ = writeln!(s, "the next start of serve (or `skillsync migrate`) runs:");
     for step in &steps {
-        let _ = writeln!(s, "  - {} [{}]", step.what, fmt_secs(step.secs));
+        let when = if step.background {
+            ", in the background once serve is ready: webhooks are not delayed"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "  - {} [{}{when}]", step.what, fmt_secs(step.secs));
     }
-    let total: f64 = steps.iter().map(|x| x.secs).sum();
+    let (background, first): (Vec<&Step>, Vec<&Step>) = steps.iter().partition(|x| x.background);
+    let total: f64 = first.iter().map(|x| x.secs).sum();
     let _ = writeln!(
         s,
-        "estimated total: {} (rows × per-row costs measured on a 2-core VM; expect up to 3× either way with the disk and CPU)",
-        fmt_secs(total)
+        "estimated total: {} at start-up{} (rows × per-row costs measured on a 2-core VM; expect up to 3× either way with the disk and CPU)",
+        fmt_secs(total),
+        if background.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", then {} in the background",
+                fmt_secs(background.iter().map(|x| x.secs).sum())
+            )
+        }
     );
     s
 }
 
-fn render_json(path: &Path, plan: &UpgradePlan) -> serde_json::Value {
-    let steps = steps(plan);
+fn render_json(path: &Path, plan: &UpgradePlan, postgres: bool) -> serde_json::Value {
+    let steps = steps(plan, postgres);
     let report = match &plan.report {
         ReportWork::UpToDate => json!({"work": "none"}),
         ReportWork::Views => json!({"work": "views"}),
@@ -215,9 +251,14 @@ fn render_json(path: &Path, plan: &UpgradePlan) -> serde_json::Value {
             "scans": m.scans.iter().map(|(t, n)| json!({"table": t, "rows": n})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "report": report,
-        "estimated_secs": (steps.iter().map(|x| x.secs).sum::<f64>() * 1000.0).round() / 1000.0,
+        "estimated_secs": round(steps.iter().filter(|x| !x.background).map(|x| x.secs).sum()),
+        "postgres_backfill": steps.iter().find(|x| x.background).map(|x| json!({"estimated_secs": round(x.secs)})),
         "pending": !plan.is_empty(),
     })
+}
+
+fn round(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
 }
 
 /// Why this binary cannot go on with the database, as the message and exit 2.
@@ -252,17 +293,18 @@ pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCo
         return ExitCode::from(1);
     }
     let spec = config.map_or_else(ReportSpec::default, |c| ReportSpec::new(&c.reporting));
+    let postgres = config.is_some_and(|c| c.postgres.is_some());
     let plan = match plan(path, &spec) {
         Ok(p) => p,
         Err(e) => return refuse(&e),
     };
     if json {
-        println!("{}", render_json(path, &plan));
+        println!("{}", render_json(path, &plan, postgres));
     } else {
         let note = config.is_none().then_some(
             "config not loaded: the report tables are compared with the default [reporting]",
         );
-        print!("{}", render(path, &plan, note));
+        print!("{}", render(path, &plan, postgres, note));
     }
     if plan.is_empty() {
         ExitCode::SUCCESS
@@ -278,6 +320,7 @@ pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCo
 pub async fn apply(config: &Config, force: bool) -> ExitCode {
     let path = config.database.path.clone();
     let spec = ReportSpec::new(&config.reporting);
+    let postgres = config.postgres.is_some();
     if path.exists() {
         let planned = {
             let (path, spec) = (path.clone(), spec.clone());
@@ -287,7 +330,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
             Ok(p) => p,
             Err(e) => return refuse(&e),
         };
-        print!("{}", render(&path, &planned, None));
+        print!("{}", render(&path, &planned, postgres, None));
         if planned.is_empty() {
             return ExitCode::SUCCESS;
         }
@@ -355,6 +398,7 @@ mod tests {
                 stages: 3_000_000,
             },
             last_probe: None,
+            pg_sink: false,
         }
     }
 
@@ -364,13 +408,13 @@ mod tests {
             why: RebuildReason::ConfigChanged,
             stages: true,
         });
-        let s = steps(&plan);
+        let s = steps(&plan, false);
         assert_eq!(s.len(), 2);
         assert!((s[0].secs - 2_000_000.0 * SCAN_SECS_PER_ROW).abs() < 1e-9);
         let rebuild =
             1_000_000.0 * REBUILD_SECS_PER_DOCUMENT + 3_000_000.0 * REBUILD_SECS_PER_REVISION;
         assert!((s[1].secs - rebuild).abs() < 1e-9);
-        let text = render(Path::new("/x.db"), &plan, None);
+        let text = render(Path::new("/x.db"), &plan, false, None);
         assert!(
             text.contains("migration 5 005_recorded_by_document"),
             "{text}"
@@ -386,9 +430,32 @@ mod tests {
             stages: false,
         });
         assert!(
-            render(Path::new("/x.db"), &kept, None)
+            render(Path::new("/x.db"), &kept, false, None)
                 .contains("and 0 history revisions (stage history kept)")
         );
+    }
+
+    /// With `[postgres]` on a database no sink ran on, the backfill is
+    /// announced as background work, outside the start-up total.
+    #[test]
+    fn a_first_postgres_backfill_is_background_work() {
+        let plan = sample(ReportWork::UpToDate);
+        let s = steps(&plan, true);
+        assert_eq!(s.len(), 2);
+        assert!(s[1].background);
+        assert!((s[1].secs - 4_000_000.0 * BACKFILL_SECS_PER_ROW).abs() < 1e-9);
+        let text = render(Path::new("/x.db"), &plan, true, None);
+        assert!(
+            text.contains(
+                "estimated total: about 1.4 s at start-up, then about 5 min in the background"
+            ),
+            "{text}"
+        );
+        let synced = UpgradePlan {
+            pg_sink: true,
+            ..plan
+        };
+        assert_eq!(steps(&synced, true).len(), 1);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct UpgradePlan {
     pub rows: Rows,
     /// When a `serve` last wrote its health probe here (every 5 s while it runs).
     pub last_probe: Option<String>,
+    /// Whether a PostgreSQL sink has ever run against this database (a
+    /// `pg_sink` row): without one, switching `[postgres]` on starts with a
+    /// backfill of every document.
+    pub pg_sink: bool,
 }
 
 impl UpgradePlan {
@@ -145,12 +149,14 @@ pub fn plan(path: &Path, spec: &ReportSpec) -> Result<UpgradePlan, StoreError> {
     } else {
         None
     };
+    let pg_sink = count("pg_sink", "")? > 0;
     Ok(UpgradePlan {
         version,
         migrations,
         report,
         rows,
         last_probe,
+        pg_sink,
     })
 }
 
