@@ -5,8 +5,19 @@
 //!
 //! Two listeners: the public one (webhook path and `/healthz` only) and,
 //! unless `server.metrics_listen = "off"`, the metrics one (`/metrics`,
-//! detailed `/healthz`). SIGHUP reloads what can change without a restart
-//! (the TLS certificate) and never stops the daemon.
+//! detailed `/healthz`). SIGHUP re-reads the whole config file and applies
+//! it (tenants, secrets, credentials, fetch, reconciliation and retention
+//! settings, schedules, `[reporting]`, `[postgres]`, the TLS certificate)
+//! without a restart, or keeps the old config when the new one is invalid;
+//! what is bound or opened at start (listen addresses, database) is named
+//! in the log as needing a restart. It never stops the daemon.
+//!
+//! Work proportional to the database (refilling the report tables after a
+//! `[reporting]` change) runs after READY, in bounded batches.
+//!
+//! The background work of one config is a [`Generation`]; a reload starts
+//! the next before retiring the previous, whose in-flight fetches and runs
+//! finish under the config they started with.
 //!
 //! Stop order: the HTTP server stops accepting and finishes in-flight
 //! requests (their events are committed or refused), fetchers finish what is
@@ -18,6 +29,7 @@ mod pipeline;
 
 pub use pipeline::{Pipeline, open_store};
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +67,22 @@ pub async fn run(
 }
 
 /// [`run`] with the metrics listener bound by the caller (tests bind port 0
-/// and read its address); `None` serves no metrics.
+/// and read its address); `None` serves no metrics. SIGHUP reloads only the
+/// TLS certificate: no config file to re-read (see [`run_reloadable`]).
 pub async fn run_with(
     config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_reloadable(config, None, listener, metrics_listener, shutdown).await
+}
+
+/// [`run_with`] for `serve`: on SIGHUP the file at `config_path` is read and
+/// validated again, whole, and applied (see [`reload`]).
+pub async fn run_reloadable(
+    config: Config,
+    config_path: Option<PathBuf>,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
@@ -66,19 +91,8 @@ pub async fn run_with(
     let hangups = hangup_signals();
     let pipeline = Pipeline::build(Arc::new(config), ReportRole::Owner).await?;
     let tasks = TaskTracker::new();
-    let tenants = pipeline.config.tenants.iter().map(|t| &t.name);
-    pipeline.spawn_fetchers(&tasks, tenants, &shutdown, None);
+    let generation = Generation::start(&pipeline, &shutdown).await?;
     let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
-    let scheduler = pipeline
-        .reconciler
-        .clone()
-        .start_schedules(shutdown.clone(), &tasks)
-        .await?;
-    tasks.spawn(crate::retention::run(
-        store.clone(),
-        config.clone(),
-        shutdown.clone(),
-    ));
 
     let pg_sink = crate::pgmirror::sink::serve_start(&config, &store).await?;
 
@@ -119,6 +133,13 @@ pub async fn run_with(
         "skillsync serving"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // Derived work proportional to the database runs only now, in batches.
+    let rebuild = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(rebuild_reports(
+        store.clone(),
+        rebuild.clone(),
+        shutdown.clone(),
+    ));
 
     let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
         (Some(cert), Some(key)) => {
@@ -129,12 +150,10 @@ pub async fn run_with(
         }
         _ => None,
     };
-    tasks.spawn(reload_on_hangup(hangups, tls.clone(), shutdown.clone()));
-    let tls = tls.map(|t| t.acceptor());
     let limits = Limits {
         max_connections: config.server.max_connections,
         header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
-        tls,
+        tls: tls.as_ref().map(|t| t.acceptor()),
         ..Limits::default()
     };
     let state = WebhookState::new(
@@ -144,17 +163,31 @@ pub async fn run_with(
         pipeline.metrics.clone(),
         health,
     );
+    let running = Arc::new(tokio::sync::Mutex::new(Running {
+        pipeline,
+        generation,
+        pg_sink,
+    }));
+    tasks.spawn(reload_on_hangup(Reloader {
+        hangups,
+        rebuild,
+        config_path,
+        tls,
+        state: state.clone(),
+        running: running.clone(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    }));
     server::serve(listener, routes(state), limits, shutdown.clone()).await;
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping: draining fetches and reconciliation");
-    if let Some(mut s) = scheduler {
-        let _ = s.shutdown().await;
-    }
+    let mut running = running.lock().await;
+    let pg_sink = running.pg_sink.take();
+    running.generation.retire().await;
+    // Generations retired by reloads finish here too.
     tasks.close();
     tasks.wait().await;
-    pipeline.fetcher.release().await;
-    pipeline.reconciler.release_locks().await;
     if let Some(sink) = pg_sink {
         run_blocking(move || sink.stop()).await;
     }
@@ -163,6 +196,90 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `serve` runs under the current config; a reload replaces it.
+struct Running {
+    pipeline: Pipeline,
+    generation: Generation,
+    pg_sink: Option<crate::pgmirror::sink::SinkHandle>,
+}
+
+/// One config's background work: fetch workers per tenant, schedules,
+/// retention. A reload starts the next generation before it retires this
+/// one, so nothing queued waits; work is claimed through the database, so
+/// the two never fetch one document at once.
+struct Generation {
+    fetcher: Arc<crate::fetcher::Fetcher>,
+    reconciler: crate::reconcile::Reconciler,
+    /// Stops this generation's fetch workers and retention (a child of the
+    /// daemon's shutdown).
+    stop: CancellationToken,
+    /// Its fetch workers, retention and scheduled runs.
+    tasks: TaskTracker,
+    scheduler: Option<tokio_cron_scheduler::JobScheduler>,
+}
+
+impl Generation {
+    async fn start(p: &Pipeline, shutdown: &CancellationToken) -> anyhow::Result<Generation> {
+        let stop = shutdown.child_token();
+        let tasks = TaskTracker::new();
+        // The schedules first: if they cannot start, nothing of this
+        // generation runs. Scheduled runs stop only with the daemon: a
+        // reload lets a run in progress finish under the config it started with.
+        let scheduler = p
+            .reconciler
+            .clone()
+            .start_schedules(shutdown.clone(), &tasks)
+            .await?;
+        p.spawn_fetchers(
+            &tasks,
+            p.config.tenants.iter().map(|t| &t.name),
+            &stop,
+            None,
+        );
+        tasks.spawn(crate::retention::run(
+            p.store.clone(),
+            p.config.clone(),
+            stop.clone(),
+        ));
+        Ok(Generation {
+            fetcher: p.fetcher.clone(),
+            reconciler: p.reconciler.clone(),
+            stop,
+            tasks,
+            scheduler,
+        })
+    }
+
+    /// No new scheduled runs; fetch workers finish what is in flight (within
+    /// their drain deadline); runs in progress finish; then this
+    /// generation's leases and run locks are released.
+    async fn retire(&mut self) {
+        if let Some(mut s) = self.scheduler.take() {
+            let _ = s.shutdown().await;
+        }
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.fetcher.release().await;
+        self.reconciler.release_locks().await;
+    }
+}
+
+/// What the SIGHUP task needs.
+struct Reloader {
+    hangups: Option<tokio::signal::unix::Signal>,
+    /// Wakes [`rebuild_reports`] after a `[reporting]` change.
+    rebuild: Arc<tokio::sync::Notify>,
+    /// The file to re-read; `None` (tests, the demo): only the certificate.
+    config_path: Option<PathBuf>,
+    tls: Option<crate::tls::Tls>,
+    state: WebhookState,
+    running: Arc<tokio::sync::Mutex<Running>>,
+    /// The daemon's tracker: retiring generations are waited for at stop.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 /// SIGHUP as a stream, registered at once so that from then on the signal's
@@ -177,36 +294,247 @@ fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
     }
 }
 
-/// On each SIGHUP, reloads what can change without a restart and says what
-/// it reloaded. Everything else in the config needs a restart.
-async fn reload_on_hangup(
-    hangups: Option<tokio::signal::unix::Signal>,
-    tls: Option<crate::tls::Tls>,
-    shutdown: CancellationToken,
-) {
-    let Some(mut hangups) = hangups else { return };
+/// On each SIGHUP: tells systemd a reload began (`RELOADING=1` with
+/// `MONOTONIC_USEC`, as `Type=notify-reload` expects), reloads, and says
+/// `READY=1` with the outcome in `STATUS=` (and `ERRNO=` when the new config
+/// was refused, which keeps the old one running).
+async fn reload_on_hangup(mut r: Reloader) {
+    let Some(mut hangups) = r.hangups.take() else {
+        return;
+    };
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = r.shutdown.cancelled() => return,
             got = hangups.recv() => if got.is_none() { return },
         }
-        match &tls {
-            Some(tls) => {
-                let ok = tls.reload();
-                tracing::info!(
-                    reloaded = if ok { "tls_certificate" } else { "nothing" },
-                    "SIGHUP: reload done{}; other config changes need a restart",
-                    if ok {
-                        " (TLS certificate)"
-                    } else {
-                        " (the new TLS certificate was unusable; still serving the previous one)"
-                    }
+        let mut notify = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            notify.push(now);
+        }
+        let _ = sd_notify::notify(&notify);
+        let cert = match &r.tls {
+            Some(tls) if !tls.reload() => {
+                tracing::error!(
+                    "SIGHUP: the new TLS certificate was unusable; still serving the previous one"
                 );
+                false
             }
-            None => tracing::info!(
-                reloaded = "nothing",
-                "SIGHUP: reload done; nothing to reload without TLS (other config changes need a restart)"
+            _ => true,
+        };
+        let outcome = match &r.config_path {
+            Some(path) => reload(&r, path).await,
+            None => Ok("nothing to re-read (no config file)".to_string()),
+        };
+        let (status, errno) = match (&outcome, cert) {
+            (Ok(what), true) => (format!("reloaded: {what}"), None),
+            (Ok(what), false) => (
+                format!("reloaded: {what}; the new TLS certificate was refused"),
+                Some(EINVAL),
             ),
+            (Err(e), _) => (
+                format!("reload refused, still on the previous config: {e}"),
+                Some(EINVAL),
+            ),
+        };
+        let mut notify = vec![
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ];
+        if let Some(errno) = errno {
+            notify.push(sd_notify::NotifyState::Errno(errno));
+        }
+        let _ = sd_notify::notify(&notify);
+    }
+}
+
+/// `EINVAL`: the value `ERRNO=` carries when the reloaded config is invalid.
+const EINVAL: u32 = 22;
+
+/// Re-reads and validates the whole file (every secret source with it)
+/// before changing anything; then starts the next generation on it, points
+/// the listener at its tenants and secrets, restarts the PostgreSQL sink if
+/// `[postgres]` changed, and retires the previous generation in the
+/// background. Settings that need a restart are named in the log and keep
+/// their running values. The error names the key at fault, never a secret.
+async fn reload(r: &Reloader, path: &std::path::Path) -> Result<String, String> {
+    let path_owned = path.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path_owned))
+        .await
+        .map_err(|e| format!("the reload task failed: {e}"))?;
+    let mut next = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                key = %e.key,
+                error = %e,
+                "SIGHUP: config refused; still serving with the previous config"
+            );
+            return Err(e.to_string());
+        }
+    };
+    let mut running = r.running.lock().await;
+    let current = running.pipeline.config.clone();
+    let fixed = restart_only(&current, &next);
+    if !fixed.is_empty() {
+        tracing::warn!(
+            keys = ?fixed,
+            "SIGHUP: these settings change only with a restart; they keep their running values"
+        );
+        keep_restart_only(&current, &mut next);
+    }
+    let next = Arc::new(next);
+    let pipeline = match running.pipeline.reloaded(next.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: cannot build the pipeline for the new config; still serving with the previous config");
+            return Err(e.to_string());
+        }
+    };
+    let generation = match Generation::start(&pipeline, &r.shutdown).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: cannot start the new config's schedules; still serving with the previous config");
+            return Err(e.to_string());
+        }
+    };
+    r.state.reload(next.clone(), pipeline.wake.clone());
+    let mut previous = std::mem::replace(&mut running.generation, generation);
+    running.pipeline = pipeline;
+    r.tasks.spawn(async move { previous.retire().await });
+
+    let mut changed = vec!["tenants and secrets"];
+    if current.reporting != next.reporting {
+        let spec = crate::reporting::ReportSpec::new(&next.reporting);
+        match running.pipeline.store.set_report_spec(spec).await {
+            Ok(()) => {
+                changed.push("[reporting]");
+                r.rebuild.notify_one();
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: the report tables could not be reshaped for the new [reporting]; they keep the previous columns"
+            ),
+        }
+    }
+    if current.postgres != next.postgres || current.reporting != next.reporting {
+        changed.push("the PostgreSQL sink");
+        let store = running.pipeline.store.clone();
+        if let Some(sink) = running.pg_sink.take() {
+            run_blocking(move || sink.stop()).await;
+        }
+        match crate::pgmirror::sink::serve_start(&next, &store).await {
+            Ok(sink) => running.pg_sink = sink,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the PostgreSQL sink did not start on the new config");
+            }
+        }
+    }
+    let tenants: Vec<&str> = next.tenants.iter().map(|t| t.name.as_str()).collect();
+    let what = format!(
+        "{} ({} tenants: {})",
+        changed.join(", "),
+        tenants.len(),
+        tenants.join(", ")
+    );
+    tracing::info!(
+        tenants = ?tenants,
+        restart_needed = ?fixed,
+        "SIGHUP: config reloaded: {what}"
+    );
+    Ok(what)
+}
+
+/// The settings a running `serve` cannot change: what is bound, opened or
+/// built into the listener at start. Keys, for the log.
+fn restart_only(current: &Config, next: &Config) -> Vec<&'static str> {
+    let (a, b) = (&current.server, &next.server);
+    let mut keys = Vec::new();
+    for (key, differs) in [
+        ("server.listen", a.listen != b.listen),
+        (
+            "server.metrics_listen",
+            a.metrics_listen != b.metrics_listen,
+        ),
+        ("server.webhook_path", a.webhook_path != b.webhook_path),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        (
+            "server.header_read_timeout_secs",
+            a.header_read_timeout_secs != b.header_read_timeout_secs,
+        ),
+        ("server.tls_cert_file", a.tls_cert_file != b.tls_cert_file),
+        ("server.tls_key_file", a.tls_key_file != b.tls_key_file),
+        ("database", current.database != next.database),
+    ] {
+        if differs {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+/// Puts the running values back into `next` for every setting of
+/// [`restart_only`], so what runs and what the rest of the daemon reads agree.
+fn keep_restart_only(current: &Config, next: &mut Config) {
+    let s = &current.server;
+    next.server.listen = s.listen;
+    next.server.metrics_listen = s.metrics_listen;
+    next.server.webhook_path = s.webhook_path.clone();
+    next.server.max_connections = s.max_connections;
+    next.server.header_read_timeout_secs = s.header_read_timeout_secs;
+    next.server.tls_cert_file = s.tls_cert_file.clone();
+    next.server.tls_key_file = s.tls_key_file.clone();
+    next.database = current.database.clone();
+}
+
+/// Rows per batch of the background report rebuild: one write of a few
+/// milliseconds, so webhooks committed beside it wait at most that long.
+const REBUILD_BATCH: usize = 500;
+
+/// Fills the report tables after a `[reporting]` change (at start-up or on
+/// reload), one batch per write, until done; then waits for the next
+/// change. Resumes where a killed daemon stopped (the position is committed
+/// with each batch). Logs progress every 10 s.
+async fn rebuild_reports(
+    store: crate::store::Store,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut last_log = std::time::Instant::now();
+    loop {
+        match store.rebuild_reports_step(REBUILD_BATCH).await {
+            Ok(Some(st)) => {
+                if last_log.elapsed() >= Duration::from_secs(10) {
+                    last_log = std::time::Instant::now();
+                    tracing::info!(
+                        phase = %st.phase,
+                        done = st.done,
+                        total = st.total.unwrap_or_default(),
+                        "report rebuild in progress"
+                    );
+                }
+                // Let other writers in between batches.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "report rebuild: a batch failed; retrying in 5 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
         }
     }
 }

@@ -230,7 +230,8 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 })?;
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
-                crate::app::run_with(config, listener, metrics_listener, token)
+                let path = cli.config.clone();
+                crate::app::run_reloadable(config, Some(path), listener, metrics_listener, token)
                     .await
                     .map_err(|e| {
                         eprintln!("skillsync: {e:#}");

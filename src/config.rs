@@ -135,7 +135,7 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Always starts with `/` and never ends with one.
@@ -154,7 +154,7 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DatabaseConfig {
     pub path: PathBuf,
     /// How long a write waits for another writer before the webhook answers 503.

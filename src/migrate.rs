@@ -49,6 +49,9 @@ const REBUILD_SECS_PER_REVISION: f64 = 4e-6;
 /// (BENCHMARKS.md, the postgres bench).
 const BACKFILL_SECS_PER_ROW: f64 = 80e-6;
 
+/// Rows per write of a rebuild that `migrate` runs to the end itself.
+const REBUILD_BATCH: usize = 5_000;
+
 /// A `serve` writes its health probe every 5 s: one written this recently
 /// means a daemon may be running on the database.
 const PROBE_FRESH: chrono::Duration = chrono::Duration::seconds(30);
@@ -112,7 +115,22 @@ fn steps(plan: &UpgradePlan, postgres: bool) -> Vec<Step> {
             secs: 0.0,
             background: false,
         }),
-        ReportWork::Rebuild { why, stages } => {
+        ReportWork::Resume { done, total } => out.push(Step {
+            what: format!(
+                "report tables: the rebuild a previous serve began resumes ({} of {} rows done)",
+                fmt_count(*done),
+                total.map_or_else(|| "an uncounted number of".to_string(), fmt_count)
+            ),
+            secs: total.map_or(0.0, |t| {
+                t.saturating_sub(*done) as f64 * REBUILD_SECS_PER_REVISION
+            }),
+            background: true,
+        }),
+        ReportWork::Rebuild {
+            why,
+            stages,
+            background,
+        } => {
             let why = match why {
                 RebuildReason::FirstBuild => "first build",
                 RebuildReason::ConfigChanged => {
@@ -141,7 +159,7 @@ fn steps(plan: &UpgradePlan, postgres: bool) -> Vec<Step> {
                 ),
                 secs: docs as f64 * REBUILD_SECS_PER_DOCUMENT
                     + revisions as f64 * REBUILD_SECS_PER_REVISION,
-                background: false,
+                background: *background,
             });
         }
     }
@@ -224,8 +242,16 @@ fn render_json(path: &Path, plan: &UpgradePlan, postgres: bool) -> serde_json::V
     let report = match &plan.report {
         ReportWork::UpToDate => json!({"work": "none"}),
         ReportWork::Views => json!({"work": "views"}),
-        ReportWork::Rebuild { why, stages } => json!({
+        ReportWork::Resume { done, total } => {
+            json!({"work": "resume", "done": done, "total": total})
+        }
+        ReportWork::Rebuild {
+            why,
+            stages,
+            background,
+        } => json!({
             "work": "rebuild",
+            "background": background,
             "reason": match why {
                 RebuildReason::FirstBuild => "first_build",
                 RebuildReason::ConfigChanged => "config_changed",
@@ -252,7 +278,7 @@ fn render_json(path: &Path, plan: &UpgradePlan, postgres: bool) -> serde_json::V
         })).collect::<Vec<_>>(),
         "report": report,
         "estimated_secs": round(steps.iter().filter(|x| !x.background).map(|x| x.secs).sum()),
-        "postgres_backfill": steps.iter().find(|x| x.background).map(|x| json!({"estimated_secs": round(x.secs)})),
+        "estimated_background_secs": round(steps.iter().filter(|x| x.background).map(|x| x.secs).sum()),
         "pending": !plan.is_empty(),
     })
 }
@@ -349,6 +375,18 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
     let started = Instant::now();
     match crate::app::open_store(config, crate::store::report::ReportRole::Owner).await {
         Ok(store) => {
+            // A rebuild serve would run after READY runs here to the end:
+            // the service is stopped, nothing waits.
+            loop {
+                match store.rebuild_reports_step(REBUILD_BATCH).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        eprintln!("skillsync: report rebuild: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             drop(store);
             println!(
                 "done in {:.1} s: schema version {}, report tables up to date",
@@ -407,6 +445,7 @@ mod tests {
         let plan = sample(ReportWork::Rebuild {
             why: RebuildReason::ConfigChanged,
             stages: true,
+            background: true,
         });
         let s = steps(&plan, false);
         assert_eq!(s.len(), 2);
@@ -428,6 +467,7 @@ mod tests {
         let kept = sample(ReportWork::Rebuild {
             why: RebuildReason::ConfigChanged,
             stages: false,
+            background: true,
         });
         assert!(
             render(Path::new("/x.db"), &kept, false, None)

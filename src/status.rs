@@ -71,8 +71,11 @@ pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) ->
 
 /// Prints the status and returns the exit code (0 healthy, 1 degraded, 2 unreadable).
 pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> ExitCode {
-    let rows = Store::open_read_only(path).and_then(|c| status_rows(&c));
-    let rows = match rows {
+    let read = Store::open_read_only(path).and_then(|c| {
+        let rebuild = crate::store::report::rebuild_state(&c)?;
+        Ok((status_rows(&c)?, rebuild))
+    });
+    let (rows, rebuild) = match read {
         Ok(r) => r,
         Err(e) => {
             if as_json {
@@ -122,10 +125,20 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
             "problems": problems,
         }));
     }
+    // Not a fault (the daemon is doing what a [reporting] change asks), but
+    // reports read half-filled columns until it ends: say so, with progress.
+    let rebuild_json = rebuild.as_ref().map(|st| {
+        json!({
+            "phase": st.phase,
+            "done": st.done,
+            "total": st.total,
+            "started_at": st.started_at,
+        })
+    });
     if as_json {
         println!(
             "{}",
-            json!({"healthy": healthy, "database": path.display().to_string(), "tenants": out, "postgres": postgres.as_ref().map(|p| p.json())})
+            json!({"healthy": healthy, "database": path.display().to_string(), "tenants": out, "postgres": postgres.as_ref().map(|p| p.json()), "report_rebuild": rebuild_json})
         );
     } else {
         println!("database: {}", path.display());
@@ -164,6 +177,15 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         }
         if let Some(p) = &postgres {
             println!("{}", p.line());
+        }
+        if let Some(st) = &rebuild {
+            println!(
+                "report tables: rebuilding since {} for the [reporting] config ({} of {} rows, now: {}); job_report / project_report / *_stages may lack values until done",
+                st.started_at,
+                st.done,
+                st.total.map_or("?".to_string(), |t| t.to_string()),
+                st.phase
+            );
         }
         println!("{}", if healthy { "healthy" } else { "DEGRADED" });
     }

@@ -52,6 +52,35 @@ impl Pipeline {
     pub async fn build(config: Arc<Config>, role: ReportRole) -> anyhow::Result<Pipeline> {
         let store = open_store(&config, role).await?;
         let metrics = Metrics::install();
+        let wake = wake::for_tenants(&config);
+        Pipeline::wire(config, store, metrics, wake)
+    }
+
+    /// A pipeline for a reloaded `config` on the same store and metrics: a
+    /// new upstream client (new credentials), fetcher (a new lease owner, so
+    /// this pipeline's leases and the new one's are released apart) and
+    /// reconciler. A tenant kept across the reload keeps its wake-up, so a
+    /// run of the old pipeline still finishing wakes the new fetch workers.
+    pub fn reloaded(&self, config: Arc<Config>) -> anyhow::Result<Pipeline> {
+        let wake: Wake = Arc::new(
+            config
+                .tenants
+                .iter()
+                .map(|t| {
+                    let n = self.wake.get(&t.name).cloned().unwrap_or_default();
+                    (t.name.clone(), n)
+                })
+                .collect(),
+        );
+        Pipeline::wire(config, self.store.clone(), self.metrics.clone(), wake)
+    }
+
+    fn wire(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Metrics,
+        wake: Wake,
+    ) -> anyhow::Result<Pipeline> {
         let upstream = Upstream::new(&config)?;
         let fetcher = Fetcher::new(
             store.clone(),
@@ -59,7 +88,6 @@ impl Pipeline {
             config.clone(),
             metrics.clone(),
         );
-        let wake = wake::for_tenants(&config);
         let reconciler = Reconciler::new(
             store.clone(),
             upstream,

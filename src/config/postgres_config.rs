@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::{ConfigError, Secret};
 
 /// The validated `[postgres]` section.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PostgresConfig {
     /// The connection URL as written (it may carry a password: kept secret).
     pub(crate) url: Secret,

@@ -17,7 +17,7 @@ pub mod error;
 mod webhook;
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::json;
 use warp::http::{HeaderMap, Method, StatusCode};
@@ -33,15 +33,23 @@ use crate::server::ClientAddr;
 use crate::store::Store;
 use crate::wake::Wake;
 
+/// What a reload replaces: the config, the tenants it authenticates and the
+/// wake-ups of their fetch workers. A request takes one snapshot when it
+/// starts and finishes under it, whatever a reload does meanwhile.
+struct Live {
+    config: Arc<Config>,
+    /// Tenants in config order; matched by secret digest in constant time.
+    tenants: Vec<TenantAuth>,
+    /// Wakes a tenant's fetch workers when an event is queued.
+    wake: Wake,
+}
+
 /// Everything the public listener's handlers share.
 #[derive(Clone)]
 pub struct WebhookState {
     store: Store,
-    /// Tenants in config order; matched by secret digest in constant time.
-    tenants: Arc<Vec<TenantAuth>>,
-    config: Arc<Config>,
-    /// Wakes a tenant's fetch workers when an event is queued.
-    wake: Wake,
+    /// The current [`Live`]; swapped whole by [`WebhookState::reload`].
+    live: Arc<RwLock<Arc<Live>>>,
     metrics: Metrics,
     /// Answers `/healthz`; every commit or refused commit of an event is evidence for it.
     health: Health,
@@ -57,11 +65,39 @@ impl WebhookState {
     ) -> Self {
         WebhookState {
             store,
-            tenants: Arc::new(TenantAuth::all(&config)),
-            config,
-            wake,
+            live: Arc::new(RwLock::new(Arc::new(Live::new(config, wake)))),
             metrics,
             health,
+        }
+    }
+
+    /// From the next request on, tenants, secrets and the other request-time
+    /// settings come from `config`; requests already running keep theirs.
+    /// (`server.webhook_path` and the listeners are fixed at start.)
+    pub fn reload(&self, config: Arc<Config>, wake: Wake) {
+        let next = Arc::new(Live::new(config, wake));
+        match self.live.write() {
+            Ok(mut g) => *g = next,
+            // A writer never panics while holding it; recover the value anyway.
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    /// The snapshot a request works with.
+    fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl Live {
+    fn new(config: Arc<Config>, wake: Wake) -> Live {
+        Live {
+            tenants: TenantAuth::all(&config),
+            config,
+            wake,
         }
     }
 }
@@ -92,7 +128,7 @@ pub fn routes(
             };
             warp::reply::with_status(warp::reply::json(&body), status).into_response()
         });
-    let base = state.config.server.webhook_path.clone();
+    let base = state.live().config.server.webhook_path.clone();
     let webhook_path = warp::path::full().and_then(move |path: warp::path::FullPath| {
         let tenant = webhook::tenant_in_path(&base, path.as_str()).map(|t| t.map(str::to_owned));
         async move { tenant.ok_or_else(warp::reject::not_found) }
@@ -110,7 +146,7 @@ pub fn routes(
              body,
              peer: Option<ClientAddr>,
              s: WebhookState| async move {
-                let ip = client_ip(&s.config, peer, &headers);
+                let ip = client_ip(&s.live().config, peer, &headers);
                 match webhook::handle_webhook(&s, method, path_tenant, &headers, Box::pin(body))
                     .await
                 {

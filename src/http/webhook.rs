@@ -61,11 +61,14 @@ where
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|v| !v.is_empty())
         .ok_or((None, WebhookError::Unauthorized))?;
-    let idx = authenticate(&state.tenants, provided, path_tenant.as_deref())
+    // One snapshot for the whole request: a reload meanwhile does not change
+    // the tenant, secret or limits it is judged by.
+    let live = state.live();
+    let idx = authenticate(&live.tenants, provided, path_tenant.as_deref())
         .ok_or((None, WebhookError::Unauthorized))?;
-    let tenant = &state.tenants[idx];
+    let tenant = &live.tenants[idx];
     let name = Some(tenant.name.clone());
-    let limit = state.config.server.max_body_bytes;
+    let limit = live.config.server.max_body_bytes;
     let declared = headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
@@ -79,7 +82,7 @@ where
     let body = read_body(body, limit)
         .await
         .map_err(|e| (name.clone(), e))?;
-    let parsed = parse_payload(&body, &tenant.api_base, &state.config)
+    let parsed = parse_payload(&body, &tenant.api_base, &live.config)
         .map_err(|e| (name.clone(), e.into()))?;
     let payload = String::from_utf8_lossy(&body).into_owned();
     let ignored = parsed.ignored;
@@ -100,7 +103,7 @@ where
         (name.clone(), err)
     })?;
     if !ignored {
-        if let Some(n) = state.wake.get(&tenant.name) {
+        if let Some(n) = live.wake.get(&tenant.name) {
             n.notify_one();
         }
     }

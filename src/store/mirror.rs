@@ -139,7 +139,9 @@ impl Store {
         let outcome = self
             .write(move |c| {
                 let now = fmt_ts(now);
-                let outcome = upsert_document(c, &key, &doc, &now, report.as_deref())?;
+                // The spec in force when the write runs, which matches the tables' shape.
+                let spec = super::current_report(&report);
+                let outcome = upsert_document(c, &key, &doc, &now, spec.as_deref())?;
                 settle_success(c, &claim, &owner, &now)?;
                 Ok(outcome)
             })
@@ -258,6 +260,62 @@ impl Store {
         })
         .await
     }
+}
+
+/// Fills the database at `path` (created and migrated by [`Store::open`]
+/// first) with `jobs` synthetic jobs of tenant `tenant`, each at revision
+/// `revisions` with that many history rows, in one transaction, without an
+/// upstream: for start-up benchmarks and tests on a database of a size no
+/// simulator run would reach quickly. The report tables are left as they are.
+pub fn fill_synthetic_jobs(
+    path: &std::path::Path,
+    tenant: &str,
+    jobs: u64,
+    revisions: u32,
+) -> Result<(), StoreError> {
+    drop(Store::open(path, std::time::Duration::from_secs(5))?);
+    let mut c = Connection::open(path)?;
+    c.pragma_update(None, "synchronous", "OFF")?;
+    let tx = c.transaction()?;
+    {
+        let mut job = tx.prepare(
+            "INSERT INTO jobs (tenant, id, document, number, name, modified_on, revision, first_seen_at, fetched_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?6)",
+        )?;
+        let mut history = tx.prepare(
+            "INSERT INTO document_history (tenant, doc_type, id, revision, document, fetched_at)
+             VALUES (?1, 'job', ?2, ?3, ?4, ?5)",
+        )?;
+        let stages = ["Brief", "Estimate", "Production", "Review", "Done"];
+        for i in 0..jobs {
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i >> 16, i);
+            let number = format!("J{i:07}");
+            let at = |r: u32| format!("2026-11-{:02}T{:02}:00:00.000Z", 1 + (r % 28), i % 24);
+            let document = |r: u32| {
+                serde_json::json!({
+                    "Id": id, "Number": number, "Name": format!("Job {i}"),
+                    "Client": format!("Client {}", i % 97),
+                    "Stage": stages[(r as usize) % stages.len()],
+                    "Budget": (i % 1000) as f64 * 10.5, "ModifiedOn": at(r),
+                })
+                .to_string()
+            };
+            for r in 1..=revisions {
+                history.execute(params![tenant, id, r, document(r), at(r)])?;
+            }
+            job.execute(params![
+                tenant,
+                id,
+                document(revisions),
+                number,
+                format!("Job {i}"),
+                at(revisions),
+                revisions
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]

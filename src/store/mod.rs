@@ -153,14 +153,34 @@ struct Inner {
     writer: mpsc::Sender<WriterMsg>,
     path: PathBuf,
     /// The report columns and stage field every stored revision is recorded
-    /// with (fixed for the process: the views were built for them at open).
+    /// with: the ones the tables were built for at open, replaced by
+    /// [`Store::set_report_spec`] inside the write that reshapes the tables
+    /// (the writer reads it when a write runs, never when it is queued).
     /// `None`: this process stores no report values (an operator command
     /// whose `[reporting]` differs from the tables'; see [`report::ReportRole`]).
-    report: Option<Arc<crate::reporting::ReportSpec>>,
+    report: ReportSlot,
     /// Wakes the PostgreSQL sink after a mirror change commits (see [`outbox`]).
     outbox_wake: Arc<outbox::Wake>,
     /// Dropped with the store, which stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+/// The report spec in force, shared with the writer's jobs.
+type ReportSlot = Arc<std::sync::RwLock<Option<Arc<crate::reporting::ReportSpec>>>>;
+
+/// The spec in `slot` now (a poisoned lock still holds a whole value).
+pub(crate) fn current_report(slot: &ReportSlot) -> Option<Arc<crate::reporting::ReportSpec>> {
+    match slot.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn set_report(slot: &ReportSlot, spec: Option<Arc<crate::reporting::ReportSpec>>) {
+    match slot.write() {
+        Ok(mut g) => *g = spec,
+        Err(p) => *p.into_inner() = spec,
+    }
 }
 
 /// A handle to the database; cheap to clone.
@@ -317,7 +337,9 @@ impl Store {
                 pool,
                 writer: tx,
                 path: path.to_path_buf(),
-                report: record_values.then(|| Arc::new(report)),
+                report: Arc::new(std::sync::RwLock::new(
+                    record_values.then(|| Arc::new(report)),
+                )),
                 outbox_wake: Arc::default(),
                 _checkpointer: checkpointer,
             }),
@@ -437,6 +459,58 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// Reshapes the report tables and views for `spec` (a reload's new
+    /// `[reporting]`), in one bounded write; from that write on every stored
+    /// revision records its values with `spec`, and [`Store::rebuild_reports_step`]
+    /// fills the rest. Only for the owner of the report tables (`serve`).
+    pub async fn set_report_spec(
+        &self,
+        spec: crate::reporting::ReportSpec,
+    ) -> Result<(), StoreError> {
+        let slot = self.inner.report.clone();
+        let spec = Arc::new(spec);
+        let previous = current_report(&slot);
+        let (tx, rx) = oneshot::channel::<Result<(), StoreError>>();
+        let job: WriteJob = Box::new(move |conn: Result<&Connection, StoreError>| {
+            let result = conn.and_then(|c| {
+                in_savepoint(c, |c| report::apply(c, &spec))?;
+                // Later writes of this batch already record with the new
+                // spec: the tables have its shape from here on.
+                set_report(&slot, Some(spec));
+                Ok(())
+            });
+            let applied = result.is_ok();
+            Box::new(move |committed: Result<(), StoreError>| {
+                if applied && committed.is_err() {
+                    // The batch rolled back, the tables with it.
+                    set_report(&slot, previous);
+                }
+                let _ = tx.send(committed.and(result));
+            }) as Completion
+        });
+        self.inner
+            .writer
+            .send(WriterMsg::Write(job))
+            .await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// One batch (at most `batch` rows) of the report rebuild in progress,
+    /// as one write; `None` when there is none (or it just finished).
+    pub async fn rebuild_reports_step(
+        &self,
+        batch: usize,
+    ) -> Result<Option<report::RebuildState>, StoreError> {
+        let slot = self.inner.report.clone();
+        self.write(move |c| match current_report(&slot) {
+            Some(spec) => report::rebuild_step(c, &spec, batch),
+            None => Ok(None),
+        })
+        .await
     }
 
     /// Proves the database takes a durable write now (for `/healthz`).

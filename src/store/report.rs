@@ -211,57 +211,11 @@ pub(crate) fn ensure(
 }
 
 fn ensure_owner(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
-    let hash = values_hash(spec);
-    let views = view_sql(spec);
-    let up_to_date = |c: &Connection| -> Result<bool, StoreError> {
-        if stored_hash(c)?.as_deref() != Some(hash.as_str()) {
-            return Ok(false);
-        }
-        for (name, sql) in &views {
-            let have: Option<String> = c
-                .query_row(
-                    "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if have.as_deref() != Some(sql.as_str()) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    };
-    if up_to_date(conn)? {
+    if up_to_date(conn, spec)? {
         return Ok(());
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let result = up_to_date(conn).and_then(|fresh| {
-        if fresh {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        for v in VIEWS {
-            conn.execute_batch(&format!("DROP VIEW IF EXISTS {v}"))?;
-        }
-        let rebuilt = if stored_hash(conn)?.as_deref() != Some(hash.as_str()) {
-            Some(rebuild(conn, spec, &hash)?)
-        } else {
-            None
-        };
-        for (_, sql) in &views {
-            conn.execute_batch(sql)?;
-        }
-        match rebuilt {
-            Some(n) => tracing::info!(
-                documents = n,
-                ms = started.elapsed().as_millis() as u64,
-                "report columns rebuilt for the [reporting] config; views recreated"
-            ),
-            None => tracing::info!("report views recreated"),
-        }
-        Ok(())
-    });
-    match result {
+    match apply(conn, spec) {
         Ok(()) => {
             conn.execute_batch("COMMIT")?;
             Ok(())
@@ -292,6 +246,16 @@ pub enum ReportWork {
         /// Whether the stage rule changed too (or the stage table is
         /// missing), so every history revision is read again.
         stages: bool,
+        /// Whether the rows are filled after READY in batches (more than
+        /// [`SYNC_REBUILD_ROWS`] rows), not at start-up.
+        background: bool,
+    },
+    /// A background rebuild a previous `serve` began resumes after READY.
+    Resume {
+        /// Rows done and to do, as the rebuild recorded them (`total` is
+        /// known once its first batch ran).
+        done: u64,
+        total: Option<u64>,
     },
 }
 
@@ -307,14 +271,7 @@ pub enum RebuildReason {
 }
 
 pub(super) fn plan(conn: &Connection, spec: &ReportSpec) -> Result<ReportWork, StoreError> {
-    let has_state: bool = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daemon_state'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some();
+    let has_state = table_exists(conn, "daemon_state")?;
     let stored = if has_state { stored_hash(conn)? } else { None };
     let why = match stored.as_deref() {
         None => Some(RebuildReason::FirstBuild),
@@ -333,16 +290,37 @@ pub(super) fn plan(conn: &Connection, spec: &ReportSpec) -> Result<ReportWork, S
         } else {
             None
         };
-        let stages_table = conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'document_stages'",
-                [],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        let stages = !(stages_table && stage_hash.as_deref() == Some(&*stage_rule_hash(spec)));
-        return Ok(ReportWork::Rebuild { why, stages });
+        let stages = !(table_exists(conn, "document_stages")?
+            && stage_hash.as_deref() == Some(&*stage_rule_hash(spec)));
+        // What begin_rebuild counts once it has renamed the current tables aside.
+        let mut rows = 0i64;
+        let mut retired: Vec<String> = DocType::ALL.iter().map(|t| values_table(*t)).collect();
+        if stages {
+            retired.push("document_stages".into());
+        }
+        for t in retired {
+            if table_exists(conn, &t)? {
+                rows += conn.query_row(
+                    &format!("SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT ?1)"),
+                    [SYNC_REBUILD_ROWS + 1],
+                    |r| r.get::<_, i64>(0),
+                )?;
+            }
+        }
+        let background = rows > SYNC_REBUILD_ROWS || !rows_at_most(conn, SYNC_REBUILD_ROWS - rows)?;
+        return Ok(ReportWork::Rebuild {
+            why,
+            stages,
+            background,
+        });
+    }
+    if has_state {
+        if let Some(state) = rebuild_state(conn)? {
+            return Ok(ReportWork::Resume {
+                done: state.done,
+                total: state.total,
+            });
+        }
     }
     for (name, sql) in view_sql(spec) {
         let have: Option<String> = conn
@@ -359,12 +337,94 @@ pub(super) fn plan(conn: &Connection, spec: &ReportSpec) -> Result<ReportWork, S
     Ok(ReportWork::UpToDate)
 }
 
-/// Recreates the derived tables and fills them from the stored documents;
-/// returns how many documents and revisions it read.
-fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, StoreError> {
-    for ty in DocType::ALL {
-        conn.execute_batch(&format!("DROP TABLE IF EXISTS {}", values_table(ty)))?;
+/// Whether the derived tables were built for `spec` and every view is the
+/// SQL this binary ships.
+fn up_to_date(c: &Connection, spec: &ReportSpec) -> Result<bool, StoreError> {
+    if stored_hash(c)?.as_deref() != Some(values_hash(spec).as_str()) {
+        return Ok(false);
     }
+    for (name, sql) in &view_sql(spec) {
+        let have: Option<String> = c
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if have.as_deref() != Some(sql.as_str()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Brings the views and the derived tables' shape in line with `spec`
+/// inside the caller's transaction (at start-up, or a reload's write).
+/// Bounded, whatever the size of the database: when the extraction rules
+/// changed, the old tables are renamed aside (dropped later in batches) and
+/// new empty ones created; [`rebuild_step`] fills them after the daemon
+/// serves. Revisions stored meanwhile record their values at once.
+pub(crate) fn apply(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
+    if up_to_date(conn, spec)? {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    for v in VIEWS {
+        conn.execute_batch(&format!("DROP VIEW IF EXISTS {v}"))?;
+    }
+    let hash = values_hash(spec);
+    let rebuilding = stored_hash(conn)?.as_deref() != Some(hash.as_str());
+    if rebuilding {
+        begin_rebuild(conn, spec, &hash)?;
+    }
+    for (_, sql) in &view_sql(spec) {
+        conn.execute_batch(sql)?;
+    }
+    if rebuilding {
+        let background = rebuild_state(conn)?.is_some();
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            background,
+            "{}",
+            if background {
+                "report tables recreated for the [reporting] config; their values are filled in the background \
+                 (sync_status.report_rebuilding = 1 until done, progress in `skillsync status`)"
+            } else {
+                "report columns rebuilt for the [reporting] config; views recreated"
+            }
+        );
+    } else {
+        tracing::info!("report views recreated");
+    }
+    Ok(())
+}
+
+/// `daemon_state` key of a rebuild in progress: its [`RebuildState`] as JSON.
+const REBUILD_KEY: &str = "report_rebuild";
+
+/// Prefix of a derived table renamed aside by a rebuild, dropped in batches.
+const RETIRED: &str = "retired_";
+
+/// Where a background rebuild is: it fills the values of every job, then
+/// every project (in key order after `after`), then the stages of every
+/// history revision (in rowid order), then drops the retired tables.
+/// Committed with each batch, so a killed daemon resumes where it was.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RebuildState {
+    /// `job`, `project`, `stages`, `retired`.
+    pub phase: String,
+    /// The last (tenant, id) done in the current document phase.
+    pub after: Option<(String, String)>,
+    /// The last `document_history` rowid done in the stages phase.
+    pub history_after: i64,
+    /// Rows done so far (all phases).
+    pub done: u64,
+    /// Rows to do: documents plus history revisions (counted at the first step).
+    pub total: Option<u64>,
+    pub started_at: String,
+}
+
+fn begin_rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<(), StoreError> {
     let stage_hash = stage_rule_hash(spec);
     let stages_kept = conn
         .query_row(
@@ -374,16 +434,21 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
         )
         .optional()?
         .is_some_and(|h| h == stage_hash)
-        && conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'document_stages'",
-                [],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
+        && table_exists(conn, "document_stages")?;
+    let stamp = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let retire = |table: &str| -> Result<(), StoreError> {
+        if table_exists(conn, table)? {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} RENAME TO {RETIRED}{table}_{stamp}"
+            ))?;
+        }
+        Ok(())
+    };
+    for ty in DocType::ALL {
+        retire(&values_table(ty))?;
+    }
     if !stages_kept {
-        conn.execute_batch("DROP TABLE IF EXISTS document_stages")?;
+        retire("document_stages")?;
     }
     for sql in table_sql(spec) {
         if stages_kept && sql.starts_with("CREATE TABLE document_stages") {
@@ -391,52 +456,223 @@ fn rebuild(conn: &Connection, spec: &ReportSpec, hash: &str) -> Result<u64, Stor
         }
         conn.execute_batch(&sql)?;
     }
-    let mut n = 0u64;
-    for ty in DocType::ALL {
-        let mut read = conn.prepare(&format!("SELECT tenant, id, document FROM {}", ty.table()))?;
-        let mut rows = read.query([])?;
-        while let Some(r) = rows.next()? {
-            let key = DocKey {
-                tenant: r.get(0)?,
-                doc_type: ty,
-                id: r.get(1)?,
-            };
-            let doc: String = r.get(2)?;
-            write_values(conn, spec, &key, &parse(&doc))?;
-            n += 1;
+    let state = RebuildState {
+        phase: "job".into(),
+        started_at: crate::model::fmt_ts(chrono::Utc::now()),
+        ..RebuildState::default()
+    };
+    let state = serde_json::to_string(&state).map_err(|e| StoreError::Other(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO daemon_state (key, value) VALUES (?1, ?2), (?3, ?4), (?5, ?6)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![
+            HASH_KEY,
+            hash,
+            STAGE_HASH_KEY,
+            stage_hash,
+            REBUILD_KEY,
+            state
+        ],
+    )?;
+    // A small database is filled at once, in this transaction: the views
+    // are never seen half-built, for a cost well under the start-up bound.
+    if rows_at_most(conn, SYNC_REBUILD_ROWS)? {
+        while rebuild_step(conn, spec, SYNC_REBUILD_ROWS as usize)?.is_some() {}
+    }
+    Ok(())
+}
+
+/// Up to this many rows (documents, history revisions and retired report
+/// rows together) a rebuild runs at once rather than in the background:
+/// about 0.1 s of the writer's time.
+const SYNC_REBUILD_ROWS: i64 = 5_000;
+
+/// Whether the documents, their history and the retired report tables hold
+/// at most `limit` rows together (reading at most `limit + 1` of each).
+fn rows_at_most(conn: &Connection, limit: i64) -> Result<bool, StoreError> {
+    let mut tables: Vec<String> = vec!["jobs".into(), "projects".into(), "document_history".into()];
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'retired\\_%' ESCAPE '\\'",
+    )?;
+    let retired = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for t in retired {
+        tables.push(t?);
+    }
+    let mut total = 0i64;
+    for t in tables {
+        total += conn.query_row(
+            &format!("SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT ?1)"),
+            [limit + 1],
+            |r| r.get::<_, i64>(0),
+        )?;
+        if total > limit {
+            return Ok(false);
         }
     }
-    if stages_kept {
-        // Same stage rule: the rows stay, including those of revisions
-        // whose history retention has pruned; the new revisions of any
-        // document that reached the mirror without them are added.
-        conn.execute(
-            "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![HASH_KEY, hash],
+    Ok(true)
+}
+
+fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// The rebuild in progress, if any (any connection, read-only too).
+pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT value FROM daemon_state WHERE key = ?1",
+            [REBUILD_KEY],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+/// One batch of the rebuild in progress, inside the caller's write: at most
+/// `batch` rows. Returns the state after it, or `None` when no rebuild is
+/// in progress (or it just finished).
+pub(crate) fn rebuild_step(
+    conn: &Connection,
+    spec: &ReportSpec,
+    batch: usize,
+) -> Result<Option<RebuildState>, StoreError> {
+    let Some(mut st) = rebuild_state(conn)? else {
+        return Ok(None);
+    };
+    if st.total.is_none() {
+        let n: i64 = conn.query_row(
+            "SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM projects)
+                  + (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
+            [],
+            |r| r.get(0),
         )?;
-        return fill_missing_stages(conn, spec).map(|m| n + m);
+        st.total = Some(n.max(0) as u64);
     }
-    let pruned: i64 = conn.query_row(
-        "SELECT (SELECT coalesce(sum(revision), 0) FROM jobs) + (SELECT coalesce(sum(revision), 0) FROM projects)
-              - (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
-        [],
-        |r| r.get(0),
-    )?;
-    if pruned > 0 {
-        tracing::warn!(
-            pruned_revisions = pruned,
-            "the stage rule changed: stage history is recomputed from document_history; revisions that retention already pruned cannot be recomputed and drop out of job_stages / project_stages"
-        );
+    let limit = batch.max(1) as i64;
+    match st.phase.as_str() {
+        "job" | "project" => {
+            let ty = if st.phase == "job" {
+                DocType::Job
+            } else {
+                DocType::Project
+            };
+            let (t0, i0) = st.after.clone().unwrap_or_default();
+            let mut read = conn.prepare_cached(&format!(
+                "SELECT tenant, id, document FROM {} WHERE (tenant, id) > (?1, ?2)
+                 ORDER BY tenant, id LIMIT ?3",
+                ty.table()
+            ))?;
+            let mut rows = read.query(params![t0, i0, limit])?;
+            let mut n = 0;
+            while let Some(r) = rows.next()? {
+                let key = DocKey {
+                    tenant: r.get(0)?,
+                    doc_type: ty,
+                    id: r.get(1)?,
+                };
+                let doc: String = r.get(2)?;
+                write_values(conn, spec, &key, &parse(&doc))?;
+                st.after = Some((key.tenant, key.id));
+                n += 1;
+            }
+            st.done += n;
+            if n < limit as u64 {
+                st.phase = if ty == DocType::Job {
+                    "project"
+                } else {
+                    "stages"
+                }
+                .into();
+                st.after = None;
+            }
+        }
+        "stages" => {
+            let mut read = conn.prepare_cached(
+                "SELECT rowid, tenant, doc_type, id, revision, document, fetched_at FROM document_history
+                 WHERE rowid > ?1 AND doc_type IN ('job', 'project') ORDER BY rowid LIMIT ?2",
+            )?;
+            let mut rows = read.query(params![st.history_after, limit])?;
+            let mut n = 0;
+            while let Some(r) = rows.next()? {
+                st.history_after = r.get(0)?;
+                let doc: String = r.get(5)?;
+                // OR IGNORE: a revision stored since the rebuild began has
+                // its row already, written with the same rule.
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    spec.stage(&parse(&doc)),
+                    r.get::<_, String>(6)?
+                ])?;
+                n += 1;
+            }
+            st.done += n;
+            if n < limit as u64 {
+                st.phase = "retired".into();
+            }
+        }
+        _ => {
+            let retired: Option<String> = conn
+                .query_row(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'retired\\_%' ESCAPE '\\'
+                     ORDER BY name LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match retired {
+                Some(t) => {
+                    let gone = conn.execute(
+                        &format!("DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} LIMIT ?1)"),
+                        [limit],
+                    )?;
+                    if gone == 0 {
+                        conn.execute_batch(&format!("DROP TABLE {t}"))?;
+                    }
+                }
+                None => {
+                    conn.execute("DELETE FROM daemon_state WHERE key = ?1", [REBUILD_KEY])?;
+                    let pruned: i64 = conn.query_row(
+                        "SELECT (SELECT coalesce(sum(revision), 0) FROM jobs) + (SELECT coalesce(sum(revision), 0) FROM projects)
+                              - (SELECT count(*) FROM document_stages)",
+                        [],
+                        |r| r.get(0),
+                    )?;
+                    if pruned > 0 {
+                        tracing::warn!(
+                            pruned_revisions = pruned,
+                            "report rebuild: revisions that retention already pruned from document_history have no stage row in job_stages / project_stages"
+                        );
+                    }
+                    tracing::info!(
+                        rows = st.done,
+                        started_at = %st.started_at,
+                        "report rebuild finished: the report tables are complete"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
     }
-    // The table is empty now: every history revision is missing from it.
-    n += fill_missing_stages(conn, spec)?;
+    let text = serde_json::to_string(&st).map_err(|e| StoreError::Other(e.to_string()))?;
     conn.execute(
-        "INSERT INTO daemon_state (key, value) VALUES (?1, ?2), (?3, ?4)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        params![HASH_KEY, hash, STAGE_HASH_KEY, stage_hash],
+        "UPDATE daemon_state SET value = ?2 WHERE key = ?1",
+        params![REBUILD_KEY, text],
     )?;
-    Ok(n)
+    Ok(Some(st))
 }
 
 /// The hash of what decides `document_stages`' content.
@@ -444,36 +680,6 @@ fn stage_rule_hash(spec: &ReportSpec) -> String {
     let text = format!("v1\n{:?}\n", spec.stage_field);
     let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Adds the stage of every history revision `document_stages` lacks (those
-/// a follower stored without report values); returns how many.
-fn fill_missing_stages(conn: &Connection, spec: &ReportSpec) -> Result<u64, StoreError> {
-    let mut read = conn.prepare(
-        "SELECT h.tenant, h.doc_type, h.id, h.revision, h.document, h.fetched_at FROM document_history h
-         WHERE h.doc_type IN ('job', 'project') AND NOT EXISTS (
-             SELECT 1 FROM document_stages s
-             WHERE s.doc_type = h.doc_type AND s.tenant = h.tenant AND s.id = h.id AND s.revision = h.revision)",
-    )?;
-    let mut rows = read.query([])?;
-    let mut n = 0u64;
-    while let Some(r) = rows.next()? {
-        let doc: String = r.get(4)?;
-        conn.prepare_cached(
-            "INSERT OR REPLACE INTO document_stages (tenant, doc_type, id, revision, stage, fetched_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?
-        .execute(params![
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            spec.stage(&parse(&doc)),
-            r.get::<_, String>(5)?
-        ])?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 fn parse(doc: &str) -> Map<String, Value> {

@@ -86,5 +86,9 @@ SELECT tenant, doc_type,
                 AND (ev_oldest IS NULL OR oldest_unmirrored_at <= ev_oldest) THEN oldest_unmirrored_at
            WHEN ev_oldest < last_ok_started_at THEN ev_oldest
            ELSE last_ok_started_at
-       END AS complete_as_of
+       END AS complete_as_of,
+       -- 1 while the report tables are being refilled after a [reporting]
+       -- change: job_report / project_report / *_stages rows may still lack
+       -- their values (`skillsync status` shows the progress).
+       (SELECT count(*) FROM daemon_state WHERE key = 'report_rebuild') AS report_rebuilding
 FROM joined

@@ -16,6 +16,7 @@ mod postgres;
 mod proxy;
 mod readme;
 mod reconcile;
+mod reload;
 mod reporting;
 mod restart;
 mod tls;

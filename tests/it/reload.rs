@@ -1,0 +1,526 @@
+//! `systemctl reload` (SIGHUP) through the real binary, under a webhook
+//! stream: a webhook secret rotated (old and new both accepted while both
+//! are listed, the old one refused once removed), a tenant added (its
+//! webhooks and its schedule work from the reload on), a broken file kept
+//! out (the old config keeps serving, the log names the key, never a
+//! secret). Every webhook of the stream is answered 200 and recorded.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skillsync::model::DocType;
+use skillsync::simulator::Simulator;
+
+use crate::helpers::*;
+
+const NEW_SECRET: &str = "acme-webhook-secret-2-rotated";
+
+/// The beta tenant on the same simulator, reconciling every 2 seconds.
+fn beta(sim_base: &str) -> String {
+    format!(
+        r#"
+[[tenant]]
+name = "beta"
+webhook_secrets = ["{SECRET_BETA}"]
+api_base = "{sim_base}"
+extraction_base = "{sim_base}"
+app_tenant = "acme-tenant"
+app_id = "acme-app"
+app_secret = "{APP_SECRET}"
+reconcile_schedule = "*/2 * * * * *"
+full_sweep_schedule = "off"
+"#
+    )
+}
+
+struct Daemon {
+    child: Child,
+    log: std::path::PathBuf,
+    config: std::path::PathBuf,
+    url: String,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Writes `toml`, sends SIGHUP, and waits for the daemon to log the
+    /// outcome (`reloaded` or `refused`): the `n`th such line.
+    async fn reload(&self, toml: &str, n: usize) {
+        std::fs::write(&self.config, toml).expect("write config");
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -HUP");
+        let log = self.log.clone();
+        wait_until(
+            Duration::from_secs(20),
+            "the reload's outcome in the log",
+            || {
+                let log = log.clone();
+                async move {
+                    let l = std::fs::read_to_string(&log).unwrap_or_default();
+                    l.matches("SIGHUP: config reloaded").count()
+                        + l.matches("SIGHUP: config refused").count()
+                        >= n
+                }
+            },
+        )
+        .await;
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, secret: &str, body: String) -> (u16, i64) {
+    let r = client
+        .post(format!("{url}/skillsevent"))
+        .header("content-type", "application/json")
+        .header("x-webhook-secret", secret)
+        .timeout(Duration::from_secs(10))
+        .body(body)
+        .send()
+        .await
+        .expect("webhook answered");
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    (status, v["event_id"].as_i64().unwrap_or(-1))
+}
+
+/// What the stream saw: (secret used, status, event id) per webhook.
+type Seen = Arc<Mutex<Vec<(String, u16, i64)>>>;
+
+/// Posts a webhook every 20 ms with whatever secret `secret` holds (a
+/// secret every config in force at that moment lists), until `stop`.
+fn stream(
+    sim: Simulator,
+    url: String,
+    secret: Arc<Mutex<String>>,
+    seen: Seen,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        while !stop.is_cancelled() {
+            let id = sim.create(DocType::Job);
+            let body = sim
+                .webhook_payload(DocType::Job, &id, "created")
+                .to_string();
+            let s = secret.lock().expect("secret").clone();
+            let (status, event) = post(&client, &url, &s, body).await;
+            seen.lock().expect("seen").push((s, status, event));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_broken_file() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let db = dir.path().join("skillsync.db");
+    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
+    let config = dir.path().join("skillsync.toml");
+    std::fs::write(&config, &base).expect("write config");
+    let log = dir.path().join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("SKILLSYNC_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start serve");
+    let d = Daemon {
+        child,
+        log,
+        config,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let url = d.url.clone();
+    wait_until(Duration::from_secs(20), "serve to answer /healthz", || {
+        let (c, u) = (client.clone(), format!("{url}/healthz"));
+        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    let payload = |sim: &Simulator| {
+        let id = sim.create(DocType::Job);
+        sim.webhook_payload(DocType::Job, &id, "created")
+            .to_string()
+    };
+    assert_eq!(
+        post(&client, &d.url, NEW_SECRET, payload(&sim)).await.0,
+        401
+    );
+
+    let secret = Arc::new(Mutex::new(SECRET_ACME.to_string()));
+    let seen: Seen = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let streaming = stream(
+        sim.clone(),
+        d.url.clone(),
+        secret.clone(),
+        seen.clone(),
+        stop.clone(),
+    );
+
+    // 1. Both secrets listed: both accepted from the reload on.
+    let both = base.replace(
+        &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
+        &format!("webhook_secrets = [\"{SECRET_ACME}\", \"{NEW_SECRET}\"]"),
+    );
+    assert_ne!(both, base, "the test's config edit applies");
+    d.reload(&both, 1).await;
+    assert_eq!(
+        post(&client, &d.url, NEW_SECRET, payload(&sim)).await.0,
+        200
+    );
+    assert_eq!(
+        post(&client, &d.url, SECRET_ACME, payload(&sim)).await.0,
+        200
+    );
+    *secret.lock().expect("secret") = NEW_SECRET.to_string();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 2. The old secret removed and a tenant added.
+    let rotated = format!(
+        "{}{}",
+        base.replace(
+            &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
+            &format!("webhook_secrets = [\"{NEW_SECRET}\"]"),
+        ),
+        beta(&sim.base_url())
+    );
+    d.reload(&rotated, 2).await;
+    assert_eq!(
+        post(&client, &d.url, SECRET_ACME, payload(&sim)).await.0,
+        401
+    );
+    assert_eq!(
+        post(&client, &d.url, NEW_SECRET, payload(&sim)).await.0,
+        200
+    );
+    let beta_id = sim.create(DocType::Job);
+    let beta_body = sim
+        .webhook_payload(DocType::Job, &beta_id, "created")
+        .to_string();
+    let (status, beta_event) = post(&client, &d.url, SECRET_BETA, beta_body).await;
+    assert_eq!(status, 200, "the added tenant's webhook");
+
+    // 3. A broken file: refused, the previous config keeps serving.
+    let broken = rotated.replacen("concurrency = 4", "concurrency = \"many\"", 1);
+    assert_ne!(broken, rotated, "the test's config edit applies");
+    d.reload(&broken, 3).await;
+    assert_eq!(
+        post(&client, &d.url, NEW_SECRET, payload(&sim)).await.0,
+        200
+    );
+    assert_eq!(
+        post(&client, &d.url, SECRET_BETA, payload(&sim)).await.0,
+        200
+    );
+    assert_eq!(
+        post(&client, &d.url, SECRET_ACME, payload(&sim)).await.0,
+        401
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    streaming.await.expect("stream task");
+
+    let conn = rusqlite::Connection::open(&db).expect("open db");
+    // The added tenant's webhook was fetched, and its schedule ran.
+    wait_until(Duration::from_secs(30), "beta's event done", || {
+        let n = count(
+            &conn,
+            &format!("SELECT count(*) FROM events WHERE id = {beta_event} AND tenant = 'beta' AND status = 'done'"),
+        );
+        async move { n == 1 }
+    })
+    .await;
+    wait_until(Duration::from_secs(30), "a scheduled run of beta", || {
+        let n = count(
+            &conn,
+            "SELECT count(*) FROM sync_runs WHERE tenant = 'beta' AND status = 'ok'",
+        );
+        async move { n >= 1 }
+    })
+    .await;
+
+    let ok = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -TERM");
+    let mut child = d.child;
+    let status = child.wait().expect("wait for serve");
+    let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "serve after SIGTERM: {log}");
+
+    // Every webhook of the stream: 200, and in the database.
+    let seen = seen.lock().expect("seen").clone();
+    assert!(seen.len() >= 20, "the stream ran: {} webhooks", seen.len());
+    let refused: Vec<_> = seen.iter().filter(|(_, s, _)| *s != 200).collect();
+    assert!(refused.is_empty(), "refused during reloads: {refused:?}");
+    let conn = rusqlite::Connection::open(&db).expect("open db");
+    for (_, _, id) in &seen {
+        assert_eq!(
+            count(
+                &conn,
+                &format!("SELECT count(*) FROM events WHERE id = {id}")
+            ),
+            1,
+            "acknowledged event {id} is missing"
+        );
+    }
+    // The broken file: refused with the key named; no secret in the log.
+    assert!(
+        log.contains("SIGHUP: config refused") && log.contains("fetch.concurrency"),
+        "{log}"
+    );
+    for s in [SECRET_ACME, NEW_SECRET, SECRET_BETA, APP_SECRET] {
+        assert!(!log.contains(s), "a secret in the log");
+    }
+    assert_eq!(log.matches("SIGHUP: config reloaded").count(), 2, "{log}");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest_reporting_too() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let db = dir.path().join("skillsync.db");
+    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
+    let config = dir.path().join("skillsync.toml");
+    std::fs::write(&config, &base).expect("write config");
+    let log = dir.path().join("serve.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("SKILLSYNC_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start serve");
+    let d = Daemon {
+        child,
+        log,
+        config,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let url = d.url.clone();
+    wait_until(Duration::from_secs(20), "serve to answer /healthz", || {
+        let (c, u) = (client.clone(), format!("{url}/healthz"));
+        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    // Another listen port (needs a restart) and a new secret (does not).
+    let other_port = free_port();
+    let next =
+        base.replace(
+            &format!("listen = \"127.0.0.1:{port}\""),
+            &format!("listen = \"127.0.0.1:{other_port}\""),
+        )
+        .replace(
+            &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
+            &format!("webhook_secrets = [\"{NEW_SECRET}\"]"),
+        ) + REPORTING_CHANGE;
+    let c = rusqlite::Connection::open(&db).expect("open");
+    assert!(c.prepare("SELECT budget FROM job_report").is_err());
+    d.reload(&next, 1).await;
+    // [reporting] applied by the reload: the new column is there.
+    assert_eq!(count(&c, "SELECT count(budget) FROM job_report"), 0);
+    let id = sim.create(DocType::Job);
+    let body = sim
+        .webhook_payload(DocType::Job, &id, "created")
+        .to_string();
+    assert_eq!(post(&client, &d.url, NEW_SECRET, body).await.0, 200);
+    let l = d.log();
+    assert!(
+        l.contains("change only with a restart") && l.contains("server.listen"),
+        "{l}"
+    );
+    assert!(
+        l.contains("[reporting]") && !l.contains("\"reporting\""),
+        "{l}"
+    );
+    let mut child = d.child;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    token.cancel();
+}
+
+/// A `[reporting]` change that reshapes both the values and the stage rows.
+const REPORTING_CHANGE: &str = "[reporting]\nstage_field = \"Client\"\n[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n";
+
+fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env_remove("SKILLSYNC_CONFIG")
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("start serve")
+}
+
+fn rebuild_state(db: &std::path::Path) -> Option<skillsync::store::report::RebuildState> {
+    let c = skillsync::store::Store::open_read_only(db).expect("open read-only");
+    skillsync::store::report::rebuild_state(&c).expect("rebuild state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
+    const JOBS: u64 = 40_000;
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("skillsync.db");
+    skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", JOBS, 2).expect("fill");
+    let port = free_port();
+    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, REPORTING_CHANGE, port);
+    let config = dir.path().join("skillsync.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let log = dir.path().join("serve.log");
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+
+    let started = std::time::Instant::now();
+    let mut child = serve(&config, &log);
+    // The first webhook is answered while the rebuild has only begun.
+    let mut first = None;
+    while first.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no answer");
+        let id = sim.create(DocType::Job);
+        let body = sim
+            .webhook_payload(DocType::Job, &id, "created")
+            .to_string();
+        let r = client
+            .post(format!("{url}/skillsevent"))
+            .header("content-type", "application/json")
+            .header("x-webhook-secret", SECRET_ACME)
+            .body(body)
+            .send()
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            first = Some(started.elapsed());
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let at_first = rebuild_state(&db);
+    eprintln!(
+        "first webhook answered {:?} after exec; rebuild then: {at_first:?}",
+        first.unwrap_or_default()
+    );
+    assert!(
+        at_first.is_some(),
+        "the rebuild of {JOBS} jobs was finished before the first webhook: it ran before serving"
+    );
+    // While it runs, the views and `status` say so.
+    let c = rusqlite::Connection::open(&db).expect("open");
+    assert_eq!(
+        count(&c, "SELECT max(report_rebuilding) FROM sync_status"),
+        1
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .args(["status", "--json", "--db"])
+        .arg(&db)
+        .env_remove("SKILLSYNC_CONFIG")
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert!(
+        v["report_rebuild"]["total"].is_u64() || v["report_rebuild"]["phase"].is_string(),
+        "{v}"
+    );
+
+    // kill -9 in the middle, once a batch has been committed.
+    wait_until(Duration::from_secs(60), "a committed rebuild batch", || {
+        let done = rebuild_state(&db).map_or(0, |s| s.done);
+        async move { done > 0 }
+    })
+    .await;
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    let killed_at = rebuild_state(&db).expect("killed in the middle of the rebuild");
+    eprintln!("killed at {killed_at:?}");
+
+    let mut child = serve(&config, &log);
+    wait_until(Duration::from_secs(300), "the rebuild to finish", || {
+        let left = rebuild_state(&db);
+        async move { left.is_none() }
+    })
+    .await;
+    let c = rusqlite::Connection::open(&db).expect("open");
+    let jobs = count(&c, "SELECT count(*) FROM jobs");
+    assert!(jobs >= JOBS as i64);
+    assert_eq!(count(&c, "SELECT count(*) FROM job_report_values"), jobs);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM job_report WHERE budget IS NOT NULL"
+        ),
+        JOBS as i64,
+        "every synthetic job has its new column"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM document_stages"),
+        count(
+            &c,
+            "SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project')"
+        )
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM job_stages WHERE stage IN ('Brief', 'Estimate', 'Production', 'Review', 'Done')"
+        ),
+        0,
+        "the stage rows follow the new stage field"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM sqlite_master WHERE name LIKE 'retired%'"
+        ),
+        0,
+        "the old tables are dropped"
+    );
+    assert_eq!(
+        count(&c, "SELECT max(report_rebuilding) FROM sync_status"),
+        0
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    let l = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(l.contains("report rebuild finished"), "{l}");
+    assert_eq!(
+        l.matches("skillsync serving").count(),
+        2,
+        "one start, one restart, no loop"
+    );
+    token.cancel();
+}
