@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Checks systemd/skillsync.service:
-#   1. `systemd-analyze verify` prints nothing (any warning is a failure);
+# Checks systemd/skillsync.service and systemd/skillsync.socket:
+#   1. `systemd-analyze verify` prints nothing for either (any warning is a
+#      failure), and they go together: the socket names the service
+#      (Service=), the service Requires= and After= the socket, and both are
+#      enabled by their [Install] sections (the documented install enables
+#      both, so the listening socket outlives every restart);
 #   2. `systemd-analyze security --offline=yes` reports an overall exposure of
 #      at most MAX_EXPOSURE (default 2.0);
 #   3. systemd/skillsync.sysusers.conf parses (systemd-sysusers --dry-run into
@@ -60,6 +64,10 @@ grep -q "^ExecStart=$INSTALLED_BIN " "$UNIT" \
     || fail "ExecStart= in $UNIT must start with $INSTALLED_BIN (the documented install path)"
 
 # The copy must keep the unit's name: verify derives the unit name from it.
+# The socket sits beside it, so the service's Requires= finds it.
+SOCKET="$(dirname "$UNIT")/skillsync.socket"
+[ -f "$SOCKET" ] || fail "$SOCKET not found"
+cp "$SOCKET" "$TMP/skillsync.socket"
 COPY="$TMP/skillsync.service"
 sed "s|^ExecStart=$INSTALLED_BIN |ExecStart=$BIN |" "$UNIT" >"$COPY"
 changed="$(diff "$UNIT" "$COPY" | grep -c '^>' || true)"
@@ -78,21 +86,32 @@ fi
 echo "check-systemd: verify: clean (no output, exit 0)"
 
 # The socket unit (socket activation) is verified beside the service copy.
-SOCKET="$(dirname "$UNIT")/skillsync.socket"
-if [ -f "$SOCKET" ]; then
-    cp "$SOCKET" "$TMP/skillsync.socket"
-    echo "check-systemd: systemd-analyze verify systemd/skillsync.socket"
-    set +e
-    socket_out="$(cd "$TMP" && systemd-analyze verify "$TMP/skillsync.socket" 2>&1)"
-    socket_rc=$?
-    set -e
-    socket_out="${socket_out//$TMP\//systemd/}"
-    if [ "$socket_rc" -ne 0 ] || [ -n "$socket_out" ]; then
-        printf '%s\n' "$socket_out" >&2
-        fail "systemd-analyze verify of skillsync.socket is not clean (exit $socket_rc)"
-    fi
-    echo "check-systemd: socket verify: clean"
+echo "check-systemd: systemd-analyze verify systemd/skillsync.socket"
+set +e
+socket_out="$(cd "$TMP" && systemd-analyze verify "$TMP/skillsync.socket" 2>&1)"
+socket_rc=$?
+set -e
+socket_out="${socket_out//$TMP\//systemd/}"
+if [ "$socket_rc" -ne 0 ] || [ -n "$socket_out" ]; then
+    printf '%s\n' "$socket_out" >&2
+    fail "systemd-analyze verify of skillsync.socket is not clean (exit $socket_rc)"
 fi
+echo "check-systemd: socket verify: clean"
+
+# The pair: the socket activates this service, the service cannot start
+# without the socket (so it always gets the held socket, never binds its own)
+# and starts after it, and both are enabled at boot.
+grep -qx 'Service=skillsync.service' "$SOCKET" \
+    || fail "skillsync.socket must name Service=skillsync.service"
+grep -qx 'Requires=skillsync.socket' "$UNIT" \
+    || fail "skillsync.service must have Requires=skillsync.socket (the socket outlives restarts)"
+grep -qx 'After=skillsync.socket' "$UNIT" \
+    || fail "skillsync.service must have After=skillsync.socket"
+grep -qx 'WantedBy=sockets.target' "$SOCKET" \
+    || fail "skillsync.socket must be enabled by WantedBy=sockets.target"
+grep -qE '^Backlog=[0-9]+$' "$SOCKET" \
+    || fail "skillsync.socket must set Backlog= (the queue that holds webhooks during a restart)"
+echo "check-systemd: socket and service go together (Service=, Requires=, After=, Backlog=)"
 
 # --- 2. security exposure ----------------------------------------------------
 echo "check-systemd: systemd-analyze security --offline=yes systemd/skillsync.service"

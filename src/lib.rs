@@ -11,6 +11,8 @@
 //! - [`cli`]: the command line: subcommands, exit codes, printing. Nothing imports it.
 //! - [`demo`]: `skillsync demo`, the whole pipeline against the simulator.
 //! - [`status`], [`columns`]: the read-only `status` and `columns` commands.
+//! - [`migrate`]: `skillsync migrate [--dry-run]`, the upgrade work this
+//!   binary will run on a database and its estimated time.
 //! - [`app`]: `run()` / [`app::run_with`] for `serve` (the same for tests and
 //!   the demo), SIGHUP reloads; [`app::Pipeline::build`], the one place the
 //!   store, metrics, upstream client, fetcher, wake-ups and reconciler are
@@ -33,7 +35,8 @@
 //!   its schema and views in PostgreSQL, `postgres-check`.
 //! - [`store`]: the only place with SQL: pool, single group-committing writer,
 //!   schema and migrations; events, fetch queue, mirror, reconciliation
-//!   state, report tables, the PostgreSQL outbox, retention's statements.
+//!   state, report tables, the PostgreSQL outbox, retention's statements,
+//!   and the read-only upgrade plan (`store::upgrade`).
 //!
 //! Beside it:
 //! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
@@ -59,6 +62,7 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod payload;
 pub mod pgmirror;

@@ -3,7 +3,10 @@
 //! concurrent connections, header size and header read time (a slow-loris
 //! client is dropped, not waited on), and a graceful stop: on cancellation it
 //! stops accepting, lets in-flight requests finish within a deadline, and
-//! returns.
+//! returns. A connection accepted before the stop is answered even when its
+//! request has not been read yet (see [`drive`]): under socket activation
+//! the next process takes only the connections nobody accepted, so one
+//! closed unread here would be a webhook lost in a restart.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +14,11 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use warp::Filter;
 
@@ -55,7 +59,7 @@ where
     F: Filter + Clone + Send + Sync + 'static,
     F::Extract: warp::Reply,
 {
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let service = warp::service(filter);
     loop {
@@ -82,8 +86,13 @@ where
         };
         let _ = stream.set_nodelay(true);
         let svc = service.clone();
+        // Told when a request head has been read, so a stop knows this
+        // connection has been read from (see `drive`).
+        let first_request = Arc::new(Notify::new());
+        let told = first_request.clone();
         let hyper_svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                told.notify_one();
                 req.extensions_mut().insert(ClientAddr(peer));
                 let mut svc = svc.clone();
                 async move { svc.call(req).await }
@@ -94,16 +103,16 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192));
-        let watcher = graceful.watcher();
         let tls = limits.tls.clone();
         let handshake_deadline = limits.header_read_timeout;
-        tokio::spawn(async move {
+        let stop = shutdown.clone();
+        connections.spawn(async move {
             let served = match tls {
                 None => {
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), hyper_svc)
                         .into_owned();
-                    watcher.watch(conn).await
+                    drive(conn, &first_request, &stop, handshake_deadline).await
                 }
                 Some(acceptor) => {
                     // The handshake shares the header deadline: a silent client is dropped.
@@ -112,7 +121,7 @@ where
                             let conn = builder
                                 .serve_connection(TokioIo::new(tls_stream), hyper_svc)
                                 .into_owned();
-                            watcher.watch(conn).await
+                            drive(conn, &first_request, &stop, handshake_deadline).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, peer = %peer, "TLS handshake failed");
@@ -132,10 +141,45 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain_deadline, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(limits.drain_deadline, connections.wait())
         .await
         .is_err()
     {
         tracing::warn!("in-flight requests did not finish within the drain deadline");
     }
+}
+
+/// Serves one connection until it ends. Once `shutdown` is cancelled, the
+/// connection finishes the request it is on and closes (no keep-alive).
+///
+/// A connection nothing has been read from yet is first given until its
+/// first request head arrives (at most `first_request_wait`, the header read
+/// timeout): hyper's graceful shutdown closes such a connection at once, yet
+/// it was accepted, so its sender may well have sent a webhook already,
+/// sitting unread in the socket buffer. Closing it would lose that webhook
+/// (the sender sees the connection cut, and never retries). A stop can then
+/// take up to `first_request_wait` longer, within the drain deadline.
+async fn drive<C>(
+    conn: C,
+    first_request: &Notify,
+    shutdown: &CancellationToken,
+    first_request_wait: Duration,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shutdown.cancelled() => {}
+    }
+    // `notify_one` left a permit if any request head was read already.
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = first_request.notified() => {}
+        _ = tokio::time::sleep(first_request_wait) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }

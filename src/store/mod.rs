@@ -15,7 +15,8 @@
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
 //! (the report and stage views and the derived tables behind them),
-//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning).
+//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
+//! `upgrade` (what opening a database would migrate or rebuild, read-only).
 
 pub mod mirror;
 pub mod outbox;
@@ -24,6 +25,7 @@ pub mod report;
 pub mod retention;
 pub mod status;
 pub mod sync;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,14 +35,42 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+/// One schema version: the file at the repository root that brings a
+/// database to it (its name, as `skillsync migrate --dry-run` shows it) and
+/// that file's SQL.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// The schema version the database has once this ran.
+    pub version: i64,
+    /// The file name without `.sql`: `schema` for version 1, then `NNN_what`.
+    pub name: &'static str,
+    /// The statements, run in one transaction.
+    pub sql: &'static str,
+}
+
+/// A [`Migration`] from `migrations/NNN_name.sql`, named after its file.
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../../migrations/", $name, ".sql")),
+        }
+    };
+}
+
 /// Schema versions in order: entry `i` brings the database to version `i + 1`.
 /// `schema.sql` and the numbered migrations beside it at the repository root.
-const MIGRATIONS: &[&str] = &[
-    include_str!("../../schema.sql"),
-    include_str!("../../migrations/002_deferred_queue.sql"),
-    include_str!("../../migrations/003_deletion_evidence.sql"),
-    include_str!("../../migrations/004_postgres_outbox.sql"),
-    include_str!("../../migrations/005_recorded_by_document.sql"),
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "schema",
+        sql: include_str!("../../schema.sql"),
+    },
+    migration!(2, "002_deferred_queue"),
+    migration!(3, "003_deletion_evidence"),
+    migration!(4, "004_postgres_outbox"),
+    migration!(5, "005_recorded_by_document"),
 ];
 
 /// The schema version this binary writes.
@@ -249,6 +279,17 @@ impl Store {
         .map_err(|e| {
             StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
         })?;
+        // A schema newer than this binary's is refused before anything is
+        // set on the file (not even WAL mode): the binary that wrote it may
+        // still need it exactly as it is.
+        writer_conn.busy_timeout(busy_timeout)?;
+        let found: i64 = writer_conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found,
+                known: SCHEMA_VERSION,
+            });
+        }
         apply_pragmas(&writer_conn, busy_timeout).map_err(|e| {
             StoreError::Unavailable(format!("cannot set up database {}: {e}", path.display()))
         })?;
@@ -685,14 +726,14 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             known: SCHEMA_VERSION,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-        let target = i as i64 + 1;
+    for m in MIGRATIONS.iter().skip(version.max(0) as usize) {
+        let target = m.version;
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let applied = read_version(conn).and_then(|v| {
             if v >= target {
                 return Ok(());
             }
-            conn.execute_batch(sql)?;
+            conn.execute_batch(m.sql)?;
             conn.pragma_update(None, "user_version", target)?;
             Ok(())
         });
@@ -716,6 +757,23 @@ mod tests {
     use super::*;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Entry `i` brings the database to version `i + 1`, and each numbered
+    /// file starts with that number.
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "{}", m.name);
+            if m.version > 1 {
+                assert!(
+                    m.name.starts_with(&format!("{:03}_", m.version)),
+                    "{} is not numbered {}",
+                    m.name,
+                    m.version
+                );
+            }
+        }
+    }
 
     /// A statement with `LIMIT ?` (the claim's) is planned once, not again at
     /// every execution: without [`stable_plans`] SQLite re-prepares it each

@@ -229,6 +229,114 @@ fn ensure_owner(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> 
     }
 }
 
+/// What [`ensure`] would do as the owner with `spec` (for `skillsync migrate
+/// --dry-run`), read without changing anything. On a database whose
+/// migrations have not run yet, a table they would add reads as absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportWork {
+    /// Tables and views are those of `spec`: nothing to do.
+    UpToDate,
+    /// Only view definitions differ (a new binary's view SQL): recreated, no rows read.
+    Views,
+    /// The derived tables are rebuilt from the documents.
+    Rebuild {
+        /// Why: never built, the `[reporting]` rules changed, or marked stale
+        /// by a command that ran with another config.
+        why: RebuildReason,
+        /// Whether the stage rule changed too (or the stage table is
+        /// missing), so every history revision is read again.
+        stages: bool,
+        /// Whether the rows are filled after READY in batches (more than
+        /// [`SYNC_REBUILD_ROWS`] rows), not at start-up.
+        background: bool,
+    },
+    /// A background rebuild a previous `serve` began resumes after READY.
+    Resume {
+        /// Rows done and to do, as the rebuild recorded them (`total` is
+        /// known once its first batch ran).
+        done: u64,
+        total: Option<u64>,
+    },
+}
+
+/// Why the report tables are rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildReason {
+    /// This database has never had them (new, or made before they existed).
+    FirstBuild,
+    /// The `[reporting]` config (or this binary's extraction) differs from the one they were built with.
+    ConfigChanged,
+    /// A command with another `[reporting]` config stored documents without their values.
+    Stale,
+}
+
+pub(super) fn plan(conn: &Connection, spec: &ReportSpec) -> Result<ReportWork, StoreError> {
+    let has_state = table_exists(conn, "daemon_state")?;
+    let stored = if has_state { stored_hash(conn)? } else { None };
+    let why = match stored.as_deref() {
+        None => Some(RebuildReason::FirstBuild),
+        Some(STALE) => Some(RebuildReason::Stale),
+        Some(h) if h != values_hash(spec) => Some(RebuildReason::ConfigChanged),
+        Some(_) => None,
+    };
+    if let Some(why) = why {
+        let stage_hash: Option<String> = if has_state {
+            conn.query_row(
+                "SELECT value FROM daemon_state WHERE key = ?1",
+                [STAGE_HASH_KEY],
+                |r| r.get(0),
+            )
+            .optional()?
+        } else {
+            None
+        };
+        let stages = !(table_exists(conn, "document_stages")?
+            && stage_hash.as_deref() == Some(&*stage_rule_hash(spec)));
+        // What begin_rebuild counts once it has renamed the current tables aside.
+        let mut rows = 0i64;
+        let mut retired: Vec<String> = DocType::ALL.iter().map(|t| values_table(*t)).collect();
+        if stages {
+            retired.push("document_stages".into());
+        }
+        for t in retired {
+            if table_exists(conn, &t)? {
+                rows += conn.query_row(
+                    &format!("SELECT count(*) FROM (SELECT 1 FROM {t} LIMIT ?1)"),
+                    [SYNC_REBUILD_ROWS + 1],
+                    |r| r.get::<_, i64>(0),
+                )?;
+            }
+        }
+        let background = rows > SYNC_REBUILD_ROWS || !rows_at_most(conn, SYNC_REBUILD_ROWS - rows)?;
+        return Ok(ReportWork::Rebuild {
+            why,
+            stages,
+            background,
+        });
+    }
+    if has_state {
+        if let Some(state) = rebuild_state(conn)? {
+            return Ok(ReportWork::Resume {
+                done: state.done,
+                total: state.total,
+            });
+        }
+    }
+    for (name, sql) in view_sql(spec) {
+        let have: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = ?1",
+                [&name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if have.as_deref() != Some(sql.as_str()) {
+            return Ok(ReportWork::Views);
+        }
+    }
+    Ok(ReportWork::UpToDate)
+}
+
 /// Whether the derived tables were built for `spec` and every view is the
 /// SQL this binary ships.
 fn up_to_date(c: &Connection, spec: &ReportSpec) -> Result<bool, StoreError> {

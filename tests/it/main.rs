@@ -18,6 +18,8 @@ mod readme;
 mod reconcile;
 mod reload;
 mod reporting;
+mod restart;
 mod tls;
 mod tools;
+mod upgrade;
 mod webhook;

@@ -1,7 +1,7 @@
 //! Operations: retention prunes old `done`/`ignored` events and old history
 //! in small batches (never pending work, never a document's latest revision),
-//! while intake goes on; a database of an older schema version is upgraded
-//! at start-up without losing its pending work.
+//! while intake goes on. Upgrades from older schema versions, with databases
+//! their binaries wrote, are in `upgrade`.
 
 use std::time::Duration;
 
@@ -85,112 +85,6 @@ async fn retention_prunes_old_rows_only() {
         ),
         1,
         "the latest revision is never pruned"
-    );
-}
-
-/// A database written by schema version 1 (where recording an event also
-/// queued its document) is upgraded at start-up: its rows count as queued,
-/// and its pending work still finishes.
-#[tokio::test]
-async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
-    skillsync::upstream::install_crypto();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("skillsync.db");
-    let sim_token = tokio_util::sync::CancellationToken::new();
-    let sim = start_sim(&sim_token).await;
-    let id = sim.create(DocType::Job);
-    {
-        let c = rusqlite::Connection::open(&db).expect("create v1 database");
-        c.execute_batch(include_str!("../../schema.sql"))
-            .expect("schema v1");
-        c.pragma_update(None, "user_version", 1).expect("version 1");
-        let payload = sim
-            .webhook_payload(DocType::Job, &id, "created")
-            .to_string();
-        c.execute(
-            "INSERT INTO events (tenant, received_at, action, doc_type, doc_id, status, next_attempt_at, payload)
-             VALUES ('acme', '2026-01-01T00:00:00.000Z', 'created', 'job', ?1, 'pending', '2026-01-01T00:00:00.000Z', ?2)",
-            rusqlite::params![id, payload],
-        )
-        .expect("pending v1 event");
-        c.execute(
-            "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, requested_at, status, next_attempt_at)
-             VALUES ('acme', 'job', ?1, 'webhook', '2026-01-01T00:00:00.000Z', 'queued', '2026-01-01T00:00:00.000Z')",
-            [&id],
-        )
-        .expect("its v1 queue row");
-    }
-
-    // The upgrade alone (no fetcher yet): version-1 rows count as queued,
-    // so none of them goes back through the inbox.
-    {
-        let store =
-            skillsync::store::Store::open(&db, Duration::from_secs(5)).expect("open and migrate");
-        drop(store);
-        let c = rusqlite::Connection::open(&db).expect("open");
-        let version: i64 = c
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .expect("version");
-        assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 0"), 0);
-        assert_eq!(count(&c, "SELECT count(*) FROM events WHERE queued = 1"), 1);
-        assert_eq!(count(&c, "SELECT count(*) FROM fetch_covered"), 0);
-        let index: String = c
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE name = 'events_by_document'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("the index");
-        assert!(index.contains("WHERE queued = 1"), "{index}");
-    }
-
-    let toml = config_toml(&db, &sim.base_url(), FAST_FETCH, "");
-    let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let token = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(skillsync::run(config, listener, token.clone()));
-    let sql = || {
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db")
-    };
-    wait_until(
-        Duration::from_secs(30),
-        "the v1 event to be settled",
-        || async { count(&sql(), "SELECT count(*) FROM events WHERE status = 'done'") == 1 },
-    )
-    .await;
-    token.cancel();
-    handle.await.expect("daemon task").expect("daemon ok");
-    sim_token.cancel();
-
-    let conn = sql();
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .expect("version");
-    assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-    assert_eq!(version, 5);
-    assert_eq!(
-        count(
-            &conn,
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'events_recorded_by_document'"
-        ),
-        1,
-        "the upgrade ran every migration up to the last one"
-    );
-    assert_eq!(
-        count(&conn, "SELECT count(*) FROM events WHERE queued = 1"),
-        1
-    );
-    assert_eq!(count(&conn, "SELECT count(*) FROM fetch_queue"), 0);
-    assert_eq!(
-        count(
-            &conn,
-            &format!("SELECT count(*) FROM jobs WHERE tenant = 'acme' AND id = '{id}'")
-        ),
-        1
     );
 }
 
