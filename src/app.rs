@@ -504,6 +504,7 @@ async fn rebuild_reports(
 ) {
     let mut last_log = std::time::Instant::now();
     loop {
+        let batch_started = std::time::Instant::now();
         match store.rebuild_reports_step(REBUILD_BATCH).await {
             Ok(Some(st)) => {
                 if last_log.elapsed() >= Duration::from_secs(10) {
@@ -515,10 +516,13 @@ async fn rebuild_reports(
                         "report rebuild in progress"
                     );
                 }
-                // Let other writers in between batches.
+                // At most half the writer's (and the disk's) time: pause as
+                // long as the batch took. Webhooks commit in between, and the
+                // checkpointer keeps up, so no fsync grows huge behind it.
+                let pause = batch_started.elapsed().max(Duration::from_millis(1));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
             }
