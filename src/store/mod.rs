@@ -41,6 +41,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/003_deletion_evidence.sql"),
     include_str!("../../migrations/004_postgres_outbox.sql"),
     include_str!("../../migrations/005_recorded_by_document.sql"),
+    include_str!("../../migrations/006_upstream_throttling.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -1,0 +1,15 @@
+-- skillsync schema, version 6 (issue 28): the request budget.
+--
+-- When each tenant's upstream last refused a request with 429, for
+-- `skillsync status` ("throttled in the last hour"). `status` is another
+-- process than the daemon that saw the 429, so the daemon (and `reconcile`)
+-- write it here, at most once per 10 s per tenant. One small row per tenant.
+-- IF NOT EXISTS: self-contained, so this file can be
+-- renumbered if another migration lands first.
+CREATE TABLE IF NOT EXISTS upstream_throttling (
+    tenant          TEXT PRIMARY KEY,
+    throttled_at    TEXT NOT NULL,     -- the latest 429 recorded (RFC 3339 UTC)
+    allowed_rate    REAL,              -- requests/s the budget allowed after it; NULL: no limit
+    refusals_total  INTEGER NOT NULL   -- 429s recorded for the tenant, ever
+);
+
