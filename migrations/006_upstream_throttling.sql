@@ -4,7 +4,7 @@
 -- `skillsync status` ("throttled in the last hour"). `status` is another
 -- process than the daemon that saw the 429, so the daemon (and `reconcile`)
 -- write it here, at most once per 10 s per tenant. One small row per tenant.
--- IF NOT EXISTS: self-contained, so this file can be
+-- IF NOT EXISTS here and below: self-contained, so this file can be
 -- renumbered if another migration lands first.
 CREATE TABLE IF NOT EXISTS upstream_throttling (
     tenant          TEXT PRIMARY KEY,
@@ -13,3 +13,9 @@ CREATE TABLE IF NOT EXISTS upstream_throttling (
     refusals_total  INTEGER NOT NULL   -- 429s recorded for the tenant, ever
 );
 
+-- A webhook's document is claimed before a reconciliation's (the request
+-- budget makes claims slow enough for the order to matter): the claim looks
+-- for due webhook rows first, in this index of webhook rows only, so it
+-- never scans past a sweep's backlog to find them.
+CREATE INDEX IF NOT EXISTS fetch_queue_due_webhooks ON fetch_queue (tenant, status, next_attempt_at)
+    WHERE reason = 'webhook';
