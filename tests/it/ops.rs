@@ -171,13 +171,13 @@ async fn a_version_1_database_is_upgraded_and_its_pending_work_finishes() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("version");
     assert_eq!(version, skillsync::store::SCHEMA_VERSION);
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     assert_eq!(
         count(
             &conn,
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'events_recorded_by_document'"
+            "SELECT count(*) FROM sqlite_schema WHERE name IN ('events_recorded_by_document', 'upstream_throttling', 'fetch_queue_due_webhooks')"
         ),
-        1,
+        3,
         "the upgrade ran every migration up to the last one"
     );
     assert_eq!(
