@@ -389,9 +389,11 @@ impl Budgets {
             return t;
         }
         let limiter = Limiter::new(ceiling, Instant::now());
-        // Shown from the first request on, before any answer moves it.
+        // Shown from the first request on, before any answer moves it; the
+        // 429 counter too, at 0, so a rate() over it has a series to start from.
         self.metrics
             .upstream_allowed_rate(name, limiter.rate().unwrap_or(f64::INFINITY));
+        self.metrics.upstream_throttled_register(name);
         let t = Arc::new(TenantBudget {
             name: name.to_string(),
             limiter: Mutex::new(limiter),

@@ -94,6 +94,11 @@ impl Metrics {
         counter!("skillsync_upstream_throttled_total", "tenant" => tenant.to_string()).increment(1);
     }
 
+    /// The 429 counter of a tenant at 0, before any 429.
+    pub fn upstream_throttled_register(&self, tenant: &str) {
+        counter!("skillsync_upstream_throttled_total", "tenant" => tenant.to_string()).increment(0);
+    }
+
     /// The request rate the tenant's budget allows now (`+Inf`: no limit).
     pub fn upstream_allowed_rate(&self, tenant: &str, per_sec: f64) {
         gauge!("skillsync_upstream_allowed_requests_per_second", "tenant" => tenant.to_string())
