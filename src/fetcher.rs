@@ -263,9 +263,12 @@ impl Fetcher {
             if shutdown.is_cancelled() {
                 break;
             }
+            // The slots in use now: fewer than `concurrency` while the
+            // budget is slow (see `slots`).
+            let slots = self.slots(&tenant, concurrency);
             let mut claimed_any = false;
-            if self.paused(&tenant).is_none() && inflight.len() < concurrency {
-                let want = self.claimable(&tenant, concurrency - inflight.len());
+            if self.paused(&tenant).is_none() && inflight.len() < slots {
+                let want = slots - inflight.len();
                 let now = Utc::now();
                 let lease_until = now
                     + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(65));
@@ -286,13 +289,13 @@ impl Fetcher {
                     }
                 }
             }
-            if claimed_any && inflight.len() < concurrency {
+            if claimed_any && inflight.len() < slots {
                 continue; // more may be due right now
             }
             // Every slot busy: a finishing fetch wakes us, so skip asking the
             // database when the next document is due (that query scans the
             // tenant's whole queue; once per fetch it made big runs quadratic).
-            let wait = if inflight.len() >= concurrency {
+            let wait = if inflight.len() >= slots {
                 Some(Duration::from_secs(1))
             } else {
                 self.idle_wait(&tenant).await
@@ -315,7 +318,7 @@ impl Fetcher {
             // finishing fetch wakes the loop): do not listen, so a burst of
             // events does not spin this loop once per event. The stored
             // permit wakes it at once when a slot is free again.
-            let can_claim = inflight.len() < concurrency;
+            let can_claim = inflight.len() < slots;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified(), if can_claim => {}
@@ -335,16 +338,16 @@ impl Fetcher {
         }
     }
 
-    /// How many of `free` slots to fill: no more documents than the budget
-    /// gives permits for in half of [`MAX_PERMIT_WAIT`] (at least one), so a
-    /// claimed document seldom waits long enough to be given back.
-    fn claimable(&self, tenant: &str, free: usize) -> usize {
+    /// How many fetches may be in flight: `concurrency`, but no more than
+    /// the budget gives permits for in half of [`MAX_PERMIT_WAIT`] (at least
+    /// one), so a claimed document seldom waits long enough to be given back.
+    fn slots(&self, tenant: &str, concurrency: usize) -> usize {
         match self.upstream.budgets().rate(tenant) {
             Some(r) => {
                 let soon = (r * MAX_PERMIT_WAIT.as_secs_f64() / 2.0).floor() as usize;
-                free.min(soon.max(1))
+                concurrency.min(soon.max(1))
             }
-            None => free,
+            None => concurrency,
         }
     }
 
