@@ -66,7 +66,7 @@ enum Command {
     /// Run the whole pipeline against a built-in simulator on loopback, print what was mirrored, exit.
     Demo(crate::demo::DemoArgs),
     /// Run the Skills Workflow simulator alone (for trying a setup, tests, benchmarks).
-    Simulate(crate::simulator::SimulateArgs),
+    Simulate(Box<crate::simulator::SimulateArgs>),
     /// Validate the config; exits non-zero with a message naming the key at fault.
     CheckConfig,
     /// Print a commented example config with every key (reads no config, prints no secret).
@@ -239,7 +239,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         let too_new = e.chain().any(|c| {
                             matches!(
                                 c.downcast_ref::<crate::store::StoreError>(),
-                                Some(crate::store::StoreError::TooNew { .. })
+                                Some(crate::store::StoreError::TooNew { .. } | crate::store::StoreError::Reverted)
                             )
                         });
                         if too_new {
@@ -374,7 +374,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Command::Simulate(args) => {
             let rt = runtime()?;
-            rt.block_on(crate::simulator::run_cli(args)).map_err(|e| {
+            rt.block_on(crate::simulator::run_cli(*args)).map_err(|e| {
                 eprintln!("skillsync simulate: {e:#}");
                 ExitCode::FAILURE
             })?;

@@ -236,6 +236,9 @@ pub struct TenantConfig {
     pub reconcile_schedule: Option<String>,
     pub full_sweep_schedule: Option<String>,
     pub max_delete_fraction: f64,
+    /// Every upstream call of this tenant shares this budget, requests/s;
+    /// `None`: no budget (the rate adapts to 429s only).
+    pub max_requests_per_sec: Option<f64>,
 }
 
 impl Config {
@@ -595,6 +598,7 @@ struct RawTenant {
     reconcile_schedule: Option<String>,
     full_sweep_schedule: Option<String>,
     max_delete_fraction: Option<f64>,
+    max_requests_per_sec: Option<f64>,
 }
 
 fn int_in(key: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
@@ -807,6 +811,11 @@ pub mod defaults {
     pub const RECONCILE_SCHEDULE: &str = "0 */15 * * * *";
     pub const FULL_SWEEP_SCHEDULE: &str = "0 30 2 * * *";
     pub const MAX_DELETE_FRACTION: f64 = 0.1;
+    /// No request budget: the rate adapts to 429s only.
+    pub const MAX_REQUESTS_PER_SEC: Option<f64> = None;
+    /// The range `max_requests_per_sec` accepts.
+    pub const MIN_REQUESTS_PER_SEC: f64 = 0.01;
+    pub const MAX_REQUESTS_PER_SEC_LIMIT: f64 = 100_000.0;
 }
 
 impl RawConfig {
@@ -1291,6 +1300,21 @@ impl RawTenant {
         if !(0.0..=1.0).contains(&max_delete_fraction) || max_delete_fraction.is_nan() {
             return Err(err(k("max_delete_fraction"), "must be between 0.0 and 1.0"));
         }
+        let max_requests_per_sec = t.max_requests_per_sec.or(defaults::MAX_REQUESTS_PER_SEC);
+        if let Some(r) = max_requests_per_sec {
+            let (lo, hi) = (
+                defaults::MIN_REQUESTS_PER_SEC,
+                defaults::MAX_REQUESTS_PER_SEC_LIMIT,
+            );
+            if !(lo..=hi).contains(&r) {
+                return Err(err(
+                    k("max_requests_per_sec"),
+                    format!(
+                        "must be a rate in requests per second from {lo} to {hi} (fractions allowed, e.g. 0.5), got {r}"
+                    ),
+                ));
+            }
+        }
         Ok(TenantConfig {
             webhook_secrets,
             api_base: base_url(&k("api_base"), t.api_base)?,
@@ -1310,6 +1334,7 @@ impl RawTenant {
                 defaults::FULL_SWEEP_SCHEDULE,
             )?,
             max_delete_fraction,
+            max_requests_per_sec,
             name,
         })
     }
@@ -1467,6 +1492,30 @@ mod tests {
         assert!(ip_in("10.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
         assert!(!ip_in("11.1.2.3".parse()?, "10.0.0.0".parse()?, 8));
         assert!(ip_in("::1".parse()?, "::1".parse()?, 128));
+        Ok(())
+    }
+
+    #[test]
+    fn max_requests_per_sec_is_optional_takes_fractions_and_names_its_key() -> TestResult {
+        assert_eq!(
+            Config::from_toml(&tenant(""), None)?.tenants[0].max_requests_per_sec,
+            None
+        );
+        for (text, want) in [("20", 20.0), ("0.5", 0.5), ("12.5", 12.5)] {
+            let c = Config::from_toml(&tenant(&format!("max_requests_per_sec = {text}")), None)?;
+            assert_eq!(c.tenants[0].max_requests_per_sec, Some(want), "{text}");
+        }
+        for bad in ["0", "-1", "0.001", "1e9", "nan", "inf"] {
+            let e = Config::from_toml(&tenant(&format!("max_requests_per_sec = {bad}")), None)
+                .err()
+                .ok_or(format!("accepted {bad}"))?;
+            assert_eq!(e.key, "tenant[0].max_requests_per_sec", "{bad}: {e}");
+        }
+        // A type error is found by the parser, which names the table, not its index.
+        let e = Config::from_toml(&tenant("max_requests_per_sec = \"fast\""), None)
+            .err()
+            .ok_or("accepted a string")?;
+        assert_eq!(e.key, "tenant.max_requests_per_sec", "{e}");
         Ok(())
     }
 

@@ -3,8 +3,12 @@
 //! them upstream, and settle the outcome in one write: store the document,
 //! mark it gone, back off, or declare it dead.
 //!
-//! Webhook events and reconciliation share this path, so one tenant has one
-//! rate budget. A 429 pauses the whole tenant until its `Retry-After`.
+//! Webhook events and reconciliation share this path and the tenant's one
+//! request budget ([`crate::budget`]): a webhook's fetch asks for its permit
+//! in the foreground, a reconciliation's in the background. A 429 pauses
+//! the whole tenant until its `Retry-After` and is recorded for `status`.
+//! A worker claims no more documents than the budget can serve within the
+//! lease, so a slow budget never lets a claimed lease run out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,13 +20,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Priority;
 use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{Claim, DocType, ErrorClass, get_ci, normalize_ts, parse_upstream_ts};
 use crate::store::Store;
 use crate::store::mirror::{FetchedDoc, GoneOutcome, StoreOutcome};
 use crate::store::queue::{Failure, FailureResult};
-use crate::upstream::{Fetched, Upstream};
+use crate::upstream::{Fetched, MAX_PERMIT_WAIT, Upstream};
 
 /// How long fetches in flight may take to finish after a stop signal before
 /// they are abandoned (their leases are released, so nothing is lost).
@@ -91,6 +96,38 @@ pub fn jittered_backoff(initial_secs: f64, max_secs: f64, attempts: u32) -> Dura
     let exp = attempts.saturating_sub(1).min(30);
     let capped = (initial_secs * 2f64.powi(exp as i32)).min(max_secs);
     Duration::from_secs_f64(capped * (0.5 + 0.5 * fastrand::f64()))
+}
+
+/// Writes `tenant`'s latest throttling to the database for `status`, if
+/// the budget has a note (at most one per 10 s per tenant).
+pub async fn record_throttling(upstream: &Upstream, store: &Store, tenant: &str) {
+    let Some(note) = upstream.budgets().take_note(tenant) else {
+        return;
+    };
+    let ago = chrono::Duration::from_std(note.at.elapsed()).unwrap_or_default();
+    let rate = note.allowed_rate.is_finite().then_some(note.allowed_rate);
+    tracing::info!(
+        tenant,
+        refusals = note.refusals,
+        allowed_rate = rate,
+        "upstream throttling: the tenant's request rate was lowered"
+    );
+    if let Err(e) = store
+        .record_throttling(tenant.to_string(), Utc::now() - ago, rate, note.refusals)
+        .await
+    {
+        tracing::warn!(tenant, error = %e, "cannot record upstream throttling for status");
+    }
+}
+
+/// Which of the tenant's waiting requests goes first: a webhook's fetch
+/// before a reconciliation's.
+fn priority(claim: &Claim) -> Priority {
+    if claim.reason == "webhook" {
+        Priority::Foreground
+    } else {
+        Priority::Background
+    }
 }
 
 /// Runs fetches for every tenant of one process; shared by `serve`, `reconcile` and the demo.
@@ -189,7 +226,7 @@ impl Fetcher {
         for id in sample {
             match self
                 .upstream
-                .get_document(&self.config, tenant, claim.doc_type, &id)
+                .get_document(&self.config, tenant, claim.doc_type, &id, priority(claim))
                 .await
             {
                 Fetched::Document(_) => {
@@ -219,26 +256,25 @@ impl Fetcher {
         until_idle: Option<Duration>,
     ) {
         let concurrency = self.config.fetch.concurrency;
+        // Long enough for a permit wait (MAX_PERMIT_WAIT, 20 s) and the request.
         let lease = Duration::from_secs(self.config.fetch.timeout_secs + 30);
         let mut inflight: JoinSet<()> = JoinSet::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            // The slots in use now: fewer than `concurrency` while the
+            // budget is slow (see `slots`).
+            let slots = self.slots(&tenant, concurrency);
             let mut claimed_any = false;
-            if self.paused(&tenant).is_none() && inflight.len() < concurrency {
+            if self.paused(&tenant).is_none() && inflight.len() < slots {
+                let want = slots - inflight.len();
                 let now = Utc::now();
                 let lease_until = now
                     + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(65));
                 match self
                     .store
-                    .claim(
-                        tenant.clone(),
-                        self.owner.clone(),
-                        concurrency - inflight.len(),
-                        now,
-                        lease_until,
-                    )
+                    .claim(tenant.clone(), self.owner.clone(), want, now, lease_until)
                     .await
                 {
                     Ok(claims) => {
@@ -253,13 +289,13 @@ impl Fetcher {
                     }
                 }
             }
-            if claimed_any && inflight.len() < concurrency {
+            if claimed_any && inflight.len() < slots {
                 continue; // more may be due right now
             }
             // Every slot busy: a finishing fetch wakes us, so skip asking the
             // database when the next document is due (that query scans the
             // tenant's whole queue; once per fetch it made big runs quadratic).
-            let wait = if inflight.len() >= concurrency {
+            let wait = if inflight.len() >= slots {
                 Some(Duration::from_secs(1))
             } else {
                 self.idle_wait(&tenant).await
@@ -282,7 +318,7 @@ impl Fetcher {
             // finishing fetch wakes the loop): do not listen, so a burst of
             // events does not spin this loop once per event. The stored
             // permit wakes it at once when a slot is free again.
-            let can_claim = inflight.len() < concurrency;
+            let can_claim = inflight.len() < slots;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = wake.notified(), if can_claim => {}
@@ -299,6 +335,19 @@ impl Fetcher {
             tracing::warn!(tenant = %tenant, left = inflight.len(), "fetches still in flight at the drain deadline; they will resume on next start");
             inflight.abort_all();
             while inflight.join_next().await.is_some() {}
+        }
+    }
+
+    /// How many fetches may be in flight: `concurrency`, but no more than
+    /// the budget gives permits for in half of [`MAX_PERMIT_WAIT`] (at least
+    /// one), so a claimed document seldom waits long enough to be given back.
+    fn slots(&self, tenant: &str, concurrency: usize) -> usize {
+        match self.upstream.budgets().rate(tenant) {
+            Some(r) => {
+                let soon = (r * MAX_PERMIT_WAIT.as_secs_f64() / 2.0).floor() as usize;
+                concurrency.min(soon.max(1))
+            }
+            None => concurrency,
         }
     }
 
@@ -333,7 +382,13 @@ impl Fetcher {
         let started = Instant::now();
         let result = self
             .upstream
-            .get_document(&self.config, tenant, claim.doc_type, &claim.doc_id)
+            .get_document(
+                &self.config,
+                tenant,
+                claim.doc_type,
+                &claim.doc_id,
+                priority(&claim),
+            )
             .await;
         let elapsed = started.elapsed();
         let now = Utc::now();
@@ -422,6 +477,7 @@ impl Fetcher {
         };
         if rate_limited {
             self.pause(&t, Instant::now() + delay);
+            record_throttling(&self.upstream, &self.store, &t).await;
         }
         let retry_at: DateTime<Utc> =
             now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));

@@ -27,6 +27,8 @@
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
 //! - [`fetcher`]: workers that turn queued documents into mirror rows.
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
+//! - [`budget`]: each tenant's request budget (token bucket, adaptive on
+//!   429, foreground before background); every upstream call takes a permit.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`health`]: the periodic durable-write probe that `/healthz` answers from.
 //! - [`metrics`]: the Prometheus recorder, counters, HELP text, scrape-time
@@ -53,6 +55,7 @@
 //! - [`model`]: shared domain types, the timestamp format, case-insensitive field lookup.
 
 pub mod app;
+pub mod budget;
 pub mod cli;
 pub mod columns;
 pub mod config;

@@ -84,6 +84,27 @@ impl Metrics {
         counter!("skillsync_dead_documents_total", "tenant" => tenant.to_string(), "type" => doc_type).increment(1);
     }
 
+    /// One upstream request sent (a permit taken from the tenant's budget).
+    pub fn upstream_request(&self, tenant: &str, priority: &'static str) {
+        counter!("skillsync_upstream_requests_total", "tenant" => tenant.to_string(), "priority" => priority).increment(1);
+    }
+
+    /// One upstream answer 429 (Too Many Requests).
+    pub fn upstream_throttled(&self, tenant: &str) {
+        counter!("skillsync_upstream_throttled_total", "tenant" => tenant.to_string()).increment(1);
+    }
+
+    /// The 429 counter of a tenant at 0, before any 429.
+    pub fn upstream_throttled_register(&self, tenant: &str) {
+        counter!("skillsync_upstream_throttled_total", "tenant" => tenant.to_string()).increment(0);
+    }
+
+    /// The request rate the tenant's budget allows now (`+Inf`: no limit).
+    pub fn upstream_allowed_rate(&self, tenant: &str, per_sec: f64) {
+        gauge!("skillsync_upstream_allowed_requests_per_second", "tenant" => tenant.to_string())
+            .set(per_sec);
+    }
+
     /// Prometheus text, with the database-derived gauges refreshed first.
     pub async fn render(&self, store: &Store) -> String {
         match store.metrics_snapshot().await {
@@ -182,6 +203,21 @@ fn describe() {
         "skillsync_dead_documents_total",
         Unit::Count,
         "Documents whose events went dead after fetch.max_attempts failures."
+    );
+    describe_counter!(
+        "skillsync_upstream_requests_total",
+        Unit::Count,
+        "Upstream requests sent (document GETs, listing pages, control GETs), by tenant and priority (foreground: a webhook's fetch; background: reconciliation)."
+    );
+    describe_counter!(
+        "skillsync_upstream_throttled_total",
+        Unit::Count,
+        "Upstream answers 429 (Too Many Requests), by tenant; each lowers that tenant's allowed rate and pauses it for the Retry-After."
+    );
+    describe_gauge!(
+        "skillsync_upstream_allowed_requests_per_second",
+        Unit::Count,
+        "The request rate a tenant's budget allows now: max_requests_per_sec, or lower after a 429; +Inf when neither limits it."
     );
     describe_gauge!(
         "skillsync_queue_depth",

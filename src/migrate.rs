@@ -290,7 +290,7 @@ fn round(secs: f64) -> f64 {
 /// Why this binary cannot go on with the database, as the message and exit 2.
 fn refuse(e: &StoreError) -> ExitCode {
     match e {
-        StoreError::TooNew { .. } => {
+        StoreError::TooNew { .. } | StoreError::Reverted => {
             eprintln!("skillsync: {e}; serve of this version would refuse to start on it");
         }
         _ => eprintln!("skillsync: {e}"),
@@ -400,7 +400,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
             let too_new = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<StoreError>(),
-                    Some(StoreError::TooNew { .. })
+                    Some(StoreError::TooNew { .. } | StoreError::Reverted)
                 )
             });
             if too_new {

@@ -602,6 +602,10 @@ impl Reconciler {
                         )));
                     }
                     attempt += 1;
+                    if e.class == ErrorClass::RateLimited {
+                        crate::fetcher::record_throttling(&self.upstream, &self.store, &tenant)
+                            .await;
+                    }
                     let delay = match e.retry_after {
                         Some(d) => d.min(MAX_LISTING_RETRY_AFTER),
                         None => crate::fetcher::jittered_backoff(

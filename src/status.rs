@@ -4,6 +4,10 @@
 //! documents answered 404 too), the last reconciliation failed, or the last
 //! successful one is older than two schedule periods. Exit 2 when the
 //! database cannot be read.
+//!
+//! Also says which tenants' upstreams refused requests with 429 in the last
+//! hour (from the daemon's record): worth knowing, not unhealthy, since the
+//! budget slows down and nothing is lost.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -14,7 +18,22 @@ use serde_json::json;
 use crate::config::{Config, cron_parser};
 use crate::model::{RunStatus, parse_upstream_ts};
 use crate::store::Store;
-use crate::store::status::{StatusRow, status_rows};
+use crate::store::status::{StatusRow, Throttling, status_rows, throttling_rows};
+
+/// How far back a 429 counts as "throttled recently".
+const THROTTLED_WITHIN: chrono::Duration = chrono::Duration::hours(1);
+
+/// `tenant`'s throttling, if its latest 429 is within the last hour.
+fn recent_throttling<'a>(
+    all: &'a [Throttling],
+    tenant: &str,
+    now: DateTime<Utc>,
+) -> Option<&'a Throttling> {
+    all.iter().find(|t| {
+        t.tenant == tenant
+            && parse_upstream_ts(&t.throttled_at).is_some_and(|at| now - at <= THROTTLED_WITHIN)
+    })
+}
 
 /// Two periods of a cron schedule, measured at `now` (the gap between the
 /// next two occurrences, doubled).
@@ -73,9 +92,12 @@ pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) ->
 pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> ExitCode {
     let read = Store::open_read_only(path).and_then(|c| {
         let rebuild = crate::store::report::rebuild_state(&c)?;
-        Ok((status_rows(&c)?, rebuild))
+        // A database from before schema 7 has no throttling table: nothing
+        // recorded, not unreadable.
+        let throttling = throttling_rows(&c).unwrap_or_default();
+        Ok((status_rows(&c)?, rebuild, throttling))
     });
-    let (rows, rebuild) = match read {
+    let (rows, rebuild, throttling) = match read {
         Ok(r) => r,
         Err(e) => {
             if as_json {
@@ -122,6 +144,11 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
             "drift": json!({"last_run_missed": r.last_run_missed, "missed_total": r.missed_total}),
             "upstream_auth_failing": r.auth_failing > 0,
             "unconfirmed_gone": r.unconfirmed_gone,
+            "throttled_last_hour": recent_throttling(&throttling, &r.tenant, now).map(|t| json!({
+                "throttled_at": t.throttled_at,
+                "allowed_rate": t.allowed_rate,
+                "refusals_total": t.refusals_total,
+            })),
             "problems": problems,
         }));
     }
@@ -174,6 +201,17 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         }
         if rows.is_empty() {
             println!("(nothing mirrored yet)");
+        }
+        for t in &throttling {
+            if recent_throttling(&throttling, &t.tenant, now).is_some() {
+                let rate = t
+                    .allowed_rate
+                    .map_or("no limit".to_string(), |r| format!("{r:.1} requests/s"));
+                println!(
+                    "{}: throttled by upstream (429) in the last hour, latest at {}; allowed rate after it: {rate}",
+                    t.tenant, t.throttled_at
+                );
+            }
         }
         if let Some(p) = &postgres {
             println!("{}", p.line());

@@ -3,6 +3,9 @@
 //! `extraction_base`. Classifies every answer so the fetcher can decide
 //! (store, gone, retry, wait). Knows nothing of the database.
 //!
+//! Every request first takes a permit from the tenant's request budget
+//! ([`crate::budget`]) and reports its answer back (a 429 lowers the rate).
+//!
 //! Requests go only to the configured bases (never to a URL from a payload)
 //! and redirects are not followed, so credentials cannot be led elsewhere.
 
@@ -12,6 +15,7 @@ use chrono::{DateTime, Utc};
 use reqwest::{Client, StatusCode, Url};
 use serde_json::{Map, Value, json};
 
+use crate::budget::{Answer, Budgets, Priority};
 use crate::config::{Config, TenantConfig};
 use crate::model::{DocType, ErrorClass, get_ci, normalize_ts};
 
@@ -78,11 +82,20 @@ pub struct ListPage {
     pub total_count: Option<u64>,
 }
 
-/// The client; cheap to clone.
+/// The longest a request waits for a permit from the tenant's budget. A
+/// fetch holds a lease on its document meanwhile (`timeout_secs + 30` s):
+/// past this it gives the document back (as if throttled) rather than
+/// outwait the lease, with 10 s to spare for settling the fetch.
+pub const MAX_PERMIT_WAIT: Duration = Duration::from_secs(20);
+
+/// The client; cheap to clone (clones share the request budgets).
 #[derive(Clone)]
 pub struct Upstream {
     client: Client,
     max_document_bytes: usize,
+    /// Every tenant's request budget in this process: every clone draws
+    /// from the same ones, so the fetcher and the reconciler share them.
+    budgets: Budgets,
 }
 
 /// Installs the ring crypto provider for rustls once per process (reqwest is
@@ -142,7 +155,56 @@ impl Upstream {
         Ok(Upstream {
             client,
             max_document_bytes: config.fetch.max_document_bytes,
+            budgets: Budgets::new(crate::metrics::Metrics::install()),
         })
+    }
+
+    /// The request budgets this client draws from.
+    pub fn budgets(&self) -> &Budgets {
+        &self.budgets
+    }
+
+    /// Sends `req` once the tenant's budget allows, and tells the budget
+    /// how it ended. Waiting longer than [`MAX_PERMIT_WAIT`] is answered as
+    /// rate limited without sending, with the wait as its `Retry-After`.
+    async fn send(
+        &self,
+        tenant: &TenantConfig,
+        priority: Priority,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CallError> {
+        let permit = self
+            .budgets
+            .acquire(
+                &tenant.name,
+                tenant.max_requests_per_sec,
+                priority,
+                MAX_PERMIT_WAIT,
+            )
+            .await
+            .map_err(|held| CallError {
+                class: ErrorClass::RateLimited,
+                message: format!(
+                    "not sent: the tenant's request budget has no permit for {:.1} s",
+                    held.wait.as_secs_f64()
+                ),
+                retry_after: Some(held.wait),
+            })?;
+        match self.auth(req, tenant).send().await {
+            Ok(resp) => {
+                let answer = if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                    Answer::Throttled(parse_retry_after(resp.headers().get("retry-after")))
+                } else {
+                    Answer::Accepted
+                };
+                self.budgets.answer(permit, answer);
+                Ok(resp)
+            }
+            Err(e) => {
+                self.budgets.answer(permit, Answer::NoAnswer);
+                Err(classify_send_error(&e))
+            }
+        }
     }
 
     fn auth(&self, req: reqwest::RequestBuilder, tenant: &TenantConfig) -> reqwest::RequestBuilder {
@@ -201,18 +263,19 @@ impl Upstream {
         url
     }
 
-    /// GETs one document.
+    /// GETs one document, at `priority` in the tenant's budget.
     pub async fn get_document(
         &self,
         config: &Config,
         tenant: &TenantConfig,
         doc_type: DocType,
         id: &str,
+        priority: Priority,
     ) -> Fetched {
         let url = Self::document_url(config, tenant, doc_type, id);
-        let resp = match self.auth(self.client.get(url), tenant).send().await {
+        let resp = match self.send(tenant, priority, self.client.get(url)).await {
             Ok(r) => r,
-            Err(e) => return Fetched::Failed(classify_send_error(&e)),
+            Err(e) => return Fetched::Failed(e),
         };
         let status = resp.status();
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
@@ -245,6 +308,7 @@ impl Upstream {
 
     /// Lists the first `take` ids and modification times matching
     /// `filters`, ordered by ModifiedOn then id (the server may return fewer).
+    /// Listing is background work in the tenant's budget.
     pub async fn list_page(
         &self,
         config: &Config,
@@ -282,11 +346,12 @@ impl Upstream {
             "filters": filters,
         }});
         let resp = self
-            .auth(self.client.post(url), tenant)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| classify_send_error(&e))?;
+            .send(
+                tenant,
+                Priority::Background,
+                self.client.post(url).json(&body),
+            )
+            .await?;
         let status = resp.status();
         if !status.is_success() {
             return Err(status_error(

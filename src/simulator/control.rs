@@ -15,10 +15,10 @@ impl Simulator {
     /// The control API used by `skillsync simulate` users and benchmarks
     /// (loopback test tool: no authentication). Body: JSON.
     /// - `create|update|delete` `{"type": "job"|"project", "count": N}`
-    /// - `faults` `{"latency_ms", "error_rate", "rate_limit_next", "retry_after_secs",
+    /// - `faults` `{"latency_ms", "error_rate", "rate_limit_next", "retry_after_secs", "rate_limit_per_sec",
     ///   "hang_rate", "hang_secs", "malformed_rate", "reset_rate", "listing_fail_after", "auth_broken",
     ///   "listing_error_next", "listing_error_rate", "page_cap"}`
-    /// - `stats` → `{"total_gets", "listing_calls", "auth_failures", "jobs", "projects"}`
+    /// - `stats` → `{"total_gets", "listing_calls", "auth_failures", "throttled", "jobs", "projects"}`
     pub(super) fn control(&self, cmd: &str, body: &[u8]) -> Response {
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let ty = match v["type"].as_str() {
@@ -51,6 +51,7 @@ impl Simulator {
                     error_rate: v["error_rate"].as_f64().unwrap_or(0.0),
                     rate_limit_next: v["rate_limit_next"].as_u64().unwrap_or(0) as u32,
                     retry_after_secs: v["retry_after_secs"].as_u64().unwrap_or(1),
+                    rate_limit_per_sec: v["rate_limit_per_sec"].as_f64(),
                     hang_rate: v["hang_rate"].as_f64().unwrap_or(0.0),
                     hang_for: Duration::from_secs(v["hang_secs"].as_u64().unwrap_or(60)),
                     malformed_rate: v["malformed_rate"].as_f64().unwrap_or(0.0),
@@ -74,7 +75,9 @@ impl Simulator {
                 reply(
                     StatusCode::OK,
                     json!({"total_gets": self.total_gets(), "listing_calls": self.listing_calls(),
-                           "auth_failures": self.auth_failures(), "jobs": jobs, "projects": projects}),
+                           "auth_failures": self.auth_failures(),
+                           "throttled": self.requests().iter().filter(|r| r.throttled).count(),
+                           "jobs": jobs, "projects": projects}),
                 )
             }
             _ => reply(

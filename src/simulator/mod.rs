@@ -5,7 +5,7 @@
 //! ModifiedOn then id), checks the `X-App*` headers, can create, change and
 //! delete documents without telling anyone, can send webhooks at a given
 //! concurrency and rate, and injects faults: latency, a 5xx fraction, 429
-//! bursts with `Retry-After`, hangs, malformed or oversized bodies, and
+//! bursts with `Retry-After`, a per-tenant requests-per-second limit, hangs, malformed or oversized bodies, and
 //! connections cut mid-body. It counts the GETs per document.
 //!
 //! This file owns the [`Simulator`] handle, its HTTP routing and
@@ -37,7 +37,7 @@ use crate::server::{self, Limits};
 
 pub use sender::{SendReport, send_webhooks, send_webhooks_with};
 use upstream::State;
-pub use upstream::{Faults, ListingHook, SimCredentials, SimDoc, SimPaths};
+pub use upstream::{Faults, ListingHook, SimCredentials, SimDoc, SimPaths, SimRequest};
 
 /// A running simulator; cheap to clone. Stops when its token is cancelled.
 #[derive(Clone)]
@@ -196,6 +196,10 @@ pub struct SimulateArgs {
     pub rate_limit_next: u32,
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
+    /// Answer 429 (Retry-After: --retry-after-secs) to a request that finds
+    /// this many already accepted for its X-AppTenant in the last second.
+    #[arg(long)]
+    pub rate_limit_per_sec: Option<f64>,
     /// Send a webhook for every generated document to this URL (e.g. http://127.0.0.1:8080/skillsevent).
     #[arg(long)]
     pub webhook_url: Option<String>,
@@ -237,6 +241,7 @@ pub async fn run_cli(a: SimulateArgs) -> anyhow::Result<()> {
         hang_for: Duration::from_secs(a.hang_secs),
         rate_limit_next: a.rate_limit_next,
         retry_after_secs: a.retry_after_secs,
+        rate_limit_per_sec: a.rate_limit_per_sec,
         ..Faults::default()
     });
     println!(

@@ -1,11 +1,12 @@
 //! The simulator as the Skills Workflow API: the documents it holds (with
 //! the listing's (ModifiedOn, id) index), the faults to inject, the counters
-//! tests read, the credentials check and 429 bursts every request goes
-//! through, and the single-document GET. The listing is in `listing`.
+//! tests read, the credentials check, 429 bursts and the per-tenant rate
+//! limit every request goes through (with a log of when requests came), and
+//! the single-document GET. The listing is in `listing`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{Map, Value, json};
@@ -25,6 +26,10 @@ pub struct Faults {
     /// The next N requests (GET or listing) get 429 with this Retry-After.
     pub rate_limit_next: u32,
     pub retry_after_secs: u64,
+    /// Per `X-AppTenant`: a request that finds this many already accepted
+    /// in the trailing second gets 429 with `Retry-After: retry_after_secs`
+    /// (refused requests do not count against the limit).
+    pub rate_limit_per_sec: Option<f64>,
     /// Fraction of GETs that hang for `hang_for` before answering.
     pub hang_rate: f64,
     pub hang_for: Duration,
@@ -61,8 +66,24 @@ pub struct SimDoc {
     pub deleted: bool,
 }
 
+/// One request the simulator received with valid credentials, for tests
+/// and benchmarks that measure what an upstream sees.
+#[derive(Debug, Clone)]
+pub struct SimRequest {
+    /// When it arrived.
+    pub at: Instant,
+    /// Its `X-AppTenant`.
+    pub tenant: String,
+    /// Whether it was answered 429.
+    pub throttled: bool,
+}
+
 #[derive(Default)]
 pub(super) struct State {
+    /// Every authenticated request, in arrival order.
+    requests: Vec<SimRequest>,
+    /// Per `X-AppTenant`, when requests were accepted in the trailing second.
+    accepted: HashMap<String, VecDeque<Instant>>,
     pub(super) docs: HashMap<(DocType, String), SimDoc>,
     /// Live documents ordered as the listing orders them.
     /// Per type, sorted by (ModifiedOn, id): a position is a binary search,
@@ -417,14 +438,40 @@ impl Simulator {
         true
     }
 
-    /// Takes one 429 from the burst, if any is left.
-    fn take_rate_limit(&self) -> Option<u64> {
+    /// Takes one 429 from the burst, if any is left, or from the tenant's
+    /// per-second limit; logs the request either way.
+    fn take_rate_limit(&self, tenant: &str, arrived: Instant) -> Option<u64> {
         let mut s = self.lock();
-        if s.faults.rate_limit_next > 0 {
+        let refuse = if s.faults.rate_limit_next > 0 {
             s.faults.rate_limit_next -= 1;
-            return Some(s.faults.retry_after_secs);
-        }
-        None
+            true
+        } else if let Some(limit) = s.faults.rate_limit_per_sec {
+            let window = s.accepted.entry(tenant.to_string()).or_default();
+            while window
+                .front()
+                .is_some_and(|t| arrived.saturating_duration_since(*t) >= Duration::from_secs(1))
+            {
+                window.pop_front();
+            }
+            let full = window.len() as f64 >= limit;
+            if !full {
+                window.push_back(arrived);
+            }
+            full
+        } else {
+            false
+        };
+        s.requests.push(SimRequest {
+            at: arrived,
+            tenant: tenant.to_string(),
+            throttled: refuse,
+        });
+        refuse.then_some(s.faults.retry_after_secs)
+    }
+
+    /// Every request with valid credentials so far, in arrival order.
+    pub fn requests(&self) -> Vec<SimRequest> {
+        self.lock().requests.clone()
     }
 
     /// What every request goes through first: `count` records it in the
@@ -436,6 +483,7 @@ impl Simulator {
         headers: &warp::http::HeaderMap,
         count: impl FnOnce(&mut State),
     ) -> Result<Faults, Response> {
+        let arrived = Instant::now();
         let faults = {
             let mut s = self.lock();
             count(&mut s);
@@ -450,7 +498,11 @@ impl Simulator {
                 json!({"error": "invalid credentials"}),
             ));
         }
-        let Some(after) = self.take_rate_limit() else {
+        let tenant = headers
+            .get("x-apptenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let Some(after) = self.take_rate_limit(tenant, arrived) else {
             return Ok(faults);
         };
         let mut r = reply(

@@ -71,6 +71,8 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "003_deletion_evidence"),
     migration!(4, "004_postgres_outbox"),
     migration!(5, "005_recorded_by_document"),
+    migration!(6, "006_reserved"),
+    migration!(7, "007_upstream_throttling"),
 ];
 
 /// The schema version this binary writes.
@@ -106,6 +108,11 @@ pub enum StoreError {
         "database schema version {found} is newer than this skillsync understands (version {known}); upgrade skillsync or use the matching database"
     )]
     TooNew { found: i64, known: i64 },
+    /// The file carries the reverted schema 6 (see `migrations/006_reserved.sql`).
+    #[error(
+        "database schema version 6 is newer than this skillsync understands: a development build wrote it with a schema that was reverted (its inbox_cursor table); use that build, or a copy of the database from before it"
+    )]
+    Reverted,
     /// Anything else (a bug or a corrupt file).
     #[error("database error: {0}")]
     Other(String),
@@ -284,12 +291,7 @@ impl Store {
         // still need it exactly as it is.
         writer_conn.busy_timeout(busy_timeout)?;
         let found: i64 = writer_conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                found,
-                known: SCHEMA_VERSION,
-            });
-        }
+        check_version(&writer_conn, found)?;
         apply_pragmas(&writer_conn, busy_timeout).map_err(|e| {
             StoreError::Unavailable(format!("cannot set up database {}: {e}", path.display()))
         })?;
@@ -358,12 +360,7 @@ impl Store {
         })?;
         conn.busy_timeout(Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                found: version,
-                known: SCHEMA_VERSION,
-            });
-        }
+        check_version(&conn, version)?;
         if version == 0 {
             return Err(StoreError::Other(format!(
                 "{} is not a skillsync database (no schema)",
@@ -712,6 +709,28 @@ impl<'c> Batch<'c> {
     }
 }
 
+/// Refuses a schema this binary cannot use: newer than [`SCHEMA_VERSION`],
+/// or the reverted version 6 (an `inbox_cursor` table at user_version 6).
+pub(crate) fn check_version(conn: &Connection, found: i64) -> Result<(), StoreError> {
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found == 6 {
+        let reverted: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'inbox_cursor'",
+            [],
+            |r| r.get(0),
+        )?;
+        if reverted {
+            return Err(StoreError::Reverted);
+        }
+    }
+    Ok(())
+}
+
 /// Applies the migrations this database has not had yet, in order. Each
 /// runs in a write transaction that re-reads the version first, so two
 /// processes starting at once do not both apply it.
@@ -720,12 +739,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
     };
     let version = read_version(conn)?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            found: version,
-            known: SCHEMA_VERSION,
-        });
-    }
+    check_version(conn, version)?;
     for m in MIGRATIONS.iter().skip(version.max(0) as usize) {
         let target = m.version;
         conn.execute_batch("BEGIN IMMEDIATE")?;

@@ -72,6 +72,8 @@ fn enqueue(
 ) -> rusqlite::Result<()> {
     // A new request revives a dead document; one in back-off keeps its
     // schedule (the upstream failure it waits out is likely the same). A
+    // webhook's request makes the document a webhook's (it is claimed, and
+    // its GET is sent, before background work). A
     // sweep's candidate mark survives later requests until a fetch settles it.
     c.prepare_cached(
         "INSERT INTO fetch_queue (tenant, doc_type, doc_id, reason, generation, requested_at, status, attempts, next_attempt_at, sweep_run)
@@ -82,7 +84,8 @@ fn enqueue(
              attempts = CASE WHEN status = 'dead' THEN 0 ELSE attempts END,
              next_attempt_at = CASE WHEN status = 'dead' THEN excluded.next_attempt_at ELSE next_attempt_at END,
              status = 'queued',
-             sweep_run = coalesce(excluded.sweep_run, sweep_run)",
+             sweep_run = coalesce(excluded.sweep_run, sweep_run),
+             reason = CASE WHEN excluded.reason = 'webhook' THEN 'webhook' ELSE reason END",
     )?
     .execute(params![tenant, doc_type, doc_id, ask.reason, ask.requested_at, now, ask.sweep_run])?;
     Ok(())
@@ -223,8 +226,39 @@ fn queue_recorded_events(
 type Leased = (String, String, i64, u32, String);
 
 /// Leases up to `limit` due documents of `tenant`; see [`Store::claim`].
+/// A webhook asked for goes first (by the partial index of schema 7: only
+/// webhook rows, so finding them costs no scan of a sweep's backlog), then
+/// the rest by due time: a sweep that queued thousands of documents does
+/// not make a webhook's document wait behind them.
 fn lease_due(
     c: &Connection,
+    tenant: &str,
+    owner: &str,
+    limit: usize,
+    now: &str,
+    lease_until: &str,
+    max_event: i64,
+) -> rusqlite::Result<Vec<Leased>> {
+    let mut rows = lease_due_where(c, true, tenant, owner, limit, now, lease_until, max_event)?;
+    let rest = limit - rows.len();
+    rows.extend(lease_due_where(
+        c,
+        false,
+        tenant,
+        owner,
+        rest,
+        now,
+        lease_until,
+        max_event,
+    )?);
+    Ok(rows)
+}
+
+/// [`lease_due`] of webhook rows only, or of every row.
+#[allow(clippy::too_many_arguments)]
+fn lease_due_where(
+    c: &Connection,
+    webhooks_only: bool,
     tenant: &str,
     owner: &str,
     limit: usize,
@@ -235,20 +269,31 @@ fn lease_due(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    c.prepare_cached(
+    // `reason = 'webhook'` is spelled out (not bound) so SQLite can use the
+    // partial index that has the same condition.
+    let sql = if webhooks_only {
+        "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
+         WHERE rowid IN (
+             SELECT rowid FROM fetch_queue
+             WHERE tenant = ?4 AND status = 'queued' AND reason = 'webhook' AND next_attempt_at <= ?5
+               AND (lease_until IS NULL OR lease_until < ?5)
+             ORDER BY next_attempt_at LIMIT ?6)
+         RETURNING doc_type, doc_id, generation, attempts, reason"
+    } else {
         "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
          WHERE rowid IN (
              SELECT rowid FROM fetch_queue
              WHERE tenant = ?4 AND status = 'queued' AND next_attempt_at <= ?5
                AND (lease_until IS NULL OR lease_until < ?5)
              ORDER BY next_attempt_at LIMIT ?6)
-         RETURNING doc_type, doc_id, generation, attempts, reason",
-    )?
-    .query_map(
-        params![owner, lease_until, max_event, tenant, now, limit as i64],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-    )?
-    .collect()
+         RETURNING doc_type, doc_id, generation, attempts, reason"
+    };
+    c.prepare_cached(sql)?
+        .query_map(
+            params![owner, lease_until, max_event, tenant, now, limit as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?
+        .collect()
 }
 
 impl Store {

@@ -1,6 +1,7 @@
 //! What `skillsync status`, `/metrics` and the demo read: one row per tenant
 //! and type from the `sync_status` view (the same numbers a report sees),
-//! plus upstream-auth failures and the drift totals.
+//! plus upstream-auth failures and the drift totals; and each tenant's
+//! latest upstream throttling (429), which the daemon records.
 
 use rusqlite::Connection;
 
@@ -36,6 +37,33 @@ pub struct StatusRow {
     /// live answered 404 too (a wrong path or `app_user`), so no deletion
     /// was recorded.
     pub unconfirmed_gone: i64,
+}
+
+/// A tenant's latest upstream throttling, as the daemon recorded it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Throttling {
+    pub tenant: String,
+    /// When the latest recorded 429 came (RFC 3339 UTC).
+    pub throttled_at: String,
+    /// Requests/s allowed after it; `None`: no limit.
+    pub allowed_rate: Option<f64>,
+    pub refusals_total: i64,
+}
+
+/// Every tenant's latest throttling, on any connection.
+pub fn throttling_rows(c: &Connection) -> Result<Vec<Throttling>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT tenant, throttled_at, allowed_rate, refusals_total FROM upstream_throttling ORDER BY tenant",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Throttling {
+            tenant: r.get(0)?,
+            throttled_at: r.get(1)?,
+            allowed_rate: r.get(2)?,
+            refusals_total: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Everything `/metrics` derives from the database.
@@ -89,6 +117,36 @@ impl Store {
     /// The status rows through the pool.
     pub async fn status(&self) -> Result<Vec<StatusRow>, StoreError> {
         self.read(status_rows).await
+    }
+
+    /// Records that `tenant`'s upstream answered `refusals` more 429s, the
+    /// latest at `at`, leaving `allowed_rate` requests/s (`None`: no limit).
+    pub async fn record_throttling(
+        &self,
+        tenant: String,
+        at: chrono::DateTime<chrono::Utc>,
+        allowed_rate: Option<f64>,
+        refusals: u64,
+    ) -> Result<(), StoreError> {
+        let at = crate::model::fmt_ts(at);
+        self.write_one(move |c| {
+            c.prepare_cached(
+                "INSERT INTO upstream_throttling (tenant, throttled_at, allowed_rate, refusals_total)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (tenant) DO UPDATE SET
+                     throttled_at = max(throttled_at, excluded.throttled_at),
+                     allowed_rate = excluded.allowed_rate,
+                     refusals_total = refusals_total + excluded.refusals_total",
+            )?
+            .execute(rusqlite::params![tenant, at, allowed_rate, refusals as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every tenant's latest recorded throttling (tests, the demo).
+    pub async fn throttling(&self) -> Result<Vec<Throttling>, StoreError> {
+        self.read(throttling_rows).await
     }
 
     /// What `/metrics` needs from the database.

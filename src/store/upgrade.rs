@@ -11,7 +11,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::report::{self, ReportWork};
-use super::{MIGRATIONS, Migration, SCHEMA_VERSION, StoreError};
+use super::{MIGRATIONS, Migration, StoreError};
 use crate::reporting::ReportSpec;
 
 /// What the next start of `serve` (or `skillsync migrate`) does to a database.
@@ -80,12 +80,7 @@ pub fn plan(path: &Path, spec: &ReportSpec) -> Result<UpgradePlan, StoreError> {
     })?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::TooNew {
-            found: version,
-            known: SCHEMA_VERSION,
-        });
-    }
+    super::check_version(&conn, version)?;
     let tables: i64 = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
         [],
