@@ -239,7 +239,10 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         let too_new = e.chain().any(|c| {
                             matches!(
                                 c.downcast_ref::<crate::store::StoreError>(),
-                                Some(crate::store::StoreError::TooNew { .. } | crate::store::StoreError::Reverted)
+                                Some(
+                                    crate::store::StoreError::TooNew { .. }
+                                        | crate::store::StoreError::Reverted
+                                )
                             )
                         });
                         if too_new {

@@ -262,7 +262,7 @@ INSERT INTO t (a) VALUES (1);";
     }
 
     #[test]
-    fn the_shipped_migrations_scan_events_only() {
+    fn the_shipped_migrations_scan_what_they_index() {
         // Version 1 builds its indexes on tables it has just created: empty.
         let scans: Vec<(i64, Vec<String>)> = MIGRATIONS
             .iter()
@@ -276,6 +276,8 @@ INSERT INTO t (a) VALUES (1);";
                 (3, vec![]),
                 (4, vec![]),
                 (5, vec!["events".to_string()]),
+                (6, vec![]),
+                (7, vec!["fetch_queue".to_string()]),
             ]
         );
     }
