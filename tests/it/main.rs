@@ -13,6 +13,7 @@ mod observability;
 mod operator;
 mod ops;
 mod postgres;
+mod process;
 mod proxy;
 mod readme;
 mod reconcile;
