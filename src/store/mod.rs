@@ -15,8 +15,10 @@
 //! queue), `mirror` (documents and history), `sync` (reconciliation runs and
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
 //! (the report and stage views and the derived tables behind them),
-//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning).
+//! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
+//! `backup` (the online copy behind `skillsync backup`).
 
+pub mod backup;
 pub mod mirror;
 pub mod outbox;
 pub mod queue;
