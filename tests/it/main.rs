@@ -10,6 +10,7 @@ mod fetch;
 mod helpers;
 mod hostile;
 mod listing;
+mod litestream;
 mod observability;
 mod operator;
 mod ops;
