@@ -431,7 +431,7 @@ impl Sink {
                     tracing::info!(target_db = %self.cfg.target, reason = %why, "PostgreSQL is copied whole from SQLite");
                 }
                 self.set_problem(Some(format!(
-                    "PostgreSQL is being copied whole again (since {}): {why}",
+                    "PostgreSQL is being copied whole from SQLite (started {}): {why}",
                     crate::model::fmt_ts(chrono::Utc::now())
                 )))?;
                 self.hold_failpoint();
