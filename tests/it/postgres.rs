@@ -443,7 +443,9 @@ async fn postgres_cut_mid_stream_never_hurts_intake_and_the_backlog_drains() {
         "intake slowed to {intake:?}"
     );
     assert!(d.metric("skillsync_postgres_lag_rows").await.unwrap_or(0.0) >= 40.0);
-    assert_eq!(d.metric("skillsync_postgres_up").await, Some(0.0));
+    // Not asserted here: skillsync_postgres_up is one gauge for the whole
+    // process, and other tests' in-process sinks (crashed and restarted on
+    // purpose) set it too; this database's truth is `status`, asserted below.
     assert!(!check(&db, &pg).await.equal());
     // Past postgres.lag_alert_secs (2 s), `status` says degraded and why.
     tokio::time::sleep(Duration::from_millis(2500)).await;
