@@ -774,6 +774,73 @@ async fn a_restored_sqlite_backup_is_copied_again_and_status_says_why() {
 }
 
 #[tokio::test]
+async fn a_restored_sqlite_that_wrote_past_the_cursor_while_postgres_was_away_is_copied_again() {
+    let Some((server, token, sim, dir, db)) = setup(
+        "a_restored_sqlite_that_wrote_past_the_cursor_while_postgres_was_away_is_copied_again",
+    )
+    .await
+    else {
+        return;
+    };
+    let proxy = Proxy::start(server.direct()).await;
+    let schema = fresh_schema();
+    let section = server.section(&proxy.addr.to_string(), &schema);
+    let pg = direct_config(&server, &db, &sim, &schema);
+    let p = Process::spawn(dir.path(), &db, &sim, &section, 0);
+    p.ready().await;
+    let mut ids = Vec::new();
+    changes(&p, &sim, &mut ids, 20).await;
+    drained(&db).await;
+    wait_equal(&db, &pg, PATIENCE).await;
+    let backup = dir.path().join("backup.db");
+    let (code, out) = p.command(&["backup", backup.to_str().expect("utf-8 path")]);
+    assert_eq!(code, 0, "backup: {out}");
+    changes(&p, &sim, &mut ids, 30).await;
+    drained(&db).await;
+    wait_equal(&db, &pg, PATIENCE).await;
+    terminate(p);
+    let cursor = pg_i64(&pg, format!("SELECT seq FROM \"{schema}\".sink_cursor")).await;
+
+    // The backup comes back while PostgreSQL is out of reach, and the restored
+    // database writes more changes than the backup was behind: its outbox
+    // passes PostgreSQL's cursor with other changes under the same seqs.
+    restore_file(&backup, &db);
+    proxy.cut();
+    let p = Process::spawn(dir.path(), &db, &sim, &section, 1);
+    p.ready().await;
+    let mut fresh: Vec<String> = ids[..20].to_vec();
+    changes(&p, &sim, &mut fresh, 60).await;
+    drained(&db).await;
+    let max_seq = sqlite_i64(
+        &db,
+        "SELECT seq FROM sqlite_sequence WHERE name = 'pg_outbox'",
+    );
+    assert!(
+        max_seq > cursor,
+        "the outbox ({max_seq}) passed the cursor ({cursor})"
+    );
+    proxy.restore();
+    wait_equal(&db, &pg, PATIENCE).await;
+    assert!(
+        p.log().contains("is not the one PostgreSQL copied"),
+        "the fingerprint mismatch is the logged reason:\n{}",
+        p.log()
+    );
+    // On a blocking thread: it reaches PostgreSQL through the proxy, which
+    // runs on this test's runtime.
+    let mut cmd = p.cmd(&["postgres-check"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("postgres-check"))
+        .await
+        .expect("thread");
+    assert!(
+        out.status.success(),
+        "postgres-check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    token.cancel();
+}
+
+#[tokio::test]
 async fn a_restored_postgres_dump_is_copied_again() {
     let Some((server, token, sim, dir, db)) =
         setup("a_restored_postgres_dump_is_copied_again").await
