@@ -188,14 +188,19 @@ pub fn status_of(
                 st.lag_rows = l.rows;
                 st.lag_secs = lag_seconds(l, now);
             }
-            st.problem = match (problem, lag) {
-                (Some(p), _) => Some(p),
-                (None, Some(_)) if st.lag_secs > pg.lag_alert_secs as f64 => Some(format!(
+            // Both when both hold: a copy cut short by an outage is still
+            // "being copied", and the lag says how long it has been stuck.
+            let lagging = (lag.is_some() && st.lag_secs > pg.lag_alert_secs as f64).then(|| {
+                format!(
                     "PostgreSQL lags {:.0} s behind (more than postgres.lag_alert_secs = {}): is it reachable? see the serve log",
                     st.lag_secs, pg.lag_alert_secs
-                )),
-                (None, Some(_)) => None,
-                (None, None) => Some(
+                )
+            });
+            st.problem = match (problem, lagging, lag) {
+                (Some(p), Some(l), _) => Some(format!("{p}; {l}")),
+                (Some(p), None, _) | (None, Some(p), _) => Some(p),
+                (None, None, Some(_)) => None,
+                (None, None, None) => Some(
                     "the PostgreSQL sink has not started yet (is `serve` running with this config?)"
                         .into(),
                 ),
