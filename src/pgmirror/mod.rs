@@ -159,7 +159,9 @@ impl SinkStatus {
 }
 
 /// The sink's state for `status` (read-only; `None` without `[postgres]`).
-/// Degraded when the oldest change not yet in PostgreSQL is older than
+/// Degraded when the sink recorded that the copy is not following (a whole
+/// copy in progress after a lineage mismatch, a refusal: with its reason),
+/// when the oldest change not yet in PostgreSQL is older than
 /// `postgres.lag_alert_secs`, or when the sink was never switched on.
 pub fn status_of(
     path: &std::path::Path,
@@ -167,7 +169,12 @@ pub fn status_of(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<SinkStatus> {
     let pg = config?.postgres.as_ref()?;
-    let lag = crate::store::Store::open_read_only(path).and_then(|c| crate::store::outbox::lag(&c));
+    let read = crate::store::Store::open_read_only(path).and_then(|c| {
+        Ok((
+            crate::store::outbox::lag(&c)?,
+            crate::store::outbox::sink_problem(&c)?,
+        ))
+    });
     let mut st = SinkStatus {
         target: pg.target.clone(),
         lag_rows: 0,
@@ -175,22 +182,29 @@ pub fn status_of(
         threshold_secs: pg.lag_alert_secs,
         problem: None,
     };
-    match lag {
-        Ok(Some(l)) => {
-            st.lag_rows = l.rows;
-            st.lag_secs = lag_seconds(&l, now);
-            if st.lag_secs > pg.lag_alert_secs as f64 {
-                st.problem = Some(format!(
+    match read {
+        Ok((lag, problem)) => {
+            if let Some(l) = &lag {
+                st.lag_rows = l.rows;
+                st.lag_secs = lag_seconds(l, now);
+            }
+            // Both when both hold: a copy cut short by an outage is still
+            // "being copied", and the lag says how long it has been stuck.
+            let lagging = (lag.is_some() && st.lag_secs > pg.lag_alert_secs as f64).then(|| {
+                format!(
                     "PostgreSQL lags {:.0} s behind (more than postgres.lag_alert_secs = {}): is it reachable? see the serve log",
                     st.lag_secs, pg.lag_alert_secs
-                ));
-            }
-        }
-        Ok(None) => {
-            st.problem = Some(
-                "the PostgreSQL sink has not started yet (is `serve` running with this config?)"
-                    .into(),
-            );
+                )
+            });
+            st.problem = match (problem, lagging, lag) {
+                (Some(p), Some(l), _) => Some(format!("{p}; {l}")),
+                (Some(p), None, _) | (None, Some(p), _) => Some(p),
+                (None, None, Some(_)) => None,
+                (None, None, None) => Some(
+                    "the PostgreSQL sink has not started yet (is `serve` running with this config?)"
+                        .into(),
+                ),
+            };
         }
         Err(e) => st.problem = Some(format!("cannot read the outbox: {e}")),
     }

@@ -1,7 +1,8 @@
 //! The PostgreSQL side's tables and views, created and versioned by
 //! skillsync in one schema (`postgres.schema`, default `skillsync`).
 //!
-//! Fixed tables (version [`SCHEMA_VERSION`], in `meta`): `jobs`, `projects`
+//! Fixed tables (version [`SCHEMA_VERSION`], in `meta`; version 2 added
+//! `sink_cursor.tip`): `jobs`, `projects`
 //! (`document jsonb`, `id uuid`, times `timestamptz`, numbers `bigint`,
 //! plus `source_seq`, the outbox seq a row was copied at, and `synced_at`),
 //! `document_history`, `sync_runs`, `source_queue` (what only SQLite knows:
@@ -12,7 +13,11 @@
 //! both databases agree), and the views `job_report`, `project_report`,
 //! `job_stages`, `project_stages`, `sync_status` with SQLite's columns.
 //! When their shape changes they are rebuilt and the sink copies everything
-//! again. All DDL runs under an advisory lock, so two processes do not race.
+//! again; the hash of their shape (`meta.report_hash`) is recorded only in
+//! the transaction that ends that copy ([`record_report_hash`]), so a copy
+//! cut short leaves no hash and the next start rebuilds and copies again
+//! instead of following the outbox over half-filled report tables.
+//! All DDL runs under an advisory lock, so two processes do not race.
 
 use postgres::Transaction;
 
@@ -20,9 +25,9 @@ use crate::model::DocType;
 use crate::reporting::{ColumnType, ReportSpec, quote_ident};
 
 /// The version of the fixed tables this binary writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// The fixed tables (version 1).
+/// The fixed tables (version 2; every statement may run again).
 fn fixed_sql(s: &str) -> String {
     let mut out = format!(
         "CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL);
@@ -32,6 +37,8 @@ CREATE TABLE IF NOT EXISTS {s}.sink_cursor (
     seq         bigint,          -- its outbox is copied up to here; NULL while a backfill runs
     updated_at  timestamptz NOT NULL
 );
+-- version 2: the fingerprint of SQLite's outbox change at `seq` (its lineage check)
+ALTER TABLE {s}.sink_cursor ADD COLUMN IF NOT EXISTS tip text;
 CREATE TABLE IF NOT EXISTS {s}.document_history (
     tenant     text NOT NULL,
     doc_type   text NOT NULL,
@@ -312,17 +319,34 @@ pub fn ensure(
     if have.as_deref() == Some(hash.as_str()) {
         return Ok(Ensured::UpToDate);
     }
+    // The hash is not recorded here but by the copy that fills these tables
+    // (record_report_hash): until then every start rebuilds and copies again.
     tx.batch_execute(&drop_report_sql(&s)).map_err(e)?;
     tx.batch_execute(&report_sql(&s, spec)).map_err(e)?;
+    tx.execute(
+        &format!("DELETE FROM {s}.meta WHERE key = 'report_hash'"),
+        &[],
+    )
+    .map_err(e)?;
+    Ok(Ensured::Rebuilt)
+}
+
+/// Records that the report objects for `spec` are built and filled: called
+/// in the transaction that ends a whole copy.
+pub fn record_report_hash(
+    tx: &mut Transaction<'_>,
+    schema: &str,
+    spec: &ReportSpec,
+) -> Result<(), postgres::Error> {
+    let s = quote_ident(schema);
     tx.execute(
         &format!(
             "INSERT INTO {s}.meta (key, value) VALUES ('report_hash', $1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         ),
-        &[&hash],
-    )
-    .map_err(e)?;
-    Ok(Ensured::Rebuilt)
+        &[&report_hash(&s, spec)],
+    )?;
+    Ok(())
 }
 
 /// The quoted schema name for SQL text.

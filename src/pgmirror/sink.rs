@@ -1,19 +1,27 @@
 //! The sink: one thread that keeps PostgreSQL in step with SQLite.
 //!
-//! A session connects, creates or upgrades the schema, checks the cursor
-//! row (`sink_cursor`): it must name this SQLite database and must not be
-//! ahead of its outbox (a restored backup), else the sink refuses and says
-//! why. With no usable cursor it backfills: switches the outbox on, notes
-//! the outbox seq S0, copies every mirrored row and history row in batches
-//! (rows stamped `source_seq = S0`), then sets the cursor to S0. From then
-//! on it reads the outbox after the cursor (at most every 100 ms while
-//! changes trickle in, at once while a backlog fills batches), collapses
-//! repeated changes to one document into one row, and in one PostgreSQL transaction per batch locks
-//! the cursor row, upserts current rows guarded by `source_seq` (a row never
-//! goes back), inserts history idempotently, writes the report values and
-//! stages, and advances the cursor. Only after that commit does SQLite learn
-//! the acknowledged seq (at most once a second while busy, and when idle)
-//! and prune its outbox up to there.
+//! A session connects, creates or upgrades the schema and checks the cursor
+//! row (`sink_cursor`) against this database's outbox ([`resume`], the
+//! lineage check): the cursor must name this SQLite database (else the sink
+//! refuses and says why), and its seq and the fingerprint of the change at
+//! that seq must continue this database's history. When they do not (a
+//! restored SQLite backup, a restored PostgreSQL dump, a failover to a
+//! lagging replica, a report rebuild, or simply a first start) it copies the
+//! tables whole, logging the reason and recording it for `status` until the
+//! copy is done: switches the outbox on, notes the outbox seq S0, marks every
+//! PostgreSQL row stale, copies every mirrored row and history row in batches
+//! (rows stamped `source_seq = S0`), then in one transaction removes what is
+//! still stale (rows SQLite does not hold, history of revisions it never
+//! wrote), sets the cursor to S0 with its fingerprint and records the report
+//! hash. From then on it reads the outbox after the cursor (at most every
+//! 100 ms while changes trickle in, at once while a backlog fills batches),
+//! collapses repeated changes to one document into one row, and in one
+//! PostgreSQL transaction per batch locks the cursor row, upserts current
+//! rows guarded by `source_seq` (a row never goes back), inserts history
+//! idempotently, writes the report values and stages, and advances the
+//! cursor and its fingerprint. Only after that commit does SQLite learn the
+//! acknowledged seq (at most once a second while busy, and when idle) and
+//! prune its outbox up to there.
 //!
 //! Any failure ends the session; the thread backs off (0.5 s doubling to
 //! 10 s) and starts a new one that resumes from the cursor. PostgreSQL being
@@ -74,6 +82,99 @@ impl From<crate::store::StoreError> for SessionError {
     fn from(e: crate::store::StoreError) -> Self {
         SessionError::Retry(e.to_string())
     }
+}
+
+/// PostgreSQL's cursor row: which SQLite database feeds the schema, up to
+/// which outbox seq, and the fingerprint of the change at that seq.
+#[derive(Debug, Clone)]
+pub struct Cursor {
+    pub source_db: String,
+    /// `None` while a whole copy runs.
+    pub seq: Option<i64>,
+    /// [`outbox::tip`] of SQLite's change at `seq` when it was copied.
+    pub tip: Option<String>,
+}
+
+/// What a starting session does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// PostgreSQL holds exactly this database's changes up to this seq.
+    Follow(i64),
+    /// Copy the tables whole (the first start's backfill), for this reason.
+    Copy(String),
+    /// Touch nothing: the schema belongs to another database.
+    Refuse(String),
+}
+
+/// The lineage check: whether PostgreSQL's cursor continues this
+/// database's history. PostgreSQL holds changes 1..P of some history;
+/// SQLite has written changes 1..M (`max_seq`) and pruned its outbox up to
+/// A (`acked_seq`). Following from P is right only when the change at P is
+/// the same one on both sides (P ≤ A: SQLite itself recorded that
+/// PostgreSQL holds it; A < P ≤ M: the fingerprints match). Otherwise:
+/// P > M, SQLite is behind (a restored backup or copy); P < A, PostgreSQL is
+/// behind and the changes in between are gone from the outbox (a restored
+/// dump, a failover to a lagging replica); a fingerprint that differs, SQLite
+/// was restored and has since written other changes under the same seqs.
+/// Each is a whole copy from SQLite, the source of truth. Pure, so every case
+/// is unit-tested.
+pub fn resume(
+    cursor: Option<&Cursor>,
+    state: &outbox::SinkState,
+    tip_here: Option<&str>,
+    rebuilt: bool,
+    schema: &str,
+) -> Resume {
+    let Some(c) = cursor else {
+        return Resume::Copy(format!(
+            "first start: PostgreSQL schema {schema} holds no copy yet"
+        ));
+    };
+    if c.source_db != state.database_id {
+        return Resume::Refuse(format!(
+            "PostgreSQL schema {schema} is fed by another SQLite database ({}; this one is {}): a second instance must use its own schema (postgres.schema); to make this database the source, drop that schema (DROP SCHEMA {schema} CASCADE) and the next start copies it whole. Not done automatically, because it would overwrite the other database's copy",
+            c.source_db, state.database_id
+        ));
+    }
+    let Some(p) = c.seq else {
+        return Resume::Copy("the previous whole copy did not finish".into());
+    };
+    if rebuilt {
+        return Resume::Copy(
+            "the report tables were built for a new shape ([reporting] or a new skillsync)".into(),
+        );
+    }
+    if p > state.max_seq {
+        return Resume::Copy(format!(
+            "SQLite is behind PostgreSQL: PostgreSQL holds outbox changes up to seq {p}, this database's outbox only reaches {} (a restored backup or an older copy of the database); PostgreSQL is copied again from SQLite, and reconciliation brings back from upstream what the restore rolled back",
+            state.max_seq
+        ));
+    }
+    let floor = state
+        .acked_seq
+        .unwrap_or(0)
+        .max(state.since_seq.map(|s| s - 1).unwrap_or(0));
+    if p < floor {
+        return Resume::Copy(format!(
+            "PostgreSQL is behind SQLite: its cursor is at outbox seq {p}, but SQLite had already pruned its outbox up to {floor} after PostgreSQL acknowledged it (PostgreSQL restored from a dump, or failed over to a lagging replica); the changes in between are only in the tables, so they are copied whole"
+        ));
+    }
+    if p > floor {
+        match (&c.tip, tip_here) {
+            (Some(there), Some(here)) if there == here => {}
+            (None, _) => {
+                return Resume::Copy(format!(
+                    "PostgreSQL's cursor (seq {p}) has no fingerprint to check it against this database's outbox (a copy cut short, or a schema written by an older skillsync)"
+                ));
+            }
+            _ => {
+                return Resume::Copy(format!(
+                    "the outbox change at seq {p} is not the one PostgreSQL copied: this database was restored from a backup and has written other changes under the same seqs since"
+                ));
+            }
+        }
+    }
+    Resume::Follow(p)
 }
 
 /// A running sink; stop it with [`SinkHandle::stop`].
@@ -200,6 +301,25 @@ impl Sink {
         Ok(())
     }
 
+    /// Tells `status` why the copy is not following (`None`: it follows).
+    fn set_problem(&self, problem: Option<String>) -> Result<(), SessionError> {
+        self.rt.block_on(self.store.pg_set_problem(problem))?;
+        Ok(())
+    }
+
+    /// Test failpoint: a whole copy waits before it starts while the file
+    /// named by `SKILLSYNC_FAILPOINT_HOLD_COPY` exists, so a test can look
+    /// at `status` (or kill the process) at that point deterministically.
+    fn hold_failpoint(&self) {
+        let Some(path) = std::env::var_os("SKILLSYNC_FAILPOINT_HOLD_COPY") else {
+            return;
+        };
+        let path = std::path::PathBuf::from(path);
+        while path.exists() && !self.stopped() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sleeps `d`, or less when stopped (commits wake the wait; it resumes).
     fn sleep(&self, d: Duration) {
         let until = Instant::now() + d;
@@ -222,6 +342,11 @@ impl Sink {
                 Ok(()) => break,
                 Err(SessionError::Refused(why)) => {
                     metrics::gauge!("skillsync_postgres_up").set(0.0);
+                    if let Err(e) =
+                        self.set_problem(Some(format!("the PostgreSQL copy is stopped: {why}")))
+                    {
+                        tracing::warn!(error = %e, "cannot record the sink's state for `status`");
+                    }
                     tracing::error!(target_db = %self.cfg.target, error = %why, "PostgreSQL sink refuses to run; retrying in 60 s");
                     self.sleep(Duration::from_secs(60));
                 }
@@ -271,36 +396,57 @@ impl Sink {
         let state = self
             .rt
             .block_on(self.store.pg_switch_on(self.cfg.target.clone()))?;
-        let cursor: Option<(String, Option<i64>)> = client
+        let cursor: Option<Cursor> = client
             .query_opt(
-                &format!("SELECT source_db, seq FROM {s}.sink_cursor WHERE id = 1"),
+                &format!("SELECT source_db, seq, tip FROM {s}.sink_cursor WHERE id = 1"),
                 &[],
             )
             .map_err(pg)?
-            .map(|r| (r.get(0), r.get(1)));
-        if let Some((db, seq)) = &cursor {
-            if db != &state.database_id {
-                return Err(SessionError::Refused(format!(
-                    "PostgreSQL schema {} is fed by another SQLite database ({db}; this one is {}): a second instance or a copy must use its own schema (postgres.schema), or drop that schema to start over",
-                    self.cfg.schema, state.database_id
-                )));
+            .map(|r| Cursor {
+                source_db: r.get(0),
+                seq: r.get(1),
+                tip: r.get(2),
+            });
+        let tip_here = match cursor.as_ref().and_then(|c| c.seq) {
+            Some(p) => Some(outbox::tip(&sqlite, p)?),
+            None => None,
+        };
+        let plan = resume(
+            cursor.as_ref(),
+            &state,
+            tip_here.as_deref(),
+            ensured == Ensured::Rebuilt,
+            &self.cfg.schema,
+        );
+        let (mut at, copied) = match plan {
+            Resume::Follow(seq) => {
+                self.set_problem(None)?;
+                (seq, false)
             }
-            if let Some(seq) = seq {
-                if *seq > state.max_seq {
-                    return Err(SessionError::Refused(format!(
-                        "PostgreSQL schema {} holds changes up to outbox seq {seq} but this database's outbox only reaches {}: is this a restored backup? Drop the schema (or use another) to copy this database whole",
-                        self.cfg.schema, state.max_seq
-                    )));
+            Resume::Refuse(why) => return Err(SessionError::Refused(why)),
+            Resume::Copy(why) => {
+                if cursor.is_some() {
+                    tracing::warn!(target_db = %self.cfg.target, reason = %why, "PostgreSQL is copied whole again from SQLite");
+                } else {
+                    tracing::info!(target_db = %self.cfg.target, reason = %why, "PostgreSQL is copied whole from SQLite");
                 }
+                self.set_problem(Some(format!(
+                    "PostgreSQL is being copied whole from SQLite (started {}): {why}",
+                    crate::model::fmt_ts(chrono::Utc::now())
+                )))?;
+                self.hold_failpoint();
+                let seq = self.backfill(&mut client, &sqlite, &state.database_id)?;
+                self.set_problem(None)?;
+                (seq, true)
             }
-        }
-        let since = state.since_seq.unwrap_or(1);
-        let mut at = match cursor.and_then(|c| c.1) {
-            Some(seq) if ensured == Ensured::UpToDate && seq >= since - 1 => seq,
-            _ => self.backfill(&mut client, &sqlite, &state.database_id)?,
         };
         metrics::gauge!("skillsync_postgres_up").set(1.0);
-        let runs_floor: i64 = client
+        // After a whole copy every SQLite run is copied again (a restored
+        // database may reuse ids PostgreSQL holds from the abandoned history).
+        let runs_floor: i64 = if copied {
+            0
+        } else {
+            client
             .query_one(
                 &format!(
                     "SELECT coalesce(min(id) FILTER (WHERE status = 'running'), max(id) + 1, 0) FROM {s}.sync_runs"
@@ -308,7 +454,8 @@ impl Sink {
                 &[],
             )
             .map_err(pg)?
-            .get(0);
+            .get(0)
+        };
         let mut status = StatusCopy {
             runs_floor,
             last: None,
@@ -345,17 +492,27 @@ impl Sink {
             self.lock_cursor(&mut tx, &state.database_id, Some(at))?;
             if batch.changes > 0 {
                 self.write_docs(&mut tx, &batch.docs, batch.last_seq)?;
-                self.write_history(&mut tx, &batch.history)?;
+                self.write_history(&mut tx, &batch.history, false)?;
             }
             if let Some((runs, queue)) = &refresh {
                 self.write_status(&mut tx, runs, queue, &sqlite, batch.last_seq.max(at))?;
             }
             let next = batch.last_seq.max(at);
-            tx.execute(
-                &format!("UPDATE {s}.sink_cursor SET seq = $1, updated_at = now() WHERE id = 1"),
-                &[&next],
-            )
-            .map_err(pg)?;
+            if batch.changes > 0 {
+                tx.execute(
+                    &format!(
+                        "UPDATE {s}.sink_cursor SET seq = $1, tip = $2, updated_at = now() WHERE id = 1"
+                    ),
+                    &[&next, &batch.last_tip],
+                )
+                .map_err(pg)?;
+            } else {
+                tx.execute(
+                    &format!("UPDATE {s}.sink_cursor SET updated_at = now() WHERE id = 1"),
+                    &[],
+                )
+                .map_err(pg)?;
+            }
             self.step()?;
             tx.commit().map_err(pg)?;
             self.step()?;
@@ -455,18 +612,33 @@ impl Sink {
         let s = schema::quoted(&self.cfg.schema);
         // The outbox is on (switched on before this): every change after s0 is in it.
         let s0 = outbox::sink_state(sqlite)?.max_seq;
+        let tip0 = outbox::tip(sqlite, s0)?;
         let started = Instant::now();
         {
             let mut tx = client.transaction().map_err(pg)?;
             self.lock_cursor(&mut tx, database_id, None)?;
             tx.execute(
                 &format!(
-                    "INSERT INTO {s}.sink_cursor (id, source_db, seq, updated_at) VALUES (1, $1, NULL, now())
-                     ON CONFLICT (id) DO UPDATE SET seq = NULL, updated_at = now()"
+                    "INSERT INTO {s}.sink_cursor (id, source_db, seq, tip, updated_at) VALUES (1, $1, NULL, NULL, now())
+                     ON CONFLICT (id) DO UPDATE SET seq = NULL, tip = NULL, updated_at = now()"
                 ),
                 &[&database_id],
             )
             .map_err(pg)?;
+            // Every row PostgreSQL holds is stale until this copy rewrites it
+            // (source_seq -1 is below any seq, so the copy's upserts win even
+            // over rows of an abandoned history with higher seqs); what is
+            // still -1 at the end is not in SQLite and goes.
+            for ty in DocType::ALL {
+                tx.execute(
+                    &format!(
+                        "UPDATE {s}.{} SET source_seq = -1 WHERE source_seq <> -1",
+                        ty.table()
+                    ),
+                    &[],
+                )
+                .map_err(pg)?;
+            }
             tx.commit().map_err(pg)?;
         }
         tracing::info!(target_db = %self.cfg.target, "PostgreSQL backfill starting: copying every mirrored document");
@@ -486,6 +658,7 @@ impl Sink {
                 self.write_docs(&mut tx, &page, s0)?;
                 self.step()?;
                 tx.commit().map_err(pg)?;
+                self.step()?;
                 total += page.len() as u64;
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     tracing::info!(
@@ -509,9 +682,10 @@ impl Sink {
             let rows: Vec<HistoryRow> = page.into_iter().map(|(_, h)| h).collect();
             let mut tx = client.transaction().map_err(pg)?;
             self.lock_cursor(&mut tx, database_id, None)?;
-            self.write_history(&mut tx, &rows)?;
+            self.write_history(&mut tx, &rows, true)?;
             self.step()?;
             tx.commit().map_err(pg)?;
+            self.step()?;
             history += rows.len() as u64;
             if last_log.elapsed() >= Duration::from_secs(5) {
                 tracing::info!(
@@ -524,14 +698,49 @@ impl Sink {
             }
         }
         {
+            let max_run = outbox::max_run_id(sqlite)?;
             let mut tx = client.transaction().map_err(pg)?;
             self.lock_cursor(&mut tx, database_id, None)?;
+            let mut stale = 0u64;
+            for ty in DocType::ALL {
+                let t = ty.table();
+                let k = ty.as_str();
+                stale += tx
+                    .execute(&format!("DELETE FROM {s}.{t} WHERE source_seq = -1"), &[])
+                    .map_err(pg)?;
+                tx.batch_execute(&format!(
+                    "DELETE FROM {s}.{k}_report_values v
+                     WHERE NOT EXISTS (SELECT 1 FROM {s}.{t} d WHERE d.tenant = v.tenant AND d.id = v.id);
+                     DELETE FROM {s}.document_history h
+                     WHERE h.doc_type = '{k}' AND NOT EXISTS (
+                         SELECT 1 FROM {s}.{t} d WHERE d.tenant = h.tenant AND d.id = h.id AND d.revision >= h.revision);
+                     DELETE FROM {s}.document_stages h
+                     WHERE h.doc_type = '{k}' AND NOT EXISTS (
+                         SELECT 1 FROM {s}.{t} d WHERE d.tenant = h.tenant AND d.id = h.id AND d.revision >= h.revision);"
+                ))
+                .map_err(pg)?;
+            }
             tx.execute(
-                &format!("UPDATE {s}.sink_cursor SET seq = $1, updated_at = now() WHERE id = 1"),
-                &[&s0],
+                &format!("DELETE FROM {s}.sync_runs WHERE id > $1"),
+                &[&max_run],
             )
             .map_err(pg)?;
+            tx.execute(
+                &format!(
+                    "UPDATE {s}.sink_cursor SET seq = $1, tip = $2, updated_at = now() WHERE id = 1"
+                ),
+                &[&s0, &tip0],
+            )
+            .map_err(pg)?;
+            schema::record_report_hash(&mut tx, &self.cfg.schema, &self.spec).map_err(pg)?;
+            self.step()?;
             tx.commit().map_err(pg)?;
+            if stale > 0 {
+                tracing::info!(
+                    documents = stale,
+                    "PostgreSQL rows that SQLite does not hold were removed (and their history and report rows)"
+                );
+            }
         }
         self.ack(s0)?;
         tracing::info!(
@@ -710,10 +919,14 @@ impl Sink {
         self.step()
     }
 
+    /// Inserts history rows and their stages; `overwrite` (a whole copy)
+    /// replaces rows PostgreSQL holds under the same revision, which only
+    /// differ when they came from an abandoned history (a restored SQLite).
     fn write_history(
         &self,
         tx: &mut Transaction<'_>,
         rows: &[HistoryRow],
+        overwrite: bool,
     ) -> Result<(), SessionError> {
         if rows.is_empty() {
             return Ok(());
@@ -736,7 +949,12 @@ impl Sink {
                  SELECT u.tenant, u.doc_type, u.id::uuid, u.revision, u.document::jsonb, u.fetched_at::timestamptz
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
                       AS u(tenant, doc_type, id, revision, document, fetched_at)
-                 ON CONFLICT DO NOTHING"
+                 ON CONFLICT (tenant, doc_type, id, revision) {}",
+                if overwrite {
+                    "DO UPDATE SET document = excluded.document, fetched_at = excluded.fetched_at"
+                } else {
+                    "DO NOTHING"
+                }
             ),
             &[&tenant, &ty, &id, &revision, &document, &fetched],
         )
@@ -748,7 +966,12 @@ impl Sink {
                  SELECT u.tenant, u.doc_type, u.id::uuid, u.revision, u.stage, u.fetched_at::timestamptz
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[])
                       AS u(tenant, doc_type, id, revision, stage, fetched_at)
-                 ON CONFLICT DO NOTHING"
+                 ON CONFLICT (doc_type, tenant, id, revision) {}",
+                if overwrite {
+                    "DO UPDATE SET stage = excluded.stage, fetched_at = excluded.fetched_at"
+                } else {
+                    "DO NOTHING"
+                }
             ),
             &[&tenant, &ty, &id, &revision, &stage, &fetched],
         )
@@ -783,7 +1006,9 @@ impl Sink {
                     "INSERT INTO {s}.sync_runs (id, tenant, doc_type, kind, started_at, finished_at, status, listed,
                                                 enqueued, marked_deleted, missed, candidates, error)
                      VALUES ($1, $2, $3, $4, $5::text::timestamptz, $6::text::timestamptz, $7, $8, $9, $10, $11, $12, $13)
-                     ON CONFLICT (id) DO UPDATE SET finished_at = excluded.finished_at, status = excluded.status,
+                     ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, doc_type = excluded.doc_type,
+                         kind = excluded.kind, started_at = excluded.started_at,
+                         finished_at = excluded.finished_at, status = excluded.status,
                          listed = excluded.listed, enqueued = excluded.enqueued, marked_deleted = excluded.marked_deleted,
                          missed = excluded.missed, candidates = excluded.candidates, error = excluded.error"
                 ),
@@ -821,7 +1046,7 @@ impl Sink {
     }
 }
 
-fn parse(doc: &str) -> Map<String, Value> {
+pub(crate) fn parse(doc: &str) -> Map<String, Value> {
     match serde_json::from_str(doc) {
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
@@ -829,7 +1054,7 @@ fn parse(doc: &str) -> Map<String, Value> {
 }
 
 /// PostgreSQL text cannot hold NUL.
-fn text_safe(s: &str) -> String {
+pub(crate) fn text_safe(s: &str) -> String {
     if s.contains('\0') {
         s.replace('\0', "\u{fffd}")
     } else {
@@ -852,4 +1077,116 @@ fn timestamp(s: &str) -> Option<String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .ok()
         .map(|_| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::outbox::SinkState;
+
+    fn state(acked: i64, max: i64) -> SinkState {
+        SinkState {
+            database_id: "db1".into(),
+            since_seq: Some(1),
+            acked_seq: Some(acked),
+            max_seq: max,
+        }
+    }
+
+    fn cursor(seq: Option<i64>, tip: Option<&str>) -> Cursor {
+        Cursor {
+            source_db: "db1".into(),
+            seq,
+            tip: tip.map(str::to_string),
+        }
+    }
+
+    fn copies(r: Resume, why: &str) {
+        match r {
+            Resume::Copy(reason) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("expected a copy ({why}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn follows_only_a_cursor_that_continues_this_history() {
+        let st = state(100, 150);
+        // Acknowledged by SQLite itself.
+        assert_eq!(
+            resume(Some(&cursor(Some(100), None)), &st, None, false, "s"),
+            Resume::Follow(100)
+        );
+        // Ahead of the acknowledgement (a crash before the ack), same change.
+        assert_eq!(
+            resume(
+                Some(&cursor(Some(120), Some("t"))),
+                &st,
+                Some("t"),
+                false,
+                "s"
+            ),
+            Resume::Follow(120)
+        );
+        // Up to the last change written.
+        assert_eq!(
+            resume(
+                Some(&cursor(Some(150), Some("t"))),
+                &st,
+                Some("t"),
+                false,
+                "s"
+            ),
+            Resume::Follow(150)
+        );
+    }
+
+    #[test]
+    fn every_mismatch_is_a_whole_copy_with_its_reason() {
+        let st = state(100, 150);
+        copies(resume(None, &st, None, false, "s"), "first start");
+        copies(
+            resume(Some(&cursor(None, None)), &st, None, false, "s"),
+            "did not finish",
+        );
+        copies(
+            resume(Some(&cursor(Some(100), None)), &st, None, true, "s"),
+            "new shape",
+        );
+        // A restored SQLite backup: PostgreSQL is ahead of the outbox.
+        copies(
+            resume(Some(&cursor(Some(151), Some("t"))), &st, None, false, "s"),
+            "SQLite is behind PostgreSQL",
+        );
+        // ... and later, once new changes reuse the seqs.
+        copies(
+            resume(
+                Some(&cursor(Some(120), Some("t"))),
+                &st,
+                Some("u"),
+                false,
+                "s",
+            ),
+            "not the one PostgreSQL copied",
+        );
+        copies(
+            resume(Some(&cursor(Some(120), None)), &st, Some("u"), false, "s"),
+            "no fingerprint",
+        );
+        // A restored PostgreSQL or a lagging replica: changes pruned in between.
+        copies(
+            resume(Some(&cursor(Some(99), Some("t"))), &st, None, false, "s"),
+            "PostgreSQL is behind SQLite",
+        );
+    }
+
+    #[test]
+    fn another_database_is_refused_not_overwritten() {
+        let st = state(100, 150);
+        let mut c = cursor(Some(100), None);
+        c.source_db = "other".into();
+        match resume(Some(&c), &st, None, false, "s") {
+            Resume::Refuse(why) => assert!(why.contains("another SQLite database"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -16,8 +16,10 @@
 //! locks), `status` (what `status`, `/metrics` and health read), `report`
 //! (the report and stage views and the derived tables behind them),
 //! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
-//! `upgrade` (what opening a database would migrate or rebuild, read-only).
+//! `upgrade` (what opening a database would migrate or rebuild, read-only),
+//! `backup` (the online copy behind `skillsync backup`).
 
+pub mod backup;
 pub mod mirror;
 pub mod outbox;
 pub mod queue;
@@ -562,6 +564,54 @@ fn start_checkpointer(
     Ok(tx)
 }
 
+/// How long the checkpoint at stop waits for readers before it settles for
+/// a PASSIVE one.
+const FINAL_CHECKPOINT_WAIT: Duration = Duration::from_millis(250);
+
+/// The checkpoint at stop: TRUNCATE, so a stopped daemon leaves an empty
+/// WAL, but waiting at most [`FINAL_CHECKPOINT_WAIT`] for readers. A reader
+/// that keeps a read transaction open (Litestream holds one all the time, a
+/// long report query) would otherwise hold the stop for the whole
+/// busy_timeout; then it checkpoints what it can (PASSIVE), says so, and
+/// leaves the rest of the WAL to the next start (nothing is lost: every
+/// commit is already durable in the WAL).
+fn final_checkpoint(conn: &Connection) -> Result<(), StoreError> {
+    let busy_ms: i64 = conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?;
+    conn.busy_timeout(FINAL_CHECKPOINT_WAIT)?;
+    let counts = |r: &rusqlite::Row<'_>| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    };
+    let truncate = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], counts);
+    let r = match truncate {
+        Ok((0, _, _)) => Ok(()),
+        Ok(_) | Err(_) => {
+            let why = match &truncate {
+                Err(e) => e.to_string(),
+                Ok(_) => "a reader holds the WAL".to_string(),
+            };
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], counts) {
+                Ok((_, log, done)) => {
+                    tracing::info!(
+                        reason = %why,
+                        wal_frames = log,
+                        checkpointed = done,
+                        waited_ms = FINAL_CHECKPOINT_WAIT.as_millis() as u64,
+                        "the WAL could not be truncated at stop (a reader such as Litestream holds it): checkpointed what it could (PASSIVE); the rest waits for the next start"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(StoreError::from(e)),
+            }
+        }
+    };
+    conn.busy_timeout(Duration::from_millis(busy_ms.max(0) as u64))?;
+    r
+}
+
 /// Runs blocking work on tokio's blocking pool, re-raising a panic in the
 /// caller instead of turning it into an error nobody reads.
 pub async fn run_blocking<R, F>(f: F) -> R
@@ -602,10 +652,7 @@ fn in_savepoint<R>(
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<WriterMsg>, max_batch: usize) {
     let checkpoint = |reply: oneshot::Sender<Result<(), StoreError>>| {
-        let r = conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .map_err(StoreError::from);
-        let _ = reply.send(r);
+        let _ = reply.send(final_checkpoint(&conn));
     };
     while let Some(msg) = rx.blocking_recv() {
         let first = match msg {

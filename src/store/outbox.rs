@@ -115,6 +115,8 @@ pub struct QueueRow {
 pub struct OutboxBatch {
     /// The highest seq read (the cursor after this batch); 0 when empty.
     pub last_seq: i64,
+    /// The fingerprint of the outbox row at `last_seq` (see [`tip`]).
+    pub last_tip: Option<String>,
     /// Outbox rows read (before collapsing).
     pub changes: usize,
     /// When the oldest change in the batch was written.
@@ -205,6 +207,52 @@ pub fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
     })
 }
 
+/// The fingerprint of one outbox change: what it changed and when, with its
+/// seq. PostgreSQL's cursor keeps the fingerprint of the last change it holds,
+/// so a sink resuming at seq P can tell whether this database's change P is
+/// the one PostgreSQL copied, or another one written after a restore that
+/// happened to get the same seq.
+fn fingerprint(seq: i64, ty: &str, tenant: &str, id: &str, revision: i64, at: &str) -> String {
+    format!("{seq}:{ty}:{tenant}:{id}:{revision}:{at}")
+}
+
+/// The fingerprint of the outbox row at `seq`; `{seq}:-` when it is not in
+/// the outbox (pruned after PostgreSQL acknowledged it, or never written: a
+/// seq is never given out twice, so its absence is as stable as a row).
+pub fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
+    Ok(c.query_row(
+        "SELECT doc_type, tenant, id, revision, changed_at FROM pg_outbox WHERE seq = ?1",
+        [seq],
+        |r| {
+            Ok(fingerprint(
+                seq,
+                &r.get::<_, String>(0)?,
+                &r.get::<_, String>(1)?,
+                &r.get::<_, String>(2)?,
+                r.get(3)?,
+                &r.get::<_, String>(4)?,
+            ))
+        },
+    )
+    .optional()?
+    .unwrap_or_else(|| format!("{seq}:-")))
+}
+
+/// `daemon_state` key: why the PostgreSQL copy is not following the outbox
+/// right now (re-copying, refused), set by the sink and read by `status`;
+/// absent while it follows.
+const PROBLEM_KEY: &str = "pg_sink_problem";
+
+/// Why the PostgreSQL copy is not following, if the sink said so.
+pub fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(c.query_row(
+        "SELECT value FROM daemon_state WHERE key = ?1",
+        [PROBLEM_KEY],
+        |r| r.get(0),
+    )
+    .optional()?)
+}
+
 fn max_seq(c: &Connection) -> Result<i64, StoreError> {
     Ok(c.query_row(
         "SELECT seq FROM sqlite_sequence WHERE name = 'pg_outbox'",
@@ -238,8 +286,9 @@ fn outbox_batch_in(c: &Connection, after: i64, limit: usize) -> Result<OutboxBat
     };
     let mut seen_doc = std::collections::HashSet::new();
     let mut seen_rev = std::collections::HashSet::new();
-    for (seq, ty, tenant, id, revision, _) in rows {
+    for (seq, ty, tenant, id, revision, changed_at) in rows {
         batch.last_seq = seq;
+        batch.last_tip = Some(fingerprint(seq, &ty, &tenant, &id, revision, &changed_at));
         let Some(ty) = DocType::parse(&ty) else {
             continue;
         };
@@ -360,6 +409,15 @@ pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError>
     )
 }
 
+/// The highest `sync_runs` id (0 when none).
+pub fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
+    Ok(
+        c.query_row("SELECT coalesce(max(id), 0) FROM sync_runs", [], |r| {
+            r.get(0)
+        })?,
+    )
+}
+
 /// The queue figures of `sync_status`, per tenant and type.
 pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
     read_rows(
@@ -447,6 +505,7 @@ impl Store {
         self.write(|c| {
             let was_on = c.execute("DELETE FROM pg_sink", [])? > 0;
             c.execute("DELETE FROM pg_outbox", [])?;
+            c.execute("DELETE FROM daemon_state WHERE key = ?1", [PROBLEM_KEY])?;
             Ok(was_on)
         })
         .await
@@ -464,6 +523,23 @@ impl Store {
                 "DELETE FROM pg_outbox WHERE seq <= ?1 AND seq <= (SELECT acked_seq FROM pg_sink WHERE id = 1)",
             )?
             .execute([seq])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records why the PostgreSQL copy is not following (`None`: it follows
+    /// again), for `status`.
+    pub async fn pg_set_problem(&self, problem: Option<String>) -> Result<(), StoreError> {
+        self.write(move |c| {
+            match problem {
+                Some(p) => c.execute(
+                    "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![PROBLEM_KEY, p],
+                )?,
+                None => c.execute("DELETE FROM daemon_state WHERE key = ?1", [PROBLEM_KEY])?,
+            };
             Ok(())
         })
         .await

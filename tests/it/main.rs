@@ -2,6 +2,7 @@
 //! files in temp dirs, the simulator as the upstream, and the real binary
 //! where a process boundary matters (kill -9, CLI exit codes).
 
+mod backup;
 mod budget;
 mod cli;
 mod crash;
@@ -10,10 +11,12 @@ mod fetch;
 mod helpers;
 mod hostile;
 mod listing;
+mod litestream;
 mod observability;
 mod operator;
 mod ops;
 mod postgres;
+mod process;
 mod proxy;
 mod readme;
 mod reconcile;
