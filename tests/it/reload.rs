@@ -73,6 +73,34 @@ impl Daemon {
     }
 }
 
+/// `serve` (the binary) on a free port with a database and config in `dir`,
+/// once it answers `/healthz`; with the config text and the database path.
+async fn start_daemon(
+    sim: &Simulator,
+    dir: &std::path::Path,
+) -> (Daemon, String, std::path::PathBuf, u16) {
+    let port = free_port();
+    let db = dir.join("skillsync.db");
+    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
+    let config = dir.join("skillsync.toml");
+    std::fs::write(&config, &base).expect("write config");
+    let log = dir.join("serve.log");
+    let d = Daemon {
+        child: serve(&config, &log),
+        log,
+        config,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let url = d.url.clone();
+    wait_until(Duration::from_secs(20), "serve to answer /healthz", || {
+        let (c, u) = (client.clone(), format!("{url}/healthz"));
+        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
+    })
+    .await;
+    (d, base, db, port)
+}
+
 async fn post(client: &reqwest::Client, url: &str, secret: &str, body: String) -> (u16, i64) {
     let r = client
         .post(format!("{url}/skillsevent"))
@@ -120,35 +148,8 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let db = dir.path().join("skillsync.db");
-    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
-    let config = dir.path().join("skillsync.toml");
-    std::fs::write(&config, &base).expect("write config");
-    let log = dir.path().join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("SKILLSYNC_CONFIG")
-        .env_remove("JOURNAL_STREAM")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start serve");
-    let d = Daemon {
-        child,
-        log,
-        config,
-        url: format!("http://127.0.0.1:{port}"),
-    };
+    let (d, base, db, _) = start_daemon(&sim, dir.path()).await;
     let client = reqwest::Client::new();
-    let url = d.url.clone();
-    wait_until(Duration::from_secs(20), "serve to answer /healthz", || {
-        let (c, u) = (client.clone(), format!("{url}/healthz"));
-        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
-    })
-    .await;
     let payload = |sim: &Simulator| {
         let id = sim.create(DocType::Job);
         sim.webhook_payload(DocType::Job, &id, "created")
@@ -229,7 +230,12 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
         post(&client, &d.url, SECRET_ACME, payload(&sim)).await.0,
         401
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // However slowly a loaded machine answers, the stream has run a while.
+    wait_until(Duration::from_secs(60), "20 webhooks of the stream", || {
+        let n = seen.lock().expect("seen").len();
+        async move { n >= 20 }
+    })
+    .await;
     stop.cancel();
     streaming.await.expect("stream task");
 
@@ -295,35 +301,8 @@ async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest_report
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let db = dir.path().join("skillsync.db");
-    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
-    let config = dir.path().join("skillsync.toml");
-    std::fs::write(&config, &base).expect("write config");
-    let log = dir.path().join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("SKILLSYNC_CONFIG")
-        .env_remove("JOURNAL_STREAM")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start serve");
-    let d = Daemon {
-        child,
-        log,
-        config,
-        url: format!("http://127.0.0.1:{port}"),
-    };
+    let (d, base, db, port) = start_daemon(&sim, dir.path()).await;
     let client = reqwest::Client::new();
-    let url = d.url.clone();
-    wait_until(Duration::from_secs(20), "serve to answer /healthz", || {
-        let (c, u) = (client.clone(), format!("{url}/healthz"));
-        async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
-    })
-    .await;
     // Another listen port (needs a restart) and a new secret (does not).
     let other_port = free_port();
     let next =
