@@ -503,10 +503,15 @@ async fn rebuild_reports(
     shutdown: CancellationToken,
 ) {
     let mut last_log = std::time::Instant::now();
+    let mut total = None;
     loop {
         let batch_started = std::time::Instant::now();
-        match store.rebuild_reports_step(REBUILD_BATCH).await {
+        match store.rebuild_reports_step(REBUILD_BATCH, total).await {
             Ok(Some(st)) => {
+                if st.total.is_none() {
+                    // Counted once per rebuild, for the progress `status` shows.
+                    total = store.report_rebuild_rows().await.ok();
+                }
                 if last_log.elapsed() >= Duration::from_secs(10) {
                     last_log = std::time::Instant::now();
                     tracing::info!(
@@ -526,7 +531,7 @@ async fn rebuild_reports(
                 }
                 continue;
             }
-            Ok(None) => {}
+            Ok(None) => total = None,
             Err(e) => {
                 tracing::warn!(error = %e, "report rebuild: a batch failed; retrying in 5 s");
                 tokio::select! {

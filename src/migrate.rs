@@ -378,7 +378,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
             // A rebuild serve would run after READY runs here to the end:
             // the service is stopped, nothing waits.
             loop {
-                match store.rebuild_reports_step(REBUILD_BATCH).await {
+                match store.rebuild_reports_step(REBUILD_BATCH, None).await {
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {

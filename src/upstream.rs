@@ -143,6 +143,13 @@ fn status_error(status: StatusCode, retry_after: Option<Duration>) -> CallError 
 
 impl Upstream {
     pub fn new(config: &Config) -> anyhow::Result<Upstream> {
+        Upstream::with_budgets(config, Budgets::new(crate::metrics::Metrics::install()))
+    }
+
+    /// [`Upstream::new`] drawing from `budgets`: a reload's new client keeps
+    /// the request budgets (and what they learned from 429s) of the old one,
+    /// and while the old one drains both draw from the same buckets.
+    pub fn with_budgets(config: &Config, budgets: Budgets) -> anyhow::Result<Upstream> {
         install_crypto();
         let timeout = Duration::from_secs(config.fetch.timeout_secs);
         let client = Client::builder()
@@ -155,7 +162,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             max_document_bytes: config.fetch.max_document_bytes,
-            budgets: Budgets::new(crate::metrics::Metrics::install()),
+            budgets,
         })
     }
 

@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::Budgets;
 use crate::config::Config;
 use crate::fetcher::Fetcher;
 use crate::metrics::Metrics;
@@ -45,6 +46,9 @@ pub struct Pipeline {
     pub reconciler: Reconciler,
     /// Wakes a tenant's fetch workers when the webhook or a run queues work.
     pub wake: Wake,
+    /// The per-tenant request budgets every upstream call draws from; kept
+    /// across reloads (a configured rate change applies to them).
+    budgets: Budgets,
 }
 
 impl Pipeline {
@@ -53,11 +57,12 @@ impl Pipeline {
         let store = open_store(&config, role).await?;
         let metrics = Metrics::install();
         let wake = wake::for_tenants(&config);
-        Pipeline::wire(config, store, metrics, wake)
+        let budgets = Budgets::new(metrics.clone());
+        Pipeline::wire(config, store, metrics, wake, budgets)
     }
 
-    /// A pipeline for a reloaded `config` on the same store and metrics: a
-    /// new upstream client (new credentials), fetcher (a new lease owner, so
+    /// A pipeline for a reloaded `config` on the same store, metrics and
+    /// request budgets: a new upstream client (new credentials), fetcher (a new lease owner, so
     /// this pipeline's leases and the new one's are released apart) and
     /// reconciler. A tenant kept across the reload keeps its wake-up, so a
     /// run of the old pipeline still finishing wakes the new fetch workers.
@@ -72,7 +77,13 @@ impl Pipeline {
                 })
                 .collect(),
         );
-        Pipeline::wire(config, self.store.clone(), self.metrics.clone(), wake)
+        Pipeline::wire(
+            config,
+            self.store.clone(),
+            self.metrics.clone(),
+            wake,
+            self.budgets.clone(),
+        )
     }
 
     fn wire(
@@ -80,8 +91,9 @@ impl Pipeline {
         store: Store,
         metrics: Metrics,
         wake: Wake,
+        budgets: Budgets,
     ) -> anyhow::Result<Pipeline> {
-        let upstream = Upstream::new(&config)?;
+        let upstream = Upstream::with_budgets(&config, budgets.clone())?;
         let fetcher = Fetcher::new(
             store.clone(),
             upstream.clone(),
@@ -102,6 +114,7 @@ impl Pipeline {
             fetcher,
             reconciler,
             wake,
+            budgets,
         })
     }
 

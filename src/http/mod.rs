@@ -146,8 +146,12 @@ pub fn routes(
              body,
              peer: Option<ClientAddr>,
              s: WebhookState| async move {
-                let ip = client_ip(&s.live().config, peer, &headers);
-                match webhook::handle_webhook(&s, method, path_tenant, &headers, Box::pin(body))
+                // One snapshot for the whole request: a reload meanwhile does
+                // not change the tenant, secret or limits it is judged by.
+                let live = s.live();
+                let ip = client_ip(&live.config, peer, &headers);
+                let body = Box::pin(body);
+                match webhook::handle_webhook(&s, &live, method, path_tenant, &headers, body)
                     .await
                 {
                     Ok((tenant, id, ignored)) => {

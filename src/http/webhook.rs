@@ -15,9 +15,9 @@ use chrono::Utc;
 use futures_util::{Stream, StreamExt};
 use warp::http::{HeaderMap, Method};
 
-use super::WebhookState;
 use super::auth::authenticate;
 use super::error::WebhookError;
+use super::{Live, WebhookState};
 use crate::payload::parse_payload;
 use crate::store::StoreError;
 use crate::store::queue::NewEvent;
@@ -44,6 +44,7 @@ pub(super) fn tenant_in_path<'p>(base: &str, path: &'p str) -> Option<Option<&'p
 /// it was recorded as ignored; or the tenant (once known) and the refusal.
 pub(super) async fn handle_webhook<S, B>(
     state: &WebhookState,
+    live: &Live,
     method: Method,
     path_tenant: Option<String>,
     headers: &HeaderMap,
@@ -61,9 +62,6 @@ where
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|v| !v.is_empty())
         .ok_or((None, WebhookError::Unauthorized))?;
-    // One snapshot for the whole request: a reload meanwhile does not change
-    // the tenant, secret or limits it is judged by.
-    let live = state.live();
     let idx = authenticate(&live.tenants, provided, path_tenant.as_deref())
         .ok_or((None, WebhookError::Unauthorized))?;
     let tenant = &live.tenants[idx];

@@ -353,16 +353,7 @@ impl Store {
     /// Opens an existing database for reading only (used by `status`); never
     /// creates the file or runs migrations, and refuses a too-new schema.
     pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| {
-            StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
-        })?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        check_version(&conn, version)?;
+        let (conn, version) = open_read_only_versioned(path)?;
         if version == 0 {
             return Err(StoreError::Other(format!(
                 "{} is not a skillsync database (no schema)",
@@ -498,17 +489,22 @@ impl Store {
             .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
     }
 
+    /// How many rows a report rebuild reads (documents and history), counted
+    /// on a reader: never inside the writer's batch, where a count of
+    /// millions of rows would hold every webhook's commit.
+    pub async fn report_rebuild_rows(&self) -> Result<u64, StoreError> {
+        self.read(report::rebuild_rows).await
+    }
+
     /// One batch (at most `batch` rows) of the report rebuild in progress,
     /// as one write; `None` when there is none (or it just finished).
+    /// `total` (from [`Store::report_rebuild_rows`]) is kept with the state
+    /// when it has none yet.
     pub async fn rebuild_reports_step(
         &self,
         batch: usize,
+        total: Option<u64>,
     ) -> Result<Option<report::RebuildState>, StoreError> {
-        // How much there is to do, counted on a reader, kept with the state.
-        let total = match self.read(report::rebuild_state).await? {
-            Some(st) if st.total.is_none() => Some(self.read(report::rebuild_rows).await?),
-            _ => None,
-        };
         let slot = self.inner.report.clone();
         self.write(move |c| match current_report(&slot) {
             Some(spec) => report::rebuild_step(c, &spec, batch, total),
@@ -754,6 +750,23 @@ impl<'c> Batch<'c> {
         }
         (std::mem::take(&mut self.completions), committed)
     }
+}
+
+/// Opens `path` read-only and reads its schema version, refusing one this
+/// binary cannot use ([`check_version`]); version 0 (a new or foreign file)
+/// is the caller's to judge.
+pub(crate) fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64), StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| {
+        StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
+    })?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    check_version(&conn, version)?;
+    Ok((conn, version))
 }
 
 /// Refuses a schema this binary cannot use: newer than [`SCHEMA_VERSION`],

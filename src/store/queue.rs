@@ -225,72 +225,60 @@ fn queue_recorded_events(
 /// A leased row: doc_type, doc_id, generation, attempts, reason.
 type Leased = (String, String, i64, u32, String);
 
-/// Leases up to `limit` due documents of `tenant`; see [`Store::claim`].
-/// A webhook asked for goes first (by the partial index of schema 7: only
-/// webhook rows, so finding them costs no scan of a sweep's backlog), then
-/// the rest by due time: a sweep that queued thousands of documents does
-/// not make a webhook's document wait behind them.
-fn lease_due(
-    c: &Connection,
-    tenant: &str,
-    owner: &str,
-    limit: usize,
-    now: &str,
-    lease_until: &str,
+/// What a claim leases with: whose queue, to whom, until when.
+struct Lease<'a> {
+    tenant: &'a str,
+    owner: &'a str,
+    now: &'a str,
+    until: &'a str,
+    /// Events up to this id were received before the fetch began.
     max_event: i64,
-) -> rusqlite::Result<Vec<Leased>> {
-    let mut rows = lease_due_where(c, true, tenant, owner, limit, now, lease_until, max_event)?;
+}
+
+/// The lease statement, with `$only` added to the due rows' condition.
+/// `reason = 'webhook'` is spelled out (not bound) so SQLite can use the
+/// partial index that has the same condition.
+macro_rules! lease_sql {
+    ($only:literal) => {
+        concat!(
+            "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
+             WHERE rowid IN (
+                 SELECT rowid FROM fetch_queue
+                 WHERE tenant = ?4 AND status = 'queued'",
+            $only,
+            " AND next_attempt_at <= ?5
+                   AND (lease_until IS NULL OR lease_until < ?5)
+                 ORDER BY next_attempt_at LIMIT ?6)
+             RETURNING doc_type, doc_id, generation, attempts, reason"
+        )
+    };
+}
+
+/// Leases up to `limit` due documents; see [`Store::claim`]. A webhook
+/// asked for goes first (by the partial index of schema 7: only webhook
+/// rows, so finding them costs no scan of a sweep's backlog), then the rest
+/// by due time: a sweep that queued thousands of documents does not make a
+/// webhook's document wait behind them.
+fn lease_due(c: &Connection, lease: &Lease, limit: usize) -> rusqlite::Result<Vec<Leased>> {
+    let mut rows = lease_due_where(c, lease_sql!(" AND reason = 'webhook'"), lease, limit)?;
     let rest = limit - rows.len();
-    rows.extend(lease_due_where(
-        c,
-        false,
-        tenant,
-        owner,
-        rest,
-        now,
-        lease_until,
-        max_event,
-    )?);
+    rows.extend(lease_due_where(c, lease_sql!(""), lease, rest)?);
     Ok(rows)
 }
 
-/// [`lease_due`] of webhook rows only, or of every row.
-#[allow(clippy::too_many_arguments)]
+/// Runs one of [`lease_due`]'s statements for up to `limit` rows.
 fn lease_due_where(
     c: &Connection,
-    webhooks_only: bool,
-    tenant: &str,
-    owner: &str,
+    sql: &str,
+    l: &Lease,
     limit: usize,
-    now: &str,
-    lease_until: &str,
-    max_event: i64,
 ) -> rusqlite::Result<Vec<Leased>> {
     if limit == 0 {
         return Ok(Vec::new());
     }
-    // `reason = 'webhook'` is spelled out (not bound) so SQLite can use the
-    // partial index that has the same condition.
-    let sql = if webhooks_only {
-        "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
-         WHERE rowid IN (
-             SELECT rowid FROM fetch_queue
-             WHERE tenant = ?4 AND status = 'queued' AND reason = 'webhook' AND next_attempt_at <= ?5
-               AND (lease_until IS NULL OR lease_until < ?5)
-             ORDER BY next_attempt_at LIMIT ?6)
-         RETURNING doc_type, doc_id, generation, attempts, reason"
-    } else {
-        "UPDATE fetch_queue SET lease_owner = ?1, lease_until = ?2, claimed_generation = generation, claimed_max_event = ?3
-         WHERE rowid IN (
-             SELECT rowid FROM fetch_queue
-             WHERE tenant = ?4 AND status = 'queued' AND next_attempt_at <= ?5
-               AND (lease_until IS NULL OR lease_until < ?5)
-             ORDER BY next_attempt_at LIMIT ?6)
-         RETURNING doc_type, doc_id, generation, attempts, reason"
-    };
     c.prepare_cached(sql)?
         .query_map(
-            params![owner, lease_until, max_event, tenant, now, limit as i64],
+            params![l.owner, l.until, l.max_event, l.tenant, l.now, limit as i64],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
         )?
         .collect()
@@ -400,19 +388,18 @@ impl Store {
             let moved = queue_recorded_events(c, &tenant, limit as i64, &now)?;
             let max_event: i64 =
                 c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
-            let mut rows = lease_due(c, &tenant, &owner, limit, &now, &lease_until, max_event)?;
+            let lease = Lease {
+                tenant: &tenant,
+                owner: &owner,
+                now: &now,
+                until: &lease_until,
+                max_event,
+            };
+            let mut rows = lease_due(c, &lease, limit)?;
             if rows.len() < limit && moved == limit {
                 // Nothing else due: move a larger share of the backlog.
                 queue_recorded_events(c, &tenant, QUEUE_BATCH, &now)?;
-                rows.extend(lease_due(
-                    c,
-                    &tenant,
-                    &owner,
-                    limit - rows.len(),
-                    &now,
-                    &lease_until,
-                    max_event,
-                )?);
+                rows.extend(lease_due(c, &lease, limit - rows.len())?);
             }
             let mut claims = Vec::new();
             for (t, id, generation, attempts, reason) in rows {

@@ -6,9 +6,8 @@
 //! version. Turning counts into seconds is the caller's (`crate::migrate`).
 
 use std::path::Path;
-use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::OptionalExtension;
 
 use super::report::{self, ReportWork};
 use super::{MIGRATIONS, Migration, StoreError};
@@ -71,16 +70,7 @@ pub struct Rows {
 /// schema newer than this binary's ([`StoreError::TooNew`]) and a file that
 /// holds tables but no skillsync schema.
 pub fn plan(path: &Path, spec: &ReportSpec) -> Result<UpgradePlan, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| {
-        StoreError::Unavailable(format!("cannot open database {}: {e}", path.display()))
-    })?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    super::check_version(&conn, version)?;
+    let (conn, version) = super::open_read_only_versioned(path)?;
     let tables: i64 = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
         [],
