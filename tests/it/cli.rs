@@ -283,13 +283,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero_and_secrets_stay_out_of
     .await;
     sim.set_faults(Faults::default());
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(crate::helpers::kill(["-TERM", &pid]).unwrap().success());
     let report = sender.await.unwrap();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -547,9 +541,7 @@ async fn json_logs_show_the_real_client_only_behind_a_trusted_proxy() {
             .unwrap();
         assert_eq!(r.status().as_u16(), 401);
         assert!(
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
+            crate::helpers::kill(["-TERM", &child.id().to_string()])
                 .unwrap()
                 .success()
         );

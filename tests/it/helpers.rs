@@ -348,3 +348,27 @@ pub async fn store_fetched(app: &TestApp, claim: skillsync::model::Claim) {
         .await
         .expect("store the fetch");
 }
+
+/// `kill SIG PID` (`["-TERM", pid]`) without procps' `kill` on the machine:
+/// kill(2) directly, answered as the command's exit status would be (0 when
+/// the signal was sent, 1 when not).
+pub fn kill(args: [&str; 2]) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let sig = match args[0] {
+        "-TERM" => libc::SIGTERM,
+        "-HUP" => libc::SIGHUP,
+        "-INT" => libc::SIGINT,
+        "-KILL" | "-9" => libc::SIGKILL,
+        other => panic!("kill: a signal the tests do not use: {other}"),
+    };
+    let pid: libc::pid_t = args[1]
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let sent = unsafe { libc::kill(pid, sig) } == 0;
+    Ok(std::process::ExitStatus::from_raw(if sent {
+        0
+    } else {
+        1 << 8
+    }))
+}

@@ -22,10 +22,7 @@ fn bin() -> Command {
 
 /// Sends `sig` (as `kill` spells it) to process `pid`.
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = crate::helpers::kill([sig, &pid.to_string()]).is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid}");
 }
 

@@ -179,10 +179,7 @@ impl Drop for Process {
 /// Stops a daemon the way systemd does (SIGTERM) and waits for it.
 pub fn terminate(mut p: Process) {
     let pid = p.child.id().to_string();
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
+    let ok = crate::helpers::kill(["-TERM", &pid]).expect("kill");
     assert!(ok.success());
     let status = p.child.wait().expect("wait for serve");
     assert!(status.success(), "serve exited {status:?}:\n{}", p.log());

@@ -50,10 +50,8 @@ impl Daemon {
     /// outcome (`reloaded` or `refused`): the `n`th such line.
     async fn reload(&self, toml: &str, n: usize) {
         std::fs::write(&self.config, toml).expect("write config");
-        let ok = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok =
+            crate::helpers::kill(["-HUP", &self.child.id().to_string()]).is_ok_and(|s| s.success());
         assert!(ok, "kill -HUP");
         let log = self.log.clone();
         wait_until(
@@ -258,10 +256,7 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     })
     .await;
 
-    let ok = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = crate::helpers::kill(["-TERM", &d.child.id().to_string()]).is_ok_and(|s| s.success());
     assert!(ok, "kill -TERM");
     let mut child = d.child;
     let status = child.wait().expect("wait for serve");
@@ -334,9 +329,7 @@ async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest_report
         "{l}"
     );
     let mut child = d.child;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = crate::helpers::kill(["-TERM", &child.id().to_string()]);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
     token.cancel();
 }
@@ -490,9 +483,7 @@ async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
         count(&c, "SELECT max(report_rebuilding) FROM sync_status"),
         0
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = crate::helpers::kill(["-TERM", &child.id().to_string()]);
     assert_eq!(child.wait().expect("wait").code(), Some(0));
     let l = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(l.contains("report rebuild finished"), "{l}");

@@ -70,9 +70,7 @@ impl Daemon {
     async fn stop(mut self) -> (Option<i32>, String) {
         let pid = self.pid().to_string();
         assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
+            crate::helpers::kill(["-TERM", &pid])
                 .expect("run kill")
                 .success(),
             "kill -TERM {pid}"

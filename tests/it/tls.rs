@@ -106,11 +106,7 @@ async fn https_event_is_accepted_and_plain_http_fails_cleanly() {
 /// Sends `sig` (as `kill` spells it) to process `pid`.
 fn signal(pid: &str, sig: &str) {
     assert!(
-        Command::new("kill")
-            .args([sig, pid])
-            .status()
-            .unwrap()
-            .success(),
+        crate::helpers::kill([sig, pid]).unwrap().success(),
         "kill {sig} {pid}"
     );
 }
@@ -271,9 +267,7 @@ async fn socket_activation_uses_the_passed_socket() {
         std::net::TcpStream::connect(("127.0.0.1", unused)).is_err(),
         "server.listen was not bound"
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = crate::helpers::kill(["-TERM", &child.id().to_string()]);
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     token.cancel();
 }

@@ -225,9 +225,7 @@ async fn upgrade_from(version: i64) {
             ) == 0
     })
     .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = crate::helpers::kill(["-TERM", &child.id().to_string()]);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("join")
