@@ -190,6 +190,7 @@ pub fn main() -> ExitCode {
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         command = command.color(clap::ColorChoice::Never);
     }
+    command = ignore_empty_env(command);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -206,6 +207,26 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(code) => code,
     }
+}
+
+/// The options that read a variable, by clap id and variable name.
+const ENV_OPTIONS: [(&str, &str); 2] = [
+    ("config", "SKILLSYNC_CONFIG"),
+    ("log_format", "SKILLSYNC_LOG_FORMAT"),
+];
+
+/// A variable that is set but empty (`SKILLSYNC_CONFIG=` in a unit or a
+/// shell) counts as unset, as it does for most tools: clap would otherwise
+/// take the empty string as the value and refuse every command, even
+/// `print-config`. The option keeps its flag and its default.
+fn ignore_empty_env(mut command: clap::Command) -> clap::Command {
+    for (id, var) in ENV_OPTIONS {
+        let empty = std::env::var_os(var).is_some_and(|v| v.to_string_lossy().trim().is_empty());
+        if empty {
+            command = command.mut_arg(id, |arg| arg.env(None::<&'static str>));
+        }
+    }
+    command
 }
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {

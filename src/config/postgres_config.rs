@@ -45,10 +45,23 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// libpq's `sslmode` values mapped to what the client understands, plus
-/// `sslrootcert` taken out of the URL (we load it ourselves).
+/// How the connection treats TLS, from the URL's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tls {
+    /// `sslmode=disable`, written out: plain TCP, the password in clear text.
+    Disable,
+    /// Anything else, `sslmode` absent included: TLS with the server's
+    /// certificate verified, or no connection. `prefer` and `allow` are read
+    /// as `require`: falling back to plain text when the server refuses TLS
+    /// is what a man-in-the-middle needs to read the password. Over a Unix
+    /// socket nothing leaves the machine and libpq uses no TLS there either.
+    Verify,
+}
+
+/// The URL without `sslmode` and `sslrootcert` (we apply both ourselves).
 pub(crate) struct Normalised {
     pub(crate) url: String,
+    pub(crate) tls: Tls,
     pub(crate) root_cert: Option<PathBuf>,
 }
 
@@ -59,14 +72,16 @@ pub(crate) fn normalise_url(url: &str) -> Result<Normalised, String> {
     };
     let mut kept = Vec::new();
     let mut root_cert = None;
+    let mut tls = Tls::Verify;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match (k, v) {
-            // The certificate is always verified (rustls): verify-ca and
-            // verify-full are what `require` does here.
-            ("sslmode", "verify-ca" | "verify-full") => kept.push("sslmode=require".to_string()),
-            ("sslmode", "allow") => kept.push("sslmode=prefer".to_string()),
-            ("sslmode", "disable" | "prefer" | "require") => kept.push(pair.to_string()),
+            ("sslmode", "disable") => tls = Tls::Disable,
+            // The certificate is always verified (rustls), so every mode but
+            // `disable` is verify-full here.
+            ("sslmode", "allow" | "prefer" | "require" | "verify-ca" | "verify-full") => {
+                tls = Tls::Verify
+            }
             ("sslmode", other) => {
                 return Err(format!(
                     "sslmode `{other}` is not one of disable, allow, prefer, require, verify-ca, verify-full"
@@ -81,7 +96,11 @@ pub(crate) fn normalise_url(url: &str) -> Result<Normalised, String> {
     } else {
         format!("{base}?{}", kept.join("&"))
     };
-    Ok(Normalised { url, root_cert })
+    Ok(Normalised {
+        url,
+        tls,
+        root_cert,
+    })
 }
 
 impl RawPostgres {
@@ -251,14 +270,22 @@ mod tests {
     }
 
     #[test]
-    fn libpq_sslmodes_map_to_what_the_client_knows() -> TestResult {
+    fn only_an_explicit_disable_allows_plain_text() -> TestResult {
         let n = normalise_url(
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/x/ca.pem&connect_timeout=3",
         )?;
-        assert_eq!(n.url, "postgres://u@h/db?sslmode=require&connect_timeout=3");
+        assert_eq!(n.url, "postgres://u@h/db?connect_timeout=3");
+        assert_eq!(n.tls, Tls::Verify);
         assert_eq!(n.root_cert, Some(PathBuf::from("/x/ca.pem")));
         assert!(normalise_url("postgres://u@h/db?sslmode=bogus").is_err());
-        assert_eq!(normalise_url("postgres://u@h/db")?.url, "postgres://u@h/db");
+        let n = normalise_url("postgres://u@h/db")?;
+        assert_eq!((n.url.as_str(), n.tls), ("postgres://u@h/db", Tls::Verify));
+        for mode in ["allow", "prefer", "require", "verify-ca"] {
+            let n = normalise_url(&format!("postgres://u@h/db?sslmode={mode}"))?;
+            assert_eq!(n.tls, Tls::Verify, "{mode} never falls back to plain text");
+        }
+        let n = normalise_url("postgres://u@h/db?sslmode=disable")?;
+        assert_eq!((n.url.as_str(), n.tls), ("postgres://u@h/db", Tls::Disable));
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! SQLite stays the source of truth; PostgreSQL is fed from the outbox
 //! (see [`crate::store::outbox`]) by one sink thread. This module owns the
-//! connection (rustls, `sslmode` honoured; the `[postgres]` section itself
+//! connection (rustls, the certificate verified, plain text only with
+//! `sslmode=disable`; the `[postgres]` section itself
 //! is validated in [`crate::config`]), and the
 //! submodules: [`schema`] (tables and views in PostgreSQL, versioned),
 //! [`sink`] (the thread that copies, backfills and keeps the cursor) and
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::config::PostgresConfig;
-use crate::config::postgres_config::normalise_url;
+use crate::config::postgres_config::{Tls, normalise_url};
 
 /// Seconds since the oldest change PostgreSQL has not acknowledged (0 when none).
 pub fn lag_seconds(lag: &crate::store::outbox::Lag, now: chrono::DateTime<chrono::Utc>) -> f64 {
@@ -84,9 +85,19 @@ impl PostgresConfig {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .tcp_user_timeout(Duration::from_secs(30));
-        if c.get_ssl_mode() == postgres::config::SslMode::Disable {
+        // Over Unix sockets only: nothing leaves the machine (libpq uses no
+        // TLS there either, whatever sslmode says).
+        let local = c
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, postgres::config::Host::Unix(_)));
+        if n.tls == Tls::Disable || (local && !c.get_hosts().is_empty()) {
+            c.ssl_mode(postgres::config::SslMode::Disable);
             return c.connect(postgres::NoTls).map_err(|e| self.error(&e));
         }
+        // Never `prefer`: a server (or a man-in-the-middle) that refuses TLS
+        // gets no password, only a refused connection.
+        c.ssl_mode(postgres::config::SslMode::Require);
         let tls = tls_config(n.root_cert.as_deref())?;
         c.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
             .map_err(|e| self.error(&e))
@@ -209,4 +220,148 @@ pub fn status_of(
         Err(e) => st.problem = Some(format!("cannot read the outbox: {e}")),
     }
     Some(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use super::PostgresConfig;
+    use std::thread::JoinHandle;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const PASSWORD: &str = "pw-never-in-clear-77";
+
+    /// A PostgreSQL server as far as the start of authentication: it
+    /// refuses TLS ('N' to an SSLRequest), asks for a clear-text password,
+    /// and returns every byte the client sent.
+    fn refuses_tls<S: Read + Write + Send + 'static>(mut s: S) -> Vec<u8> {
+        let mut seen = Vec::new();
+        let mut typed = false;
+        loop {
+            let mut kind = [0u8; 1];
+            if typed {
+                if s.read_exact(&mut kind).is_err() {
+                    break;
+                }
+                seen.push(kind[0]);
+            }
+            let mut len = [0u8; 4];
+            if s.read_exact(&mut len).is_err() {
+                break;
+            }
+            let mut body = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+            if s.read_exact(&mut body).is_err() {
+                break;
+            }
+            seen.extend(len);
+            seen.extend(&body);
+            if !typed && body.starts_with(&80_877_103u32.to_be_bytes()) {
+                if s.write_all(b"N").is_err() {
+                    break;
+                }
+            } else if !typed {
+                // The startup message: authenticate with a clear-text password.
+                typed = true;
+                if s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]).is_err() {
+                    break;
+                }
+            } else {
+                break; // the password message: enough
+            }
+        }
+        seen
+    }
+
+    fn tcp_server() -> Result<(u16, JoinHandle<Vec<u8>>), std::io::Error> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        Ok((
+            port,
+            std::thread::spawn(move || match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    refuses_tls(s)
+                }
+                Err(_) => Vec::new(),
+            }),
+        ))
+    }
+
+    fn pg(url: &str) -> Result<PostgresConfig, Box<dyn std::error::Error>> {
+        let toml = format!(
+            "[database]\npath = \"/tmp/x.db\"\n[[tenant]]\nname = \"acme\"\nwebhook_secrets = [\"s3cret-acme-1\"]\napi_base = \"https://api.example.com\"\nextraction_base = \"https://x.example.com\"\napp_tenant = \"t\"\napp_id = \"i\"\napp_secret = \"app-s3cret\"\n[postgres]\nurl = \"{url}\"\n"
+        );
+        Ok(crate::config::Config::from_toml(&toml, None)?
+            .postgres
+            .ok_or("no [postgres]")?)
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn without_sslmode_a_server_refusing_tls_gets_no_password() -> TestResult {
+        crate::upstream::install_crypto();
+        for mode in ["", "?sslmode=prefer", "?sslmode=allow"] {
+            let (port, server) = tcp_server()?;
+            let config = pg(&format!(
+                "postgres://sk:{PASSWORD}@127.0.0.1:{port}/r{mode}"
+            ))?;
+            let e = config.connect().err().ok_or("connected without TLS")?;
+            let seen = server.join().map_err(|_| "server thread")?;
+            assert!(
+                !contains(&seen, PASSWORD),
+                "{mode:?}: the password went out in clear text"
+            );
+            assert!(
+                !contains(&seen, "sk\0"),
+                "{mode:?}: a startup message went out"
+            );
+            assert!(e.to_string().contains("TLS"), "{mode:?}: {e}");
+            assert!(!e.to_string().contains(PASSWORD), "{e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn plain_text_only_with_an_explicit_disable_or_over_a_unix_socket() -> TestResult {
+        crate::upstream::install_crypto();
+        let (port, server) = tcp_server()?;
+        let config = pg(&format!(
+            "postgres://sk:{PASSWORD}@127.0.0.1:{port}/r?sslmode=disable"
+        ))?;
+        assert!(
+            config.connect().is_err(),
+            "the fake server stops at the password"
+        );
+        let seen = server.join().map_err(|_| "server thread")?;
+        assert!(
+            contains(&seen, PASSWORD),
+            "sslmode=disable sends it as asked"
+        );
+
+        // A Unix socket: no SSLRequest (the server's first bytes are the startup message).
+        let dir = tempfile::tempdir()?;
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432"))?;
+        let server = std::thread::spawn(move || match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                refuses_tls(s)
+            }
+            Err(_) => Vec::new(),
+        });
+        let host: String = dir.path().display().to_string().replace('/', "%2F");
+        let config = pg(&format!("postgres://sk:{PASSWORD}@{host}:5432/r"))?;
+        assert!(config.connect().is_err());
+        let seen = server.join().map_err(|_| "server thread")?;
+        assert!(!seen.is_empty() && !seen[4..8].starts_with(&80_877_103u32.to_be_bytes()));
+        assert!(contains(&seen, "sk\0"), "startup over the socket");
+        Ok(())
+    }
 }

@@ -209,6 +209,64 @@ fn print_config_is_a_valid_commented_example_without_secrets() {
     }
 }
 
+/// `SKILLSYNC_CONFIG=` (set but empty, as a unit's `Environment=` line or a
+/// shell can leave it) counts as unset: every command works as without it.
+#[test]
+fn an_empty_skillsync_config_counts_as_unset() {
+    let out = bin()
+        .env("SKILLSYNC_CONFIG", "")
+        .env("SKILLSYNC_LOG_FORMAT", " ")
+        .arg("print-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "print-config failed: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[[tenant]]"));
+
+    // Without --config the default path is used, and the error names it.
+    let out = bin()
+        .env("SKILLSYNC_CONFIG", "")
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!stderr.contains("a value is required"), "{stderr}");
+    assert!(stderr.contains("/etc/skillsync/skillsync.toml"), "{stderr}");
+
+    // --config still wins, and a non-empty variable is still read.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\npath = \"{}/m.db\"\n{TENANT}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .env("SKILLSYNC_CONFIG", "")
+        .args(["--config", path.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .env("SKILLSYNC_CONFIG", &path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn write_config(dir: &Path, port: u16, sim_base: &str) -> std::path::PathBuf {
     let db = dir.join("skillsync.db");
     let toml = config_toml_on_port(&db, sim_base, FAST_FETCH, "", port);
