@@ -61,7 +61,10 @@
 //! A listing page that fails with 429 (honouring `Retry-After`, capped),
 //! 5xx, a timeout, a reset or a malformed body is retried with backoff and
 //! jitter at the same cursor; after `upstream.listing_retry_secs` of
-//! failures the run fails with the page it reached. A run that loses its
+//! failures the run fails with the page it reached. The run lock is
+//! renewed every quarter of its lease between pages and while the run
+//! waits (for a page, a `Retry-After`, a backoff), so no wait lets another
+//! run take it. A run that loses its
 //! lock (renewal fails or another process holds it) stops, queues nothing
 //! more and advances nothing; counts are added after their writes commit.
 
