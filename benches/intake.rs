@@ -35,7 +35,15 @@
 //! `INTAKE_OLD_EVENTS`, default 5000000; `INTAKE_OLD_DOCS`, default 100000;
 //! `INTAKE_BIN`, another daemon binary to measure instead of this build's;
 //! `INTAKE_QUICK`, only the ceiling and durable trials and no summary, for
-//! A/B rounds; `INTAKE_PERF`, a directory for `perf record` profiles).
+//! A/B rounds; `INTAKE_PERF`, a directory for `perf record` profiles;
+//! `INTAKE_STORM`, only the 404-storm comparison below).
+//!
+//! `INTAKE_STORM=1` (issue 24): per round, alternating, the durable trial
+//! on a database holding 100 live jobs besides the 8 (healthy: upstream
+//! serves the 8), and the same with upstream answering every GET 404 (a
+//! wrong `job_path`: every fetch's 404 is untrusted, since the 100 answer
+//! 404 too). Reports events/s, p99 and the storm ÷ healthy ratio of each
+//! round, and the daemon's log lines in the storm.
 //! The in-process variant (`--bench intake_inprocess`) is a diagnostic.
 
 mod common;
@@ -250,6 +258,7 @@ fn rss_mb(pid: u32) -> (f64, f64) {
 struct Daemon {
     child: Child,
     url: String,
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -265,7 +274,8 @@ impl Daemon {
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
         let cfg = dir.join(format!("daemon-{port}.toml"));
         std::fs::write(&cfg, toml).expect("write config");
-        let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).expect("log");
+        let log_path = dir.join(format!("daemon-{port}.log"));
+        let log = std::fs::File::create(&log_path).expect("log");
         // INTAKE_BIN: another build of the daemon, to compare two versions
         // against the same load generator.
         let bin = std::env::var("INTAKE_BIN").unwrap_or_else(|_| BIN.to_string());
@@ -296,6 +306,7 @@ impl Daemon {
         Daemon {
             child,
             url: format!("{base}/skillsevent"),
+            log: log_path,
         }
     }
 
@@ -526,6 +537,11 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("post.lua");
     std::fs::write(&script, lua_script(&payloads, None)).expect("script");
+    if std::env::var_os("INTAKE_STORM").is_some() {
+        storm(&sim, dir.path(), &script, runs, secs);
+        sim_token.cancel();
+        return;
+    }
     let paced = dir.path().join("paced.lua");
     let delay_ms = (CONNECTIONS as f64 / FIXED_RATE * 1e3).round() as u64;
     std::fs::write(&paced, lua_script(&payloads, Some(delay_ms))).expect("script");
@@ -802,4 +818,80 @@ fn main() {
     if failed > 0 {
         println!("warning: {failed} daemon requests were not answered 200 (see the lines above)");
     }
+}
+
+/// `INTAKE_STORM`: intake with every GET answering 404 (untrusted 404s)
+/// against the healthy path, alternating, on the same load.
+fn storm(sim: &Simulator, dir: &Path, script: &Path, runs: usize, secs: u64) {
+    let healthy = Faults {
+        latency: UPSTREAM_LATENCY,
+        ..Faults::default()
+    };
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut p99s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut ratios = Vec::new();
+    let mut lines = Vec::new();
+    for round in 0..runs {
+        for (i, gone) in [false, true].into_iter().enumerate() {
+            let db = dir.join(format!("storm{round}-{i}.db"));
+            skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", 100, 1)
+                .expect("100 live jobs");
+            sim.set_faults(Faults {
+                all_gone: gone,
+                ..healthy.clone()
+            });
+            let d = Daemon::start(dir, &db, &sim.base_url(), true);
+            std::thread::sleep(Duration::from_secs(2));
+            let s = run_wrk(&d.url, script, secs);
+            let log = d.log.clone();
+            d.stop();
+            sim.set_faults(healthy.clone());
+            let logged = std::fs::read_to_string(&log)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            eprintln!(
+                "round {}/{runs} {}: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  non-2xx {}  log lines {logged}",
+                round + 1,
+                if gone {
+                    "every GET 404"
+                } else {
+                    "healthy      "
+                },
+                s.rate,
+                s.p50_ms,
+                s.p99_ms,
+                s.non_2xx
+            );
+            rates[i].push(s.rate);
+            p99s[i].push(s.p99_ms);
+            if gone {
+                lines.push(logged as f64);
+            }
+        }
+        ratios.push(rates[1][round] / rates[0][round]);
+    }
+    println!();
+    println!(
+        "intake with every GET answering 404 (100 live jobs held, {DOCUMENTS} documents posted) against the healthy path, \
+         wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s, {runs} rounds alternating, median [min–max]"
+    );
+    println!();
+    println!("| path | events/s | p99 ms | daemon log lines |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| healthy | {} | {} | – |",
+        cell(&rates[0], 0),
+        cell(&p99s[0], 2)
+    );
+    println!(
+        "| every GET 404 | {} | {} | {} |",
+        cell(&rates[1], 0),
+        cell(&p99s[1], 2),
+        cell(&lines, 0)
+    );
+    println!();
+    println!(
+        "storm ÷ healthy (same round): {} (target ≥ 0.8)",
+        cell(&ratios, 2)
+    );
 }

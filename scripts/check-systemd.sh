@@ -113,6 +113,12 @@ grep -qE '^Backlog=[0-9]+$' "$SOCKET" \
     || fail "skillsync.socket must set Backlog= (the queue that holds webhooks during a restart)"
 echo "check-systemd: socket and service go together (Service=, Requires=, After=, Backlog=)"
 
+# A memory ceiling: a daemon that grows without bound is stopped by systemd,
+# not by the host's OOM killer picking some other process.
+grep -qE '^MemoryMax=[0-9]+[KMG]$' "$UNIT" \
+    || fail "skillsync.service sets no MemoryMax= (a memory ceiling for the service)"
+echo "check-systemd: MemoryMax= set ($(grep -E '^MemoryMax=' "$UNIT"))"
+
 # --- 2. security exposure ----------------------------------------------------
 echo "check-systemd: systemd-analyze security --offline=yes systemd/skillsync.service"
 set +e

@@ -9,6 +9,14 @@
 //! the whole tenant until its `Retry-After` and is recorded for `status`.
 //! A worker claims no more documents than the budget can serve within the
 //! lease, so a slow budget never lets a claimed lease run out.
+//!
+//! Fencing: every claim carries a token ([`Claim::lease`]). While a fetch
+//! runs (waiting for a permit, for the tenant's control check, for
+//! upstream) its lease is renewed every third of [`fetch_lease`]; a renewal
+//! that finds the token gone stops the fetch, and a settlement whose token
+//! the queue row no longer holds writes nothing. So one document is never
+//! fetched by two claims at once with both results counting, and a late
+//! 404 never marks deleted a document a newer fetch stored.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +50,36 @@ const TRUST_WINDOW: Duration = Duration::from_secs(300);
 
 /// How many live documents a control check GETs (any one served is enough).
 const CONTROL_SAMPLE: usize = 3;
+
+/// A control check that found the documents held live answering 404 too
+/// stands this long for the tenant and type: the next 404s are not trusted
+/// without another round of control GETs (a wrong path makes every fetch
+/// a 404; one check answers for the storm).
+const SUSPECT_WINDOW: Duration = Duration::from_secs(60);
+
+/// At most one log line per tenant and type in this interval for 404s not
+/// trusted as deletions, with how many there were.
+pub const UNCONFIRMED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// How long a claim's lease lasts without renewal: twice the request
+/// timeout and 5 s. A fetch renews it every third of that while it runs,
+/// so a long wait (a permit, the control check) never outlives it; a
+/// process that dies leaves leases that expire this soon.
+pub fn fetch_lease(f: &FetchConfig) -> Duration {
+    Duration::from_secs(2 * f.timeout_secs + 5)
+}
+
+/// The 404s of one tenant and type not trusted as deletions since the
+/// last log line about them.
+#[derive(Default)]
+struct Unconfirmed {
+    /// When the last line was logged (`None`: never).
+    logged_at: Option<Instant>,
+    /// Since that line.
+    count: u64,
+    /// One of them, and the live document that answered 404 too.
+    example: Option<(String, String)>,
+}
 
 /// Whether a 404/410 is evidence of a deletion.
 enum GoneVerdict {
@@ -130,6 +168,9 @@ fn priority(claim: &Claim) -> Priority {
     }
 }
 
+/// One tenant and type's control-check lock.
+type ControlLock = Arc<tokio::sync::Mutex<()>>;
+
 /// Runs fetches for every tenant of one process; shared by `serve`, `reconcile` and the demo.
 pub struct Fetcher {
     store: Store,
@@ -143,9 +184,16 @@ pub struct Fetcher {
     /// Per tenant and type: when a GET last served a document. A 404 soon
     /// after one is trusted without a control GET.
     last_served: Mutex<HashMap<(String, DocType), Instant>>,
-    /// One control check at a time: the 404s of a sweep's candidates arrive
-    /// `concurrency` at once, and one control GET answers for all of them.
-    control: tokio::sync::Mutex<()>,
+    /// Per tenant and type, one control check at a time: the 404s of a
+    /// sweep's candidates arrive `concurrency` at once, and one control GET
+    /// answers for all of them. Per tenant, so one tenant's slow or failing
+    /// upstream never makes another's fetches wait.
+    control: Mutex<HashMap<(String, DocType), ControlLock>>,
+    /// Per tenant and type: when a control check last found documents held
+    /// live answering 404 too, and the one it named.
+    suspect: Mutex<HashMap<(String, DocType), (Instant, String)>>,
+    /// Per tenant and type: the 404s not trusted since the last log line.
+    unconfirmed: Mutex<HashMap<(String, DocType), Unconfirmed>>,
 }
 
 impl Fetcher {
@@ -164,7 +212,9 @@ impl Fetcher {
             owner,
             paused_until: Mutex::new(HashMap::new()),
             last_served: Mutex::new(HashMap::new()),
-            control: tokio::sync::Mutex::new(()),
+            control: Mutex::new(HashMap::new()),
+            suspect: Mutex::new(HashMap::new()),
+            unconfirmed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -185,6 +235,96 @@ impl Fetcher {
         if let Ok(mut m) = self.last_served.lock() {
             m.insert((tenant.to_string(), doc_type), Instant::now());
         }
+        if let Ok(mut m) = self.suspect.lock() {
+            m.remove(&(tenant.to_string(), doc_type));
+        }
+    }
+
+    /// The live document a recent control check saw answer 404, if one did
+    /// within [`SUSPECT_WINDOW`].
+    fn suspected(&self, tenant: &str, doc_type: DocType) -> Option<String> {
+        let m = self.suspect.lock().ok()?;
+        let (at, control) = m.get(&(tenant.to_string(), doc_type))?;
+        (at.elapsed() < SUSPECT_WINDOW).then(|| control.clone())
+    }
+
+    /// The control-check lock of one tenant and type.
+    fn control_lock(&self, tenant: &str, doc_type: DocType) -> ControlLock {
+        match self.control.lock() {
+            Ok(mut m) => m.entry((tenant.to_string(), doc_type)).or_default().clone(),
+            // A poisoned map only loses the sharing: a lock of its own.
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// Counts one 404 not trusted as a deletion; logs one line per tenant
+    /// and type per [`UNCONFIRMED_LOG_EVERY`] (the first at once), with the
+    /// count since the last line, instead of a line per fetch.
+    fn note_unconfirmed(&self, claim: &Claim, control: &str) {
+        let key = (claim.tenant.clone(), claim.doc_type);
+        let due = {
+            let Ok(mut m) = self.unconfirmed.lock() else {
+                return;
+            };
+            let u = m.entry(key).or_default();
+            u.count += 1;
+            u.example = Some((claim.doc_id.clone(), control.to_string()));
+            u.logged_at
+                .is_none_or(|t| t.elapsed() >= UNCONFIRMED_LOG_EVERY)
+        };
+        if due {
+            self.log_unconfirmed(&claim.tenant, claim.doc_type);
+        }
+    }
+
+    /// Logs the 404s of `tenant`'s `doc_type` not trusted since the last
+    /// line, if any, and starts a new interval.
+    fn log_unconfirmed(&self, tenant: &str, doc_type: DocType) {
+        let (count, example, since) = {
+            let Ok(mut m) = self.unconfirmed.lock() else {
+                return;
+            };
+            let Some(u) = m.get_mut(&(tenant.to_string(), doc_type)) else {
+                return;
+            };
+            if u.count == 0 {
+                return;
+            }
+            let since = u.logged_at.map(|t| t.elapsed().as_secs());
+            u.logged_at = Some(Instant::now());
+            (std::mem::take(&mut u.count), u.example.take(), since)
+        };
+        let (id, control) = example.unwrap_or_default();
+        tracing::error!(
+            tenant,
+            doc_type = doc_type.as_str(),
+            count,
+            since_last_line_secs = since,
+            example_id = %id,
+            control = %control,
+            "404s not trusted as deletions: documents the mirror holds live answer 404 too (check job_path / project_path and app_user); they will be retried"
+        );
+    }
+
+    /// Logs the counts of 404s not trusted whose interval has passed (the
+    /// storm may have stopped: its last count still gets its line).
+    fn flush_unconfirmed(&self, tenant: &str) {
+        let due: Vec<DocType> = match self.unconfirmed.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|((t, _), u)| {
+                    t == tenant
+                        && u.count > 0
+                        && u.logged_at
+                            .is_none_or(|at| at.elapsed() >= UNCONFIRMED_LOG_EVERY)
+                })
+                .map(|((_, ty), _)| *ty)
+                .collect(),
+            Err(_) => return,
+        };
+        for ty in due {
+            self.log_unconfirmed(tenant, ty);
+        }
     }
 
     fn served_recently(&self, tenant: &str, doc_type: DocType) -> bool {
@@ -204,10 +344,17 @@ impl Fetcher {
         if self.served_recently(&claim.tenant, claim.doc_type) {
             return GoneVerdict::Trusted;
         }
-        let _one_at_a_time = self.control.lock().await;
+        if let Some(control) = self.suspected(&claim.tenant, claim.doc_type) {
+            return GoneVerdict::Suspect { control };
+        }
+        let lock = self.control_lock(&claim.tenant, claim.doc_type);
+        let _one_at_a_time = lock.lock().await;
         // Another fetch's control check may have just settled it.
         if self.served_recently(&claim.tenant, claim.doc_type) {
             return GoneVerdict::Trusted;
+        }
+        if let Some(control) = self.suspected(&claim.tenant, claim.doc_type) {
+            return GoneVerdict::Suspect { control };
         }
         let sample = match self.store.control_sample(claim.key(), CONTROL_SAMPLE).await {
             Ok(s) => s,
@@ -237,6 +384,12 @@ impl Fetcher {
                 Fetched::Failed(e) => return GoneVerdict::Undecided(e),
             }
         }
+        if let Ok(mut m) = self.suspect.lock() {
+            m.insert(
+                (claim.tenant.clone(), claim.doc_type),
+                (Instant::now(), first.clone()),
+            );
+        }
         GoneVerdict::Suspect { control: first }
     }
 
@@ -256,13 +409,13 @@ impl Fetcher {
         until_idle: Option<Duration>,
     ) {
         let concurrency = self.config.fetch.concurrency;
-        // Long enough for a permit wait (MAX_PERMIT_WAIT, 20 s) and the request.
-        let lease = Duration::from_secs(self.config.fetch.timeout_secs + 30);
+        let lease = fetch_lease(&self.config.fetch);
         let mut inflight: JoinSet<()> = JoinSet::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            self.flush_unconfirmed(&tenant);
             // The slots in use now: fewer than `concurrency` while the
             // budget is slow (see `slots`).
             let slots = self.slots(&tenant, concurrency);
@@ -336,6 +489,10 @@ impl Fetcher {
             inflight.abort_all();
             while inflight.join_next().await.is_some() {}
         }
+        // The last interval's count of untrusted 404s gets its line.
+        for ty in DocType::ALL {
+            self.log_unconfirmed(&tenant, ty);
+        }
     }
 
     /// How many fetches may be in flight: `concurrency`, but no more than
@@ -375,7 +532,50 @@ impl Fetcher {
         }
     }
 
+    /// Fetches and settles one claimed document, renewing its lease every
+    /// third of [`fetch_lease`] until it is settled. A renewal that finds
+    /// the lease taken by another claim stops the fetch: that claim owns the
+    /// document now, and whatever this one would write is discarded.
     async fn fetch_one(&self, claim: Claim) {
+        let lease = fetch_lease(&self.config.fetch);
+        let every = lease / 3;
+        let work = self.fetch_and_settle(&claim);
+        tokio::pin!(work);
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut work => return,
+                _ = renew.tick() => {
+                    let until = Utc::now()
+                        + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::minutes(1));
+                    match self.store.renew_lease(claim.clone(), until).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let ty = claim.doc_type.as_str();
+                            self.metrics.fenced(&claim.tenant, ty, "renewal");
+                            tracing::warn!(tenant = %claim.tenant, doc_type = ty, id = %claim.doc_id, "lease lost during the fetch (another claim holds the document now): this fetch stops, its result is discarded");
+                            return;
+                        }
+                        Err(e) => {
+                            // The settlement is fenced anyway; try again at the next tick.
+                            tracing::warn!(tenant = %claim.tenant, id = %claim.doc_id, error = %e, "cannot renew a fetch's lease");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Discards a settlement whose claim lost its lease: counted and logged.
+    fn fenced(&self, claim: &Claim, what: &str) {
+        let ty = claim.doc_type.as_str();
+        self.metrics.fenced(&claim.tenant, ty, "settle");
+        tracing::warn!(tenant = %claim.tenant, doc_type = ty, id = %claim.doc_id, what, "fetch result discarded: its claim lost the lease to another claim");
+    }
+
+    async fn fetch_and_settle(&self, claim: &Claim) {
+        let claim = claim.clone();
         let Some(tenant) = self.config.tenant(&claim.tenant) else {
             return;
         };
@@ -399,17 +599,14 @@ impl Fetcher {
                 self.metrics.fetch(&t, ty, "ok", elapsed);
                 self.served(&t, claim.doc_type);
                 let doc = extract(&doc, &self.config.upstream);
-                match self
-                    .store
-                    .finish_stored(claim.clone(), self.owner.clone(), doc, now)
-                    .await
-                {
+                match self.store.finish_stored(claim.clone(), doc, now).await {
+                    Ok(StoreOutcome::Fenced) => self.fenced(&claim, "stored document"),
                     Ok(outcome) => {
                         let label = match outcome {
                             StoreOutcome::Inserted => "inserted",
                             StoreOutcome::Changed { .. } => "changed",
                             StoreOutcome::Unchanged => "unchanged",
-                            StoreOutcome::Stale => "stale",
+                            StoreOutcome::Stale | StoreOutcome::Fenced => "stale",
                         };
                         self.metrics.stored(&t, ty, label);
                         tracing::debug!(tenant = %t, doc_type = ty, id = %claim.doc_id, outcome = label, "document stored");
@@ -424,6 +621,8 @@ impl Fetcher {
                 match self.judge_gone(tenant, &claim).await {
                     GoneVerdict::Trusted => {}
                     GoneVerdict::Suspect { control } => {
+                        self.metrics.unconfirmed_gone(&t, ty);
+                        self.note_unconfirmed(&claim, &control);
                         let err = crate::upstream::CallError {
                             class: ErrorClass::UnconfirmedGone,
                             message: format!(
@@ -439,11 +638,11 @@ impl Fetcher {
                         return;
                     }
                 }
-                match self
-                    .store
-                    .finish_gone(claim.clone(), self.owner.clone(), now)
-                    .await
-                {
+                match self.store.finish_gone(claim.clone(), now).await {
+                    Ok(GoneOutcome::Fenced) => self.fenced(&claim, "deletion"),
+                    Ok(GoneOutcome::Superseded) => {
+                        tracing::info!(tenant = %t, doc_type = ty, id = %claim.doc_id, status = code, "404 not recorded: a fetch after this one began stored the document")
+                    }
                     Ok(outcome) => {
                         let marked = outcome == GoneOutcome::Marked;
                         tracing::info!(tenant = %t, doc_type = ty, id = %claim.doc_id, status = code, marked, "document gone upstream")
@@ -488,11 +687,8 @@ impl Fetcher {
             counts: !rate_limited,
             max_attempts: self.config.fetch.max_attempts,
         };
-        match self
-            .store
-            .finish_failed(claim.clone(), self.owner.clone(), failure, now)
-            .await
-        {
+        match self.store.finish_failed(claim.clone(), failure, now).await {
+            Ok(FailureResult::Fenced) => self.fenced(claim, "failure"),
             Ok(FailureResult::Dead { attempts }) => {
                 self.metrics.dead(&t, ty);
                 tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "event dead: giving up on document (skillsync retry --dead puts it back)");
@@ -501,9 +697,8 @@ impl Fetcher {
                 ErrorClass::Auth => {
                     tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "upstream authentication failing: check app_tenant, app_id and app_secret")
                 }
-                ErrorClass::UnconfirmedGone => {
-                    tracing::error!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, error = %err, "404 not trusted as a deletion: documents the mirror holds live answer 404 too")
-                }
+                // Logged once per interval with a count (`note_unconfirmed`).
+                ErrorClass::UnconfirmedGone => {}
                 _ => {
                     tracing::warn!(tenant = %t, doc_type = ty, id = %claim.doc_id, attempts, retry_in_secs = delay.as_secs(), error = %err, "fetch failed; will retry")
                 }

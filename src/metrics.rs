@@ -84,6 +84,21 @@ impl Metrics {
         counter!("skillsync_dead_documents_total", "tenant" => tenant.to_string(), "type" => doc_type).increment(1);
     }
 
+    /// One fetch's result discarded because its claim had lost its lease
+    /// (`stage`: `renewal` when a renewal found the lease taken and the fetch
+    /// stopped, `settle` when the settlement found it).
+    pub fn fenced(&self, tenant: &str, doc_type: &'static str, stage: &'static str) {
+        counter!("skillsync_fetch_fenced_total", "tenant" => tenant.to_string(), "type" => doc_type, "stage" => stage)
+            .increment(1);
+    }
+
+    /// One 404/410 not recorded as a deletion because documents the mirror
+    /// holds live answered 404 too.
+    pub fn unconfirmed_gone(&self, tenant: &str, doc_type: &'static str) {
+        counter!("skillsync_unconfirmed_gone_total", "tenant" => tenant.to_string(), "type" => doc_type)
+            .increment(1);
+    }
+
     /// One upstream request sent (a permit taken from the tenant's budget).
     pub fn upstream_request(&self, tenant: &str, priority: &'static str) {
         counter!("skillsync_upstream_requests_total", "tenant" => tenant.to_string(), "priority" => priority).increment(1);
@@ -203,6 +218,16 @@ fn describe() {
         "skillsync_dead_documents_total",
         Unit::Count,
         "Documents whose events went dead after fetch.max_attempts failures."
+    );
+    describe_counter!(
+        "skillsync_fetch_fenced_total",
+        Unit::Count,
+        "Fetch results discarded because the claim had lost its lease to another claim."
+    );
+    describe_counter!(
+        "skillsync_unconfirmed_gone_total",
+        Unit::Count,
+        "404/410 answers not recorded as deletions because documents held live answered 404 too."
     );
     describe_counter!(
         "skillsync_upstream_requests_total",

@@ -221,6 +221,14 @@ pub struct Claim {
     pub max_event: i64,
     pub attempts: u32,
     pub reason: String,
+    /// The fencing token: the queue row's `lease_owner` while this claim
+    /// holds it (the process's owner name, `/`, a value no other claim ever
+    /// had). A renewal or settlement whose token the row no longer holds is
+    /// from a claim that lost its lease, and is discarded.
+    pub lease: String,
+    /// When the claim was made (table format): a 404 from this claim never
+    /// marks deleted a document a fetch stored after it.
+    pub claimed_at: String,
 }
 
 impl Claim {

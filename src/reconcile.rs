@@ -61,7 +61,10 @@
 //! A listing page that fails with 429 (honouring `Retry-After`, capped),
 //! 5xx, a timeout, a reset or a malformed body is retried with backoff and
 //! jitter at the same cursor; after `upstream.listing_retry_secs` of
-//! failures the run fails with the page it reached. A run that loses its
+//! failures the run fails with the page it reached. The run lock is
+//! renewed every quarter of its lease between pages and while the run
+//! waits (for a page, a `Retry-After`, a backoff), so no wait lets another
+//! run take it. A run that loses its
 //! lock (renewal fails or another process holds it) stops, queues nothing
 //! more and advances nothing; counts are added after their writes commit.
 
@@ -80,8 +83,10 @@ use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
 use crate::wake::Wake;
 
-/// How long a run lock lasts without renewal.
-const LOCK_LEASE: Duration = Duration::from_secs(300);
+/// How long a run lock lasts without renewal (see [`Reconciler::with_lock_lease`]).
+/// A run renews it every quarter of this, between pages and while it waits
+/// (for a page, a `Retry-After`, a backoff).
+pub const LOCK_LEASE: Duration = Duration::from_secs(300);
 
 /// [`RunKind`] under the name callers of the reconciler import it by.
 pub use crate::model::RunKind as Kind;
@@ -328,6 +333,8 @@ pub struct Reconciler {
     config: Arc<Config>,
     wake: Wake,
     owner: String,
+    /// How long the run lock lasts without renewal: [`LOCK_LEASE`].
+    lock_lease: Duration,
 }
 
 /// A run in progress: what every page step needs.
@@ -356,7 +363,21 @@ impl Reconciler {
             config,
             wake,
             owner,
+            lock_lease: LOCK_LEASE,
         }
+    }
+
+    /// This reconciler with run locks that last `lease` without renewal
+    /// instead of [`LOCK_LEASE`] (renewed every quarter of it): a shorter
+    /// lease hands a dead process's lock over sooner, at the cost of more
+    /// renewals.
+    pub fn with_lock_lease(mut self, lease: Duration) -> Reconciler {
+        self.lock_lease = lease;
+        self
+    }
+
+    fn lock_lease(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.lock_lease).unwrap_or(chrono::Duration::minutes(5))
     }
 
     /// Releases run locks this process holds (at stop).
@@ -383,7 +404,7 @@ impl Reconciler {
             .clone();
         let started = Instant::now();
         let start_time = Utc::now();
-        let lease = chrono::Duration::from_std(LOCK_LEASE).unwrap_or(chrono::Duration::minutes(5));
+        let lease = self.lock_lease();
         if !self
             .store
             .acquire_sync_lock(
@@ -517,14 +538,38 @@ impl Reconciler {
     /// Extends the run lock; a lock another process now holds (or that
     /// cannot be renewed) ends the run before it writes anything more.
     async fn renew(&self, run: &Run<'_>) -> Result<(), Failure> {
-        let until = Utc::now()
-            + chrono::Duration::from_std(LOCK_LEASE).unwrap_or(chrono::Duration::minutes(5));
+        let until = Utc::now() + self.lock_lease();
         match self.store.renew_sync_lock(run.lock.clone(), until).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Failure::LostLock),
             Err(e) => {
                 tracing::warn!(tenant = %run.lock.tenant, doc_type = run.doc_type.as_str(), error = %e, "cannot renew the run lock; stopping the run");
                 Err(Failure::LostLock)
+            }
+        }
+    }
+
+    /// Awaits `fut` while keeping the run lock: renewed every quarter of
+    /// the lease, so a long wait (a slow page, a `Retry-After`, a backoff)
+    /// never lets it expire. Stops at shutdown or when the lock is lost.
+    /// `last_renew` is when the lock was last renewed, and is kept current.
+    async fn keeping_lock<T>(
+        &self,
+        run: &Run<'_>,
+        last_renew: &mut Instant,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, Failure> {
+        tokio::pin!(fut);
+        let every = self.lock_lease / 4;
+        loop {
+            let next = tokio::time::Instant::from_std(*last_renew + every);
+            tokio::select! {
+                _ = run.shutdown.cancelled() => return Err(Failure::Interrupted),
+                v = &mut fut => return Ok(v),
+                _ = tokio::time::sleep_until(next) => {
+                    self.renew(run).await?;
+                    *last_renew = Instant::now();
+                }
             }
         }
     }
@@ -562,14 +607,14 @@ impl Reconciler {
         let mut cursor = Cursor::Start(since);
         let mut request = self.request_page(run.tcfg, doc_type, &cursor);
         loop {
-            let answer = tokio::select! {
-                _ = run.shutdown.cancelled() => {
+            let answer = match self.keeping_lock(run, &mut last_renew, &mut request).await {
+                Ok(a) => a,
+                Err(f) => {
                     request.abort();
-                    return Err(Failure::Interrupted);
+                    return Err(f);
                 }
-                a = &mut request => a,
             };
-            if last_renew.elapsed() > LOCK_LEASE / 4 {
+            if last_renew.elapsed() > self.lock_lease / 4 {
                 self.renew(run).await?;
                 last_renew = Instant::now();
             }
@@ -624,10 +669,8 @@ impl Reconciler {
                         error = %e,
                         "listing page failed; retrying that page"
                     );
-                    tokio::select! {
-                        _ = run.shutdown.cancelled() => return Err(Failure::Interrupted),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    self.keeping_lock(run, &mut last_renew, tokio::time::sleep(delay))
+                        .await?;
                     request = self.request_page(run.tcfg, doc_type, &cursor);
                     continue;
                 }

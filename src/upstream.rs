@@ -8,7 +8,15 @@
 //!
 //! Requests go only to the configured bases (never to a URL from a payload)
 //! and redirects are not followed, so credentials cannot be led elsewhere.
+//!
+//! A listing page costs bounded memory: its body may hold at most
+//! [`LISTING_ROW_BYTES`] per row asked for (a larger one is refused as
+//! malformed), it is parsed straight into the two columns a row needs (every
+//! other field is skipped, never built into a JSON tree), and at most
+//! [`LISTINGS_AT_ONCE`] pages are downloaded and parsed at once per process,
+//! whatever the number of tenants and types whose schedules fire together.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -17,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use crate::budget::{Answer, Budgets, Priority};
 use crate::config::{Config, TenantConfig};
-use crate::model::{DocType, ErrorClass, get_ci, normalize_ts};
+use crate::model::{DocType, ErrorClass, normalize_ts};
 
 /// A failed call, classified.
 #[derive(Debug, Clone)]
@@ -83,10 +91,25 @@ pub struct ListPage {
 }
 
 /// The longest a request waits for a permit from the tenant's budget. A
-/// fetch holds a lease on its document meanwhile (`timeout_secs + 30` s):
-/// past this it gives the document back (as if throttled) rather than
-/// outwait the lease, with 10 s to spare for settling the fetch.
+/// fetch holds a lease on its document meanwhile (renewed while it waits,
+/// see `fetcher::fetch_lease`): past this it gives the document back (as if
+/// throttled) rather than hold it from a process with permits to spare.
 pub const MAX_PERMIT_WAIT: Duration = Duration::from_secs(20);
+
+/// The most a listing page's body may hold per row asked for (`take`), on
+/// top of [`LISTING_BASE_BYTES`]. A row holds an id and a time (about 100
+/// bytes); a server that ignores `fields` and sends every known column
+/// stays well inside. At the default `page_size` (500) a page may be 1.1 MB;
+/// at the largest (10,000), 20 MB.
+pub const LISTING_ROW_BYTES: usize = 2048;
+
+/// What a listing page's body may hold besides its rows.
+pub const LISTING_BASE_BYTES: usize = 64 << 10;
+
+/// How many listing pages one process downloads and parses at once, across
+/// every tenant and type: runs that start together take turns page by page,
+/// so their memory is bounded by this many pages, not by the tenant count.
+pub const LISTINGS_AT_ONCE: usize = 4;
 
 /// The client; cheap to clone (clones share the request budgets).
 #[derive(Clone)]
@@ -96,6 +119,9 @@ pub struct Upstream {
     /// Every tenant's request budget in this process: every clone draws
     /// from the same ones, so the fetcher and the reconciler share them.
     budgets: Budgets,
+    /// Listing pages in flight in this process ([`LISTINGS_AT_ONCE`]);
+    /// shared by every clone, and kept across reloads like the budgets.
+    listings: Arc<tokio::sync::Semaphore>,
 }
 
 /// Installs the ring crypto provider for rustls once per process (reqwest is
@@ -163,7 +189,15 @@ impl Upstream {
             client,
             max_document_bytes: config.fetch.max_document_bytes,
             budgets,
+            listings: Arc::new(tokio::sync::Semaphore::new(LISTINGS_AT_ONCE)),
         })
+    }
+
+    /// This client drawing its listing turns from `other`'s: a reload's new
+    /// client and the old one draining share one [`LISTINGS_AT_ONCE`].
+    pub fn sharing_listings(mut self, other: &Upstream) -> Upstream {
+        self.listings = other.listings.clone();
+        self
     }
 
     /// The request budgets this client draws from.
@@ -226,25 +260,28 @@ impl Upstream {
         }
     }
 
-    /// Reads a body up to `limit` bytes; more is a `Malformed` error.
-    async fn body(&self, mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, CallError> {
+    /// Reads a body up to `limit` bytes; more is a `Malformed` error
+    /// naming `what` (a document, a listing page).
+    async fn body(
+        &self,
+        mut resp: reqwest::Response,
+        limit: usize,
+        what: &str,
+    ) -> Result<Vec<u8>, CallError> {
+        let too_large = || CallError {
+            class: ErrorClass::Malformed,
+            message: format!("{what} larger than {limit} bytes"),
+            retry_after: None,
+        };
         if resp.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(CallError {
-                class: ErrorClass::Malformed,
-                message: format!("document larger than {limit} bytes"),
-                retry_after: None,
-            });
+            return Err(too_large());
         }
         let mut buf = Vec::new();
         loop {
             match resp.chunk().await {
                 Ok(Some(c)) => {
                     if buf.len() + c.len() > limit {
-                        return Err(CallError {
-                            class: ErrorClass::Malformed,
-                            message: format!("document larger than {limit} bytes"),
-                            retry_after: None,
-                        });
+                        return Err(too_large());
                     }
                     buf.extend_from_slice(&c);
                 }
@@ -294,7 +331,7 @@ impl Upstream {
                 parse_retry_after(resp.headers().get("retry-after")),
             ));
         }
-        let body = match self.body(resp, self.max_document_bytes).await {
+        let body = match self.body(resp, self.max_document_bytes, "document").await {
             Ok(b) => b,
             Err(e) => return Fetched::Failed(e),
         };
@@ -352,6 +389,13 @@ impl Upstream {
             "fields": [id_field, u.modified_field],
             "filters": filters,
         }});
+        // One of the process's listing turns, from before the request to the
+        // end of the parse: the body and the parsed rows are what cost memory.
+        let _turn = self.listings.acquire().await.map_err(|_| CallError {
+            class: ErrorClass::Network,
+            message: "the listing turns were closed".into(),
+            retry_after: None,
+        })?;
         let resp = self
             .send(
                 tenant,
@@ -366,44 +410,207 @@ impl Upstream {
                 parse_retry_after(resp.headers().get("retry-after")),
             ));
         }
-        // A page is small (ids and times); allow generously more than a document.
+        let limit = LISTING_BASE_BYTES + take as usize * LISTING_ROW_BYTES;
         let bytes = self
-            .body(resp, self.max_document_bytes.max(64 << 20))
+            .body(resp, limit, &format!("listing page (take {take})"))
             .await?;
-        let v: Value = serde_json::from_slice(&bytes).map_err(|e| CallError {
-            class: ErrorClass::Malformed,
-            message: format!("listing is not JSON: {e}"),
-            retry_after: None,
-        })?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| malformed("listing is not a JSON object"))?;
-        let data = get_ci(obj, "data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| malformed("listing has no `data` array"))?;
-        let total_count = get_ci(obj, "totalCount").and_then(Value::as_u64);
-        let mut rows = Vec::with_capacity(data.len());
-        for row in data {
-            let row = row
-                .as_object()
-                .ok_or_else(|| malformed("listing row is not an object"))?;
-            let raw_id = get_ci(row, id_field)
-                .and_then(Value::as_str)
-                .ok_or_else(|| malformed(&format!("listing row has no `{id_field}`")))?;
-            let id = uuid::Uuid::try_parse(raw_id)
-                .map(|u| u.hyphenated().to_string())
-                .unwrap_or_else(|_| raw_id.to_string());
-            let raw_modified_on = get_ci(row, &u.modified_field)
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            rows.push(ListedDoc {
-                id,
-                modified_on: raw_modified_on.as_deref().map(normalize_ts),
-                raw_id: raw_id.to_string(),
-                raw_modified_on,
-            });
-        }
+        let (raw, total_count) = parse_page(&bytes, id_field, &u.modified_field)?;
+        drop(bytes);
+        let rows = raw
+            .into_iter()
+            .map(|(raw_id, raw_modified_on)| {
+                let id = uuid::Uuid::try_parse(&raw_id)
+                    .map(|u| u.hyphenated().to_string())
+                    .unwrap_or_else(|_| raw_id.clone());
+                ListedDoc {
+                    id,
+                    modified_on: raw_modified_on.as_deref().map(normalize_ts),
+                    raw_id,
+                    raw_modified_on,
+                }
+            })
+            .collect();
         Ok(ListPage { rows, total_count })
+    }
+}
+
+/// A listing row as parsed: its id and ModifiedOn as listed.
+type RawRow = (String, Option<String>);
+
+/// Parses a listing page, `{"data": [{id_field: "…", modified_field: "…"}, …],
+/// "totalCount": N}` (keys matched case-insensitively, an exact match
+/// first), keeping only those two columns of each row: every other field,
+/// however large, is skipped without being built.
+fn parse_page(
+    bytes: &[u8],
+    id_field: &str,
+    modified_field: &str,
+) -> Result<(Vec<RawRow>, Option<u64>), CallError> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let page = PageSeed {
+        id_field,
+        modified_field,
+    }
+    .deserialize(&mut de)
+    .and_then(|p| de.end().map(|()| p))
+    .map_err(|e| malformed(&format!("listing page: {e}")))?;
+    let (data, total) = page;
+    let data = data.ok_or_else(|| malformed("listing has no `data` array"))?;
+    let rows = data
+        .into_iter()
+        .map(|(id, modified)| {
+            id.map(|id| (id, modified))
+                .ok_or_else(|| malformed(&format!("listing row has no `{id_field}`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rows, total))
+}
+
+/// A field matched case-insensitively, the exact spelling winning over
+/// other spellings (as [`crate::model::get_ci`] does).
+struct Matched<T> {
+    value: Option<T>,
+    exact: bool,
+}
+
+impl<T> Matched<T> {
+    fn new() -> Self {
+        Matched {
+            value: None,
+            exact: false,
+        }
+    }
+
+    /// Whether a value under `key` should replace the one held for `name`.
+    fn wants(&self, key: &str, name: &str) -> bool {
+        if key == name {
+            !self.exact
+        } else {
+            self.value.is_none() && key.eq_ignore_ascii_case(name)
+        }
+    }
+
+    fn set(&mut self, key: &str, name: &str, value: T) {
+        self.exact = key == name;
+        self.value = Some(value);
+    }
+}
+
+/// The whole page: `data` (rows with the id missing kept as `None`, so the
+/// error can name the field) and `totalCount`.
+struct PageSeed<'a> {
+    id_field: &'a str,
+    modified_field: &'a str,
+}
+
+type ParsedPage = (Option<Vec<(Option<String>, Option<String>)>>, Option<u64>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PageSeed<'_> {
+    type Value = ParsedPage;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PageSeed<'_> {
+    type Value = ParsedPage;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object with a `data` array")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ParsedPage, A::Error> {
+        let mut data = Matched::new();
+        let mut total = Matched::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if data.wants(&key, "data") {
+                let rows = map.next_value_seed(RowsSeed {
+                    id_field: self.id_field,
+                    modified_field: self.modified_field,
+                })?;
+                data.set(&key, "data", rows);
+            } else if total.wants(&key, "totalCount") {
+                let v: Value = map.next_value()?;
+                total.set(&key, "totalCount", v.as_u64());
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok((data.value, total.value.flatten()))
+    }
+}
+
+/// The `data` array.
+struct RowsSeed<'a> {
+    id_field: &'a str,
+    modified_field: &'a str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RowsSeed<'_> {
+    type Value = Vec<(Option<String>, Option<String>)>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RowsSeed<'_> {
+    type Value = Vec<(Option<String>, Option<String>)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a `data` array of row objects")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut rows = Vec::new();
+        while let Some(row) = seq.next_element_seed(RowSeed {
+            id_field: self.id_field,
+            modified_field: self.modified_field,
+        })? {
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+/// One row: its id (a string, else `None`) and ModifiedOn (a string, else `None`).
+struct RowSeed<'a> {
+    id_field: &'a str,
+    modified_field: &'a str,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for RowSeed<'_> {
+    type Value = (Option<String>, Option<String>);
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RowSeed<'_> {
+    type Value = (Option<String>, Option<String>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a listing row object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut id = Matched::new();
+        let mut modified = Matched::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if id.wants(&key, self.id_field) {
+                let v: Value = map.next_value()?;
+                id.set(&key, self.id_field, v.as_str().map(str::to_string));
+            } else if modified.wants(&key, self.modified_field) {
+                let v: Value = map.next_value()?;
+                modified.set(&key, self.modified_field, v.as_str().map(str::to_string));
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok((id.value.flatten(), modified.value.flatten()))
     }
 }
 
@@ -412,5 +619,67 @@ fn malformed(msg: &str) -> CallError {
         class: ErrorClass::Malformed,
         message: msg.to_string(),
         retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    #[test]
+    fn a_page_keeps_two_columns_matched_case_insensitively_and_skips_the_rest() -> TestResult {
+        let page = br#"{"TOTALCOUNT": 7, "extra": {"deep": [1, 2, {"x": "y"}]},
+            "Data": [
+                {"jobid": "A", "Padding": "xxxxxxxx", "modifiedon": "2026-11-01T00:00:00Z"},
+                {"JobId": "B", "jobid": "ignored", "ModifiedOn": null, "Nested": {"a": [1]}},
+                {"JobId": "C"}
+            ]}"#;
+        let (rows, total) = parse_page(page, "JobId", "ModifiedOn").map_err(|e| e.message)?;
+        assert_eq!(total, Some(7));
+        assert_eq!(
+            rows,
+            vec![
+                ("A".to_string(), Some("2026-11-01T00:00:00Z".to_string())),
+                ("B".to_string(), None),
+                ("C".to_string(), None),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_page_is_refused_with_what_is_wrong() {
+        let err = |b: &[u8]| {
+            parse_page(b, "JobId", "ModifiedOn")
+                .err()
+                .map(|e| (e.class, e.message))
+        };
+        let no_id = err(br#"{"data": [{"ModifiedOn": "t"}]}"#);
+        assert_eq!(
+            no_id.map(|(c, m)| (c, m.contains("no `JobId`"))),
+            Some((ErrorClass::Malformed, true))
+        );
+        let numeric_id = err(br#"{"data": [{"JobId": 5}]}"#);
+        assert!(numeric_id.is_some_and(|(_, m)| m.contains("no `JobId`")));
+        let no_data = err(br#"{"totalCount": 1}"#);
+        assert!(no_data.is_some_and(|(_, m)| m.contains("no `data` array")));
+        for bad in [
+            &br#"[1, 2]"#[..],
+            br#"{"data": 5}"#,
+            br#"{"data": [5]}"#,
+            br#"{"data": []} trailing"#,
+            b"not json",
+        ] {
+            let e = err(bad);
+            assert!(
+                e.as_ref().is_some_and(
+                    |(c, m)| *c == ErrorClass::Malformed && m.starts_with("listing page")
+                ),
+                "{e:?} for {}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

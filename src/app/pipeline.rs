@@ -49,6 +49,8 @@ pub struct Pipeline {
     /// The per-tenant request budgets every upstream call draws from; kept
     /// across reloads (a configured rate change applies to them).
     budgets: Budgets,
+    /// The upstream client; a reload's new one shares its listing turns.
+    upstream: Upstream,
 }
 
 impl Pipeline {
@@ -58,7 +60,7 @@ impl Pipeline {
         let metrics = Metrics::install();
         let wake = wake::for_tenants(&config);
         let budgets = Budgets::new(metrics.clone());
-        Pipeline::wire(config, store, metrics, wake, budgets)
+        Pipeline::wire(config, store, metrics, wake, budgets, None)
     }
 
     /// A pipeline for a reloaded `config` on the same store, metrics and
@@ -83,6 +85,7 @@ impl Pipeline {
             self.metrics.clone(),
             wake,
             self.budgets.clone(),
+            Some(&self.upstream),
         )
     }
 
@@ -92,8 +95,13 @@ impl Pipeline {
         metrics: Metrics,
         wake: Wake,
         budgets: Budgets,
+        previous: Option<&Upstream>,
     ) -> anyhow::Result<Pipeline> {
         let upstream = Upstream::with_budgets(&config, budgets.clone())?;
+        let upstream = match previous {
+            Some(p) => upstream.sharing_listings(p),
+            None => upstream,
+        };
         let fetcher = Fetcher::new(
             store.clone(),
             upstream.clone(),
@@ -102,7 +110,7 @@ impl Pipeline {
         );
         let reconciler = Reconciler::new(
             store.clone(),
-            upstream,
+            upstream.clone(),
             config.clone(),
             wake.clone(),
             fetcher.owner().to_string(),
@@ -115,6 +123,7 @@ impl Pipeline {
             reconciler,
             wake,
             budgets,
+            upstream,
         })
     }
 

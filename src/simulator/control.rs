@@ -63,6 +63,8 @@ impl Simulator {
                     listing_error_next: v["listing_error_next"].as_u64().unwrap_or(0) as u32,
                     listing_error_rate: v["listing_error_rate"].as_f64().unwrap_or(0.0),
                     page_cap: v["page_cap"].as_u64(),
+                    listing_row_padding: v["listing_row_padding"].as_u64().unwrap_or(0) as usize,
+                    all_gone: v["all_gone"].as_bool().unwrap_or(false),
                 };
                 self.set_faults(f);
                 reply(StatusCode::OK, json!({"faults": "set"}))

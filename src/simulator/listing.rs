@@ -1,6 +1,6 @@
 //! The simulated Data Extraction listing: `fields`, `filters` (the
 //! DevExtreme-style terms the daemon sends), `skip`/`take`, `totalCount`,
-//! and its faults (failing after page N, outages, a page cap). A page is a
+//! and its faults (failing after page N, outages, a page cap, padded rows). A page is a
 //! binary-searched key range of the (ModifiedOn, id) index.
 
 use serde_json::{Map, Value, json};
@@ -154,6 +154,12 @@ impl Simulator {
                         d.doc.get(f.as_str()).cloned()
                     };
                     row.insert(f.clone(), v.unwrap_or(Value::Null));
+                }
+                if faults.listing_row_padding > 0 {
+                    row.insert(
+                        "Padding".into(),
+                        json!("x".repeat(faults.listing_row_padding)),
+                    );
                 }
                 Value::Object(row)
             })

@@ -5,8 +5,10 @@
 //! ModifiedOn then id), checks the `X-App*` headers, can create, change and
 //! delete documents without telling anyone, can send webhooks at a given
 //! concurrency and rate, and injects faults: latency, a 5xx fraction, 429
-//! bursts with `Retry-After`, a per-tenant requests-per-second limit, hangs, malformed or oversized bodies, and
-//! connections cut mid-body. It counts the GETs per document.
+//! bursts with `Retry-After`, a per-tenant requests-per-second limit, hangs, malformed or oversized bodies,
+//! connections cut mid-body, every GET answering 404, padded (huge) listing
+//! pages, and scripted answers to one document's next GETs (a slow 404,
+//! then a 200). It counts the GETs per document.
 //!
 //! This file owns the [`Simulator`] handle, its HTTP routing and
 //! `skillsync simulate`. The parts:
@@ -37,7 +39,7 @@ use crate::server::{self, Limits};
 
 pub use sender::{SendReport, send_webhooks, send_webhooks_with};
 use upstream::State;
-pub use upstream::{Faults, ListingHook, SimCredentials, SimDoc, SimPaths, SimRequest};
+pub use upstream::{Faults, ListingHook, Scripted, SimCredentials, SimDoc, SimPaths, SimRequest};
 
 /// A running simulator; cheap to clone. Stops when its token is cancelled.
 #[derive(Clone)]

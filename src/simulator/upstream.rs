@@ -52,6 +52,22 @@ pub struct Faults {
     /// The server caps every listing page at this many rows, whatever
     /// `take` asked for (`totalCount` still counts every match).
     pub page_cap: Option<u64>,
+    /// Every listing row carries an extra `Padding` field of this many
+    /// bytes, whatever `fields` asked for: an oversized or hostile page.
+    pub listing_row_padding: usize,
+    /// Every document GET answers 404, whether the document exists or not
+    /// (what a wrong `job_path` looks like from the daemon).
+    pub all_gone: bool,
+}
+
+/// One scripted answer to a document's next GET ([`Simulator::script_gets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scripted {
+    /// How long the answer takes (after the usual latency).
+    pub delay: Duration,
+    /// 200 serves the document as it is then; any other status is sent
+    /// with an error body (404: gone, whether it exists or not).
+    pub status: u16,
 }
 
 /// Called after each listing page is answered, with the page's number (from
@@ -105,6 +121,9 @@ pub(super) struct State {
     pub(super) listing_hook: Option<ListingHook>,
     /// Listing pages answered with 200, for the hook.
     pub(super) listing_pages: u64,
+    /// Per document: how its next GETs answer, in order, before it is
+    /// served normally again.
+    scripts: HashMap<(DocType, String), VecDeque<Scripted>>,
 }
 
 impl State {
@@ -220,6 +239,16 @@ impl Simulator {
         let mut s = self.lock();
         s.listing_hook = hook;
         s.listing_pages = 0;
+    }
+
+    /// The next GETs of one document answer as `answers` say, in order
+    /// (then normally again): a slow 404 and then a 200, say, for a
+    /// document that a fetch sees gone and the next one sees back.
+    pub fn script_gets(&self, ty: DocType, id: &str, answers: &[Scripted]) {
+        self.lock().scripts.insert(
+            (ty, id.to_ascii_lowercase()),
+            answers.iter().copied().collect(),
+        );
     }
 
     /// Sets a live document's `ModifiedOn` (and its listing position) to
@@ -529,6 +558,22 @@ impl Simulator {
             Ok(faults) => faults,
             Err(refused) => return refused,
         };
+        let scripted = self
+            .lock()
+            .scripts
+            .get_mut(&(ty, id.to_ascii_lowercase()))
+            .and_then(VecDeque::pop_front);
+        if let Some(answer) = scripted {
+            tokio::time::sleep(answer.delay).await;
+            if answer.status != 200 {
+                let code = StatusCode::from_u16(answer.status)
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return reply(code, json!({"error": "scripted answer"}));
+            }
+        }
+        if faults.all_gone {
+            return reply(StatusCode::NOT_FOUND, json!({"error": "not found"}));
+        }
         if faults.hang_rate > 0.0 && fastrand::f64() < faults.hang_rate {
             tokio::time::sleep(faults.hang_for).await;
         }

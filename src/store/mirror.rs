@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::queue::settle_success;
+use super::queue::{holds_lease, settle_success};
 use super::{Store, StoreError};
 use crate::model::{Claim, DocKey, DocType, fmt_ts};
 
@@ -32,6 +32,9 @@ pub enum StoreOutcome {
     Unchanged,
     /// Older than the stored version (ModifiedOn/Version): not written.
     Stale,
+    /// The claim had lost its lease (another claim took the document): not
+    /// written; the claim holding it now settles the document.
+    Fenced,
 }
 
 /// What recording a 404/410 did.
@@ -41,6 +44,11 @@ pub enum GoneOutcome {
     Marked,
     /// No live row to mark: deleted already, or never mirrored.
     NothingLive,
+    /// A fetch that began after this claim was made stored the document:
+    /// that newer answer stands, the row stays live.
+    Superseded,
+    /// The claim had lost its lease: nothing was written.
+    Fenced,
 }
 
 /// True when `new` is older than `old` by ModifiedOn, then by Version.
@@ -130,7 +138,6 @@ impl Store {
     pub async fn finish_stored(
         &self,
         claim: Claim,
-        owner: String,
         doc: FetchedDoc,
         now: DateTime<Utc>,
     ) -> Result<StoreOutcome, StoreError> {
@@ -138,11 +145,14 @@ impl Store {
         let key = claim.key();
         let outcome = self
             .write(move |c| {
+                if !holds_lease(c, &claim)? {
+                    return Ok(StoreOutcome::Fenced);
+                }
                 let now = fmt_ts(now);
                 // The spec in force when the write runs, which matches the tables' shape.
                 let spec = super::current_report(&report);
                 let outcome = upsert_document(c, &key, &doc, &now, spec.as_deref())?;
-                settle_success(c, &claim, &owner, &now)?;
+                settle_success(c, &claim, &now)?;
                 Ok(outcome)
             })
             .await;
@@ -155,19 +165,32 @@ impl Store {
     }
 
     /// Records that upstream answered 404/410: sets `deleted_at` (row kept)
-    /// and settles the claim.
+    /// and settles the claim. Only while the claim holds its lease, and
+    /// never over a document stored after the claim was made (that answer
+    /// is newer than this 404).
     pub async fn finish_gone(
         &self,
         claim: Claim,
-        owner: String,
         now: DateTime<Utc>,
     ) -> Result<GoneOutcome, StoreError> {
         let outcome = self.write(move |c| {
+            if !holds_lease(c, &claim)? {
+                return Ok(GoneOutcome::Fenced);
+            }
             let now = fmt_ts(now);
+            let table = claim.doc_type.table();
+            let newer: bool = c
+                .prepare_cached(&format!(
+                    "SELECT 1 FROM {table} WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL AND fetched_at > ?3"
+                ))?
+                .exists(params![claim.tenant, claim.doc_id, claim.claimed_at])?;
+            if newer {
+                settle_success(c, &claim, &now)?;
+                return Ok(GoneOutcome::Superseded);
+            }
             let marked = c
                 .prepare_cached(&format!(
-                    "UPDATE {} SET deleted_at = ?3 WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL",
-                    claim.doc_type.table()
+                    "UPDATE {table} SET deleted_at = ?3 WHERE tenant = ?1 AND id = ?2 AND deleted_at IS NULL"
                 ))?
                 .execute(params![claim.tenant, claim.doc_id, now])?;
             if marked > 0 {
@@ -177,9 +200,9 @@ impl Store {
                      WHERE id = (SELECT sweep_run FROM fetch_queue
                                  WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4)",
                 )?
-                .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner])?;
+                .execute(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.lease])?;
             }
-            settle_success(c, &claim, &owner, &now)?;
+            settle_success(c, &claim, &now)?;
             Ok(if marked > 0 {
                 GoneOutcome::Marked
             } else {

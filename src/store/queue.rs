@@ -47,8 +47,14 @@ pub struct Failure {
 /// What a failed fetch led to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureResult {
-    WillRetry { attempts: u32 },
-    Dead { attempts: u32 },
+    WillRetry {
+        attempts: u32,
+    },
+    Dead {
+        attempts: u32,
+    },
+    /// The claim had lost its lease: nothing was written.
+    Fenced,
 }
 
 /// Queues a document. `requested_at` is when the change we wait for happened
@@ -228,6 +234,7 @@ type Leased = (String, String, i64, u32, String);
 /// What a claim leases with: whose queue, to whom, until when.
 struct Lease<'a> {
     tenant: &'a str,
+    /// The claim's fencing token (see [`Claim::lease`]).
     owner: &'a str,
     now: &'a str,
     until: &'a str,
@@ -379,6 +386,10 @@ impl Store {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Claim>, StoreError> {
+        // A token no claim had before: the owner (whose leases a stop
+        // releases) and a random part, so a claim that lost its lease can
+        // never pass for the one that took it over, even in this process.
+        let token = format!("{owner}/{}", uuid::Uuid::new_v4().simple());
         self.write(move |c| {
             let now = fmt_ts(now);
             let lease_until = fmt_ts(lease_until);
@@ -390,7 +401,7 @@ impl Store {
                 c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
             let lease = Lease {
                 tenant: &tenant,
-                owner: &owner,
+                owner: &token,
                 now: &now,
                 until: &lease_until,
                 max_event,
@@ -413,6 +424,8 @@ impl Store {
                         max_event,
                         attempts,
                         reason,
+                        lease: token.clone(),
+                        claimed_at: now.clone(),
                     });
                 }
             }
@@ -438,13 +451,40 @@ impl Store {
         .await
     }
 
-    /// Ends a lease without a result (shutdown): the document is due again at once.
+    /// Ends `owner`'s leases without a result (shutdown): the documents are
+    /// due again at once. A lease's token starts with its owner and `/`.
     pub async fn release_leases(&self, owner: String) -> Result<usize, StoreError> {
         self.write(move |c| {
             Ok(c.execute(
-                "UPDATE fetch_queue SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
+                "UPDATE fetch_queue SET lease_owner = NULL, lease_until = NULL
+                 WHERE lease_owner >= ?1 || '/' AND lease_owner < ?1 || '0'",
                 [owner],
             )?)
+        })
+        .await
+    }
+
+    /// Extends `claim`'s lease to `until` while its fetch is still running.
+    /// False when the row no longer holds the claim's token (the lease ran
+    /// out and another claim took the document, or it was released): the
+    /// fetch must stop, whatever it would settle is discarded.
+    pub async fn renew_lease(
+        &self,
+        claim: Claim,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            Ok(c.prepare_cached(
+                "UPDATE fetch_queue SET lease_until = ?5
+                 WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",
+            )?
+            .execute(params![
+                claim.tenant,
+                claim.doc_type.as_str(),
+                claim.doc_id,
+                claim.lease,
+                fmt_ts(until)
+            ])? == 1)
         })
         .await
     }
@@ -453,7 +493,6 @@ impl Store {
     pub async fn finish_failed(
         &self,
         claim: Claim,
-        owner: String,
         f: Failure,
         now: DateTime<Utc>,
     ) -> Result<FailureResult, StoreError> {
@@ -476,12 +515,13 @@ impl Store {
                     claim.tenant,
                     claim.doc_type.as_str(),
                     claim.doc_id,
-                    owner
+                    claim.lease
                 ],
             )?;
             if updated == 0 {
-                // The lease ran out and someone else took the document over.
-                return Ok(FailureResult::WillRetry { attempts });
+                // The lease ran out and another claim took the document over
+                // (or a stop released it): that claim settles the events.
+                return Ok(FailureResult::Fenced);
             }
             if dead {
                 // Every pending event of the document waits on this fetch.
@@ -560,14 +600,19 @@ impl Store {
     }
 }
 
+/// Whether the queue row still holds `claim`'s token: a settlement is
+/// written only then (fencing). Runs inside the caller's write.
+pub(crate) fn holds_lease(c: &Connection, claim: &Claim) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT 1 FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",
+    )?
+    .exists(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.lease])
+}
+
 /// Settles the events and the queue row after a fetch that stored the
-/// document or found it gone. Runs inside the caller's write.
-pub(crate) fn settle_success(
-    c: &Connection,
-    claim: &Claim,
-    owner: &str,
-    now: &str,
-) -> Result<(), StoreError> {
+/// document or found it gone, once [`holds_lease`] said the claim still
+/// holds the row. Runs inside the caller's write.
+pub(crate) fn settle_success(c: &Connection, claim: &Claim, now: &str) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
          WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND id <= ?5",
@@ -588,7 +633,7 @@ pub(crate) fn settle_success(
         .prepare_cached(
             "SELECT generation FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",
         )?
-        .query_row(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, owner], |r| r.get(0))
+        .query_row(params![claim.tenant, claim.doc_type.as_str(), claim.doc_id, claim.lease], |r| r.get(0))
         .optional()?;
     match generation {
         Some(g) if g == claim.generation => {
@@ -606,7 +651,7 @@ pub(crate) fn settle_success(
             )?
             .execute(params![now, claim.tenant, claim.doc_type.as_str(), claim.doc_id])?;
         }
-        None => {} // lease lost to another fetcher; it will settle the row
+        None => {} // checked by the caller: not reached
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ use crate::helpers::*;
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 
 /// Fetch settings for the crash tests. A killed process's leases last
-/// `timeout_secs + 30` s (`fetcher::run_tenant`), so a small timeout keeps the
+/// `2 × timeout_secs + 5` s (`fetcher::fetch_lease`), so a small timeout keeps the
 /// final drain short; many attempts keep a slow, shared machine's timeouts
 /// from turning into dead events.
 const CRASH_FETCH: &str = "concurrency = 8\ntimeout_secs = 2\nmax_attempts = 50\nretry_initial_secs = 0\nretry_max_secs = 1";

@@ -344,7 +344,7 @@ pub async fn claim_now(store: &Store, limit: usize) -> Vec<skillsync::model::Cla
 pub async fn store_fetched(app: &TestApp, claim: skillsync::model::Claim) {
     let doc = fetched_job(app, &claim.doc_id);
     app.store
-        .finish_stored(claim, "test-owner".into(), doc, chrono::Utc::now())
+        .finish_stored(claim, doc, chrono::Utc::now())
         .await
         .expect("store the fetch");
 }

@@ -586,3 +586,119 @@ async fn random_edits_during_paged_sweeps_leave_mirror_equal_to_upstream() {
         }
     }
 }
+
+/// The fields of the JSON log lines about untrusted 404s in `log`.
+fn unconfirmed_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not trusted"))
+        })
+        .collect()
+}
+
+/// A tenant whose every GET answers 404 (a wrong path as upstream sees it)
+/// while the mirror holds live documents: each fetch's 404 is held back,
+/// but the log gets one line per tenant and type per interval with a count
+/// (here the first, and the rest when the process stops), not one per
+/// fetch; and one control check answers for the storm, not three GETs per
+/// fetch. Before, every fetch logged an ERROR line and made its own
+/// control GETs.
+#[tokio::test]
+async fn a_storm_of_untrusted_404s_logs_one_line_per_interval_with_a_count() {
+    let mut app = spawn_app().await;
+    let ids = app.sim.seed(DocType::Job, 10);
+    assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
+    wait_all_jobs_mirrored(&app).await;
+    app.stop().await;
+    // Six change; four stay unchanged for the control checks.
+    for id in &ids[..6] {
+        assert!(app.sim.update(DocType::Job, id));
+    }
+    app.sim.set_faults(Faults {
+        all_gone: true,
+        ..Faults::default()
+    });
+    let gets_before = app.sim.total_gets();
+    // `reconcile` lists the six changes and fetches each until it is dead
+    // (FAST_FETCH: 3 attempts), then exits.
+    let (child, log) = spawn_logging(
+        std::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
+            .args(["--log-format", "json", "--config"])
+            .arg(&app.config_path)
+            .args(["reconcile", "--tenant", "acme", "--type", "job"])
+            .env("RUST_LOG", "info"),
+    );
+    // Waited for off the runtime: the simulator answers on it.
+    let (out, log) = tokio::task::spawn_blocking(move || {
+        (
+            child.wait_with_output().expect("reconcile ran"),
+            log.join().expect("log"),
+        )
+    })
+    .await
+    .expect("reconcile waited for");
+    assert!(out.status.code().is_some(), "{log}");
+    let untrusted = count(
+        &app.sql(),
+        "SELECT count(*) FROM fetch_queue WHERE tenant = 'acme' AND last_error_class = 'unconfirmed_gone'",
+    );
+    assert_eq!(untrusted, 6, "every change held back: {log}");
+    let lines = unconfirmed_lines(&log);
+    assert!(
+        (1..=2).contains(&lines.len()),
+        "{} lines about untrusted 404s for 18 fetches:\n{log}",
+        lines.len()
+    );
+    let counted: u64 = lines
+        .iter()
+        .map(|l| l["fields"]["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(
+        counted, 18,
+        "the lines count every untrusted 404: {lines:?}"
+    );
+    assert!(lines.iter().all(|l| l["fields"]["tenant"] == "acme"
+        && l["fields"]["doc_type"] == "job"
+        && l["level"] == "ERROR"));
+    // 18 fetches, and one control check of three GETs (far from 3 per fetch).
+    let gets = app.sim.total_gets() - gets_before;
+    assert!(
+        (18..=21).contains(&gets),
+        "{gets} GETs for 18 fetches of documents that all answer 404"
+    );
+}
+
+/// A listing page larger than its `take` can explain (rows padded with
+/// 1 MiB each: a hostile or broken server) is refused before it is parsed;
+/// the run fails saying why. A padded page within the bound is parsed, its
+/// padding skipped.
+#[tokio::test]
+async fn a_listing_page_too_large_for_its_take_is_refused() {
+    let app = spawn_app_with(FAST_FETCH, "[upstream]\nlisting_retry_secs = 1").await;
+    let rec = reconciler(&app);
+    app.sim.seed(DocType::Job, 3);
+    app.sim.set_faults(Faults {
+        listing_row_padding: 1 << 20,
+        ..Faults::default()
+    });
+    let s = run_jobs(&rec, Kind::Incremental, false).await;
+    assert_eq!(s.status, "failed", "{s:?}");
+    let error = s.error.unwrap_or_default();
+    assert!(
+        error.contains("listing page (take 500) larger than"),
+        "{error}"
+    );
+    assert_eq!(count(&app.sql(), "SELECT count(*) FROM fetch_queue"), 0);
+
+    app.sim.set_faults(Faults {
+        listing_row_padding: 1024,
+        ..Faults::default()
+    });
+    let s = run_jobs(&rec, Kind::Incremental, false).await;
+    assert_eq!(s.status, "ok", "{s:?}");
+    assert_eq!(s.counts.listed, 3);
+    wait_all_jobs_mirrored(&app).await;
+}

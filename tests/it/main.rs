@@ -10,6 +10,7 @@ mod faults;
 mod fetch;
 mod helpers;
 mod hostile;
+mod leases;
 mod listing;
 mod litestream;
 mod observability;
