@@ -12,6 +12,7 @@ mod helpers;
 mod hostile;
 mod listing;
 mod litestream;
+mod manpages;
 mod observability;
 mod operator;
 mod ops;
