@@ -45,6 +45,12 @@ mkdir -p "$assets/man" "$assets/completions"
 "$bin" completions zsh >"$assets/completions/_skillsync"
 "$bin" completions fish >"$assets/completions/skillsync.fish"
 "$bin" print-config --empty-secrets >"$assets/skillsync.toml"
+# Debian policy: man pages, and docs over 4 kB, gzip -9n (no name, no time).
+gzip -9n "$assets"/man/*
+mkdir -p "$assets/doc"
+for doc in README.md docs/operations.md; do
+    gzip -9n <"$doc" >"$assets/doc/$(basename "$doc").gz"
+done
 echo "build-deb: generated $(ls "$assets/man" | wc -l) man pages, 3 completions, the config"
 
 # SOURCE_DATE_EPOCH makes the archive's timestamps those of the last commit.
@@ -52,6 +58,9 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ] && git -C "$ROOT" rev-parse HEAD >/dev/null 2
     SOURCE_DATE_EPOCH="$(git -C "$ROOT" log -1 --format=%ct)"
     export SOURCE_DATE_EPOCH
 fi
-deb="$(cargo deb --no-build --locked --profile "$profile" | tail -n 1)"
+deb_args=(--no-build --locked --profile "$profile")
+# Only release keeps debug info to separate (Cargo.toml: [profile.release] debug = 1).
+[ "$profile" = release ] || deb_args+=(--no-separate-debug-symbols)
+deb="$(cargo deb "${deb_args[@]}" | tail -n 1)"
 [ -f "$deb" ] || { echo "build-deb: cargo deb did not print a .deb path (got: $deb)" >&2; exit 1; }
 echo "$deb"
