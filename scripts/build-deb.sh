@@ -2,9 +2,11 @@
 # Builds the Debian package: target/debian/skillsync_<version>-1_<arch>.deb.
 #
 #   scripts/build-deb.sh                     # a release package (profile release)
-#   scripts/build-deb.sh --profile ci-deb    # what CI packages: same code, unoptimised
+#   scripts/build-deb.sh --binary target/debug/skillsync
+#       # CI: package the binary already built and tested (dev profile), stripped,
+#       # under the packaging profile ci-deb, instead of compiling again
 #
-# Steps: `cargo build --locked` of the binary; the files the binary generates
+# Steps: `cargo build --locked` of the binary (or a copy of --binary); the files the binary generates
 # for the package (its man pages, bash/zsh/fish completions, and the config
 # with empty secrets that becomes /etc/skillsync/skillsync.toml) into
 # <target>/<profile>/deb-assets/; then `cargo deb --no-build`, which reads
@@ -17,9 +19,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 profile=release
+prebuilt=
 while [ $# -gt 0 ]; do
     case "$1" in
     --profile) profile="$2"; shift 2 ;;
+    --binary) prebuilt="$2"; profile=ci-deb; shift 2 ;;
     *) echo "build-deb: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -34,9 +38,16 @@ target_dir="$(cargo metadata --format-version 1 --no-deps --locked \
 out="$target_dir/$profile"
 assets="$out/deb-assets"
 
-echo "build-deb: cargo build --locked --profile $profile"
-cargo build --locked --profile "$profile" --bin skillsync
 bin="$out/skillsync"
+if [ -n "$prebuilt" ]; then
+    [ -x "$prebuilt" ] || { echo "build-deb: $prebuilt is not an executable" >&2; exit 1; }
+    echo "build-deb: packaging the prebuilt $prebuilt (as profile $profile)"
+    mkdir -p "$out"
+    cp "$prebuilt" "$bin"
+else
+    echo "build-deb: cargo build --locked --profile $profile"
+    cargo build --locked --profile "$profile" --bin skillsync
+fi
 
 rm -rf "$assets"
 mkdir -p "$assets/man" "$assets/completions"
@@ -59,8 +70,10 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ] && git -C "$ROOT" rev-parse HEAD >/dev/null 2
     export SOURCE_DATE_EPOCH
 fi
 deb_args=(--no-build --locked --profile "$profile")
-# Only release keeps debug info to separate (Cargo.toml: [profile.release] debug = 1).
-[ "$profile" = release ] || deb_args+=(--no-separate-debug-symbols)
+# Release keeps debug info ([profile.release] debug = 1): stripped from the
+# binary into a second package, skillsync-dbgsym_<version>_<arch>.ddeb, beside
+# the .deb. Other profiles have none; cargo-deb strips the binary.
+[ "$profile" != release ] || deb_args+=(--dbgsym)
 deb="$(cargo deb "${deb_args[@]}" | tail -n 1)"
 [ -f "$deb" ] || { echo "build-deb: cargo deb did not print a .deb path (got: $deb)" >&2; exit 1; }
 echo "$deb"

@@ -2,8 +2,12 @@
 # Builds the Debian package and checks it on this machine, then purges it.
 # Run as root on Debian 12 (as CI does); it installs a package system-wide.
 #
-#   scripts/check-deb.sh                  # CI: profile ci-deb (see Cargo.toml)
-#   DEB_PROFILE=release scripts/check-deb.sh
+#   scripts/check-deb.sh                      # CI: packages target/debug/skillsync
+#   DEB_PROFILE=release scripts/check-deb.sh  # builds a release package first
+#
+# By default it packages the binary `cargo build` made (the one the test
+# suite runs; $SKILLSYNC_BIN to choose another), stripped, so CI compiles
+# nothing again; DEB_PROFILE builds the package's binary with that profile.
 #
 # 1. cargo-deb at the pinned version (cargo install --locked, if missing);
 # 2. the .deb from scripts/build-deb.sh; `lintian` reports no error
@@ -25,9 +29,14 @@
 set -euo pipefail
 
 CARGO_DEB_VERSION=3.8.0
-PROFILE="${DEB_PROFILE:-ci-deb}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+if [ -n "${DEB_PROFILE:-}" ]; then
+    build_args=(--profile "$DEB_PROFILE")
+else
+    prebuilt="${SKILLSYNC_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/skillsync}"
+    build_args=(--binary "$prebuilt")
+fi
 
 say() { echo "check-deb: $*"; }
 fail() {
@@ -49,9 +58,12 @@ for tool in lintian man; do
 done
 
 # --- 2. build and lint --------------------------------------------------------
+if [ -z "${DEB_PROFILE:-}" ] && [ ! -x "$prebuilt" ]; then
+    fail "$prebuilt is not built: run cargo build --locked first, or set DEB_PROFILE=release"
+fi
 t0=$(date +%s)
-deb="$(bash scripts/build-deb.sh --profile "$PROFILE" | tail -n 1)"
-say "built $deb (profile $PROFILE) in $(($(date +%s) - t0)) s"
+deb="$(bash scripts/build-deb.sh "${build_args[@]}" | tail -n 1)"
+say "built $deb (${build_args[*]}) in $(($(date +%s) - t0)) s"
 dpkg-deb --info "$deb" | sed 's/^/  /'
 dpkg-deb --contents "$deb" | awk '{print "  " $1, $2, $NF}'
 
