@@ -70,7 +70,33 @@ enum Command {
     /// Validate the config; exits non-zero with a message naming the key at fault.
     CheckConfig,
     /// Print a commented example config with every key (reads no config, prints no secret).
-    PrintConfig,
+    PrintConfig {
+        /// Leave every secret empty (`webhook_secrets = []`, `app_secret = ""`): a config that
+        /// does not load until the secrets are filled in. The Debian package installs this one.
+        #[arg(long)]
+        empty_secrets: bool,
+    },
+    /// Write the man pages: skillsync(1), one skillsync-COMMAND(1) per subcommand and
+    /// skillsync.toml(5), generated from the same definitions as --help and print-config.
+    Man {
+        /// Write every page into this directory (created if missing); without it, print
+        /// skillsync(1) alone on stdout.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script for SHELL on stdout.
+    #[command(
+        long_about = "Print the shell completion script for SHELL on stdout, generated from the same \
+definitions as --help. The Debian package installs those for bash, zsh and fish. By hand:\n\n  \
+skillsync completions bash > /etc/bash_completion.d/skillsync\n  \
+skillsync completions zsh > /usr/local/share/zsh/site-functions/_skillsync\n  \
+skillsync completions fish > ~/.config/fish/completions/skillsync.fish"
+    )]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Report per tenant and type: mirrored, deleted, pending, retrying, dead, last reconciliation.
     /// Exit 0 healthy, 1 degraded, 2 database unreadable.
     Status {
@@ -231,8 +257,42 @@ fn ignore_empty_env(mut command: clap::Command) -> clap::Command {
 
 fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     match cli.command {
-        Command::PrintConfig => {
-            print!("{EXAMPLE_CONFIG}");
+        Command::PrintConfig { empty_secrets } => {
+            if empty_secrets {
+                print!("{}", crate::config::example_with_empty_secrets());
+            } else {
+                print!("{EXAMPLE_CONFIG}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match dir {
+                Some(dir) => match crate::manpages::write_all(cmd, &dir) {
+                    Ok(pages) => {
+                        for page in pages {
+                            println!("{}", page.display());
+                        }
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        eprintln!("skillsync man: cannot write to {}: {e}", dir.display());
+                        Err(ExitCode::FAILURE)
+                    }
+                },
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    crate::manpages::write_main_page(cmd, &mut out).map_err(|e| {
+                        eprintln!("skillsync man: {e}");
+                        ExitCode::FAILURE
+                    })?;
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            crate::manpages::write_completions(shell, cmd, &mut std::io::stdout().lock());
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => {

@@ -21,6 +21,32 @@ pub use postgres_config::PostgresConfig;
 /// and checked by a test to load (with its placeholder secrets) cleanly.
 pub const EXAMPLE_CONFIG: &str = include_str!("../systemd/skillsync.example.toml");
 
+/// The example config with every inline secret emptied (`webhook_secrets = []`,
+/// `app_secret = ""`), everything else as [`EXAMPLE_CONFIG`]: what the Debian
+/// package installs as `/etc/skillsync/skillsync.toml`. It does not load (the
+/// error names the empty secret's key), so a service started before the
+/// operator fills it in exits with a config error instead of running with a
+/// placeholder secret.
+pub fn example_with_empty_secrets() -> String {
+    let mut out = String::with_capacity(EXAMPLE_CONFIG.len());
+    for line in EXAMPLE_CONFIG.lines() {
+        let emptied = [("webhook_secrets = ", "[]"), ("app_secret = ", "\"\"")]
+            .iter()
+            .find_map(|(key, empty)| {
+                let rest = line.strip_prefix(key)?;
+                // Keep the trailing comment where it was: pad the empty value
+                // to the width of the value it replaces.
+                let value_len = rest.find('#').map_or(rest.len(), |i| i);
+                let comment = &rest[value_len..];
+                let width = if comment.is_empty() { 0 } else { value_len };
+                Some(format!("{key}{empty:<width$}{comment}"))
+            });
+        out.push_str(emptied.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// A config error that names the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("config error at `{key}`: {message}")]

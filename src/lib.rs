@@ -18,6 +18,8 @@
 //!   store, metrics, upstream client, fetcher, wake-ups and reconciler are
 //!   wired; [`app::oneshot`], `reconcile` run once and reported.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
+//! - [`manpages`]: `skillsync man` and `completions`: pages from the clap
+//!   definitions `cli` passes in, `skillsync.toml(5)` from the example config.
 //!
 //! The pipeline:
 //! - [`http`]: the warp routes of the public listener (webhook, `/healthz`)
@@ -64,6 +66,7 @@ pub mod fetcher;
 pub mod health;
 pub mod http;
 pub mod logging;
+pub mod manpages;
 pub mod metrics;
 pub mod migrate;
 pub mod model;

@@ -13,6 +13,7 @@ mod hostile;
 mod leases;
 mod listing;
 mod litestream;
+mod manpages;
 mod observability;
 mod operator;
 mod ops;

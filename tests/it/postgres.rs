@@ -28,7 +28,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Where the test server is, from the PG* variables.
-struct Server {
+pub(crate) struct Server {
     host: String,
     port: u16,
     user: String,
@@ -37,7 +37,7 @@ struct Server {
 }
 
 /// The server, or `None` (with a notice) when there is none.
-fn server(test: &str) -> Option<Server> {
+pub(crate) fn server(test: &str) -> Option<Server> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     match (var("PGHOST"), var("PGPORT"), var("PGUSER")) {
         (Some(host), Some(port), Some(user)) => Some(Server {
@@ -62,7 +62,7 @@ fn server(test: &str) -> Option<Server> {
 
 impl Server {
     /// The `[postgres]` section for `schema`, reaching the server at `host_port`.
-    fn section(&self, host_port: &str, schema: &str) -> String {
+    pub(crate) fn section(&self, host_port: &str, schema: &str) -> String {
         format!(
             "[postgres]\nurl = \"postgres://{}@{host_port}/{}?sslmode=disable\"\n{}schema = \"{schema}\"\nbatch_size = 50\nlag_alert_secs = 2\n",
             self.user,
@@ -75,7 +75,7 @@ impl Server {
         )
     }
 
-    fn direct(&self) -> String {
+    pub(crate) fn direct(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
 }
@@ -100,7 +100,7 @@ async fn setup(
     Some((server, token, sim, dir, db))
 }
 
-fn fresh_schema() -> String {
+pub(crate) fn fresh_schema() -> String {
     format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
