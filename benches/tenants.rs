@@ -46,6 +46,11 @@ use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 
+/// The daemon binary: this build's, or `SKILLSYNC_BIN` (another build).
+fn bin() -> String {
+    std::env::var("SKILLSYNC_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 fn env_usize(name: &str, default: usize) -> usize {
     common::env_usize(name, default)
 }
@@ -125,7 +130,7 @@ fn spawn(dir: &Path, cfg_text: &str, args: &[&str], tag: &str) -> Child {
     let cfg = dir.join(format!("{tag}.toml"));
     std::fs::write(&cfg, cfg_text).expect("config");
     let log = std::fs::File::create(dir.join(format!("{tag}.log"))).expect("log");
-    Command::new(BIN)
+    Command::new(bin())
         .arg("--config")
         .arg(&cfg)
         .args(args)
@@ -308,6 +313,53 @@ fn run(
     }
 }
 
+/// Fills tenant t000's mirror from the simulator (a full reconcile at 0 ms)
+/// and copies it to the other tenants; returns the documents' ids.
+fn seed(sim: &Simulator, dir: &Path, db: &Path, tenants: usize, docs: usize) -> Vec<String> {
+    let ids = sim.seed(DocType::Job, docs);
+    let t = Instant::now();
+    let seed_cfg = config(db, &sim.base_url(), free_port(), 1, &|_| None);
+    let status = spawn(
+        dir,
+        &seed_cfg,
+        &["reconcile", "--full", "--type", "job"],
+        "seed",
+    )
+    .wait()
+    .expect("seed reconcile");
+    assert!(status.success(), "seeding reconcile failed");
+    clone_tenants(db, tenants);
+    let size = std::fs::metadata(db).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "{tenants} tenants × {docs} jobs mirrored in {:.0} s ({:.0} MB)",
+        t.elapsed().as_secs_f64(),
+        size as f64 / 1e6
+    );
+    ids
+}
+
+/// A kept database: the simulator gets back the very documents it holds
+/// (same ids and ModifiedOn), so a sweep finds nothing to change.
+fn reuse(sim: &Simulator, db: &Path, docs: usize) -> Vec<String> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open kept database");
+    let rows: Vec<(String, String)> = c
+        .prepare("SELECT id, document FROM jobs WHERE tenant = 't000' ORDER BY id")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .expect("kept jobs");
+    assert_eq!(
+        rows.len(),
+        docs,
+        "TENANTS_DB holds another number of documents"
+    );
+    for (id, doc) in &rows {
+        let doc: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(doc).expect("stored document");
+        sim.put_raw(DocType::Job, id, doc);
+    }
+    rows.into_iter().map(|r| r.0).collect()
+}
+
 fn main() {
     let tenants = env_usize("TENANTS", 200).max(1);
     let docs = env_usize("TENANTS_DOCS", 5000);
@@ -326,28 +378,18 @@ fn main() {
         token.clone(),
     )
     .expect("simulator");
-    let ids = sim.seed(DocType::Job, docs);
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("tenants.db");
-
-    let t = Instant::now();
-    let seed_cfg = config(&db, &sim.base_url(), free_port(), 1, &|_| None);
-    let status = spawn(
-        dir.path(),
-        &seed_cfg,
-        &["reconcile", "--full", "--type", "job"],
-        "seed",
-    )
-    .wait()
-    .expect("seed reconcile");
-    assert!(status.success(), "seeding reconcile failed");
-    clone_tenants(&db, tenants);
-    let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "{tenants} tenants × {docs} jobs mirrored in {:.0} s ({:.0} MB)",
-        t.elapsed().as_secs_f64(),
-        size as f64 / 1e6
-    );
+    // TENANTS_DB: keep the seeded database there (and reuse it when it exists
+    // with the same tenants and documents: seeding takes minutes).
+    let kept = std::env::var_os("TENANTS_DB").map(std::path::PathBuf::from);
+    let db = kept
+        .clone()
+        .unwrap_or_else(|| dir.path().join("tenants.db"));
+    let ids = if kept.as_ref().is_some_and(|p| p.exists()) {
+        reuse(&sim, &db, docs)
+    } else {
+        seed(&sim, dir.path(), &db, tenants, docs)
+    };
     sim.set_faults(Faults {
         latency: Duration::from_millis(latency),
         ..Faults::default()
