@@ -862,14 +862,22 @@ pub fn schedule_offset(
     let Ok(cron) = crate::config::cron_parser().parse(schedule) else {
         return Duration::ZERO;
     };
-    let gap = cron
-        .iter_after(now)
-        .take(9)
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter_map(|w| (w[1] - w[0]).to_std().ok())
-        .min()
-        .unwrap_or(Duration::ZERO);
+    // The shortest gap between the next nine ticks (from a tick, not from
+    // `now`, so the offset does not depend on when the daemon started).
+    let Ok(mut at) = cron.find_next_occurrence(&now, false) else {
+        return Duration::ZERO;
+    };
+    let mut gap: Option<Duration> = None;
+    for _ in 0..8 {
+        let Ok(next) = cron.find_next_occurrence(&at, false) else {
+            break;
+        };
+        if let Ok(d) = (next - at).to_std() {
+            gap = Some(gap.map_or(d, |g| g.min(d)));
+        }
+        at = next;
+    }
+    let gap = gap.unwrap_or(Duration::ZERO);
     let window = (gap / 4).min(MAX_SCHEDULE_OFFSET).as_millis() as u64;
     if window == 0 {
         return Duration::ZERO;

@@ -97,16 +97,6 @@ fn enqueue(
 /// (and the webhook commits queued behind it) stays within milliseconds.
 const QUEUE_BATCH: i64 = 256;
 
-/// How many recorded events every claim moves at least, whatever the free
-/// slots. A claim used to move only as many events as it had free slots (one
-/// or two after each fetch), so while documents were due the inbox drained
-/// at the pace fetches finished: at 2,000 webhooks/s over 1,000 documents it
-/// fell behind by ≈ 1,000 events a second, and each event waited seconds to
-/// be moved although its document was fetched every second (BENCHMARKS.md
-/// §9b). Moving an event whose document is already queued costs a row
-/// update and one bump of that document's generation.
-const QUEUE_AT_LEAST: i64 = 64;
-
 /// Moves up to `limit` of `tenant`'s recorded events, oldest first, out of
 /// the inbox (`queued = 1`). An event that arrived before a fetch of its
 /// document began takes that fetch's outcome: `done` at once if the fetch
@@ -395,8 +385,7 @@ impl Store {
             // The oldest recorded webhooks join the queue at least as fast as
             // documents are claimed, so a long reconciliation cannot starve
             // them (they sort first: their due time is their arrival).
-            let first = (limit as i64).max(QUEUE_AT_LEAST);
-            let moved = queue_recorded_events(c, &tenant, first, &now)?;
+            let moved = queue_recorded_events(c, &tenant, limit as i64, &now)?;
             let max_event: i64 = c
                 .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
                 .query_row([], |r| r.get(0))?;
@@ -408,7 +397,7 @@ impl Store {
                 max_event,
             };
             let mut rows = lease_due(c, &lease, limit)?;
-            if rows.len() < limit && moved as i64 == first {
+            if rows.len() < limit && moved == limit {
                 // Nothing else due: move a larger share of the backlog.
                 queue_recorded_events(c, &tenant, QUEUE_BATCH, &now)?;
                 rows.extend(lease_due(c, &lease, limit - rows.len())?);
