@@ -8,6 +8,11 @@
 //! - **ceiling**: this process serving, with the daemon's accept loop
 //!   (`skillsync::server::serve`), a warp filter that checks the secret
 //!   header and parses the body as JSON, then answers 200 — no database;
+//! - **floor**: the durable floor, also in this process: the ceiling's
+//!   server, secret check and JSON parse, then the body handed to one
+//!   appender thread that appends whatever is queued to a flat file and
+//!   `fdatasync`s it once before those requests answer 200 — the least any
+//!   "durable before 200" design pays on this disk and CPU (issue 26);
 //! - **durable**: `skillsync serve` (the release binary, its own process)
 //!   on an empty database: group commit, WAL, `synchronous=FULL`, fetch
 //!   workers mirroring the 8 documents from the simulator (hosted in this
@@ -34,8 +39,11 @@
 //! default 3; `INTAKE_SECS` seconds per trial, default 10;
 //! `INTAKE_OLD_EVENTS`, default 5000000; `INTAKE_OLD_DOCS`, default 100000;
 //! `INTAKE_BIN`, another daemon binary to measure instead of this build's;
-//! `INTAKE_QUICK`, only the ceiling and durable trials and no summary, for
-//! A/B rounds; `INTAKE_PERF`, a directory for `perf record` profiles;
+//! `INTAKE_QUICK`, only the ceiling, floor and durable trials, each
+//! round's ratios and their medians (durable ÷ floor among them), for A/B
+//! rounds; `INTAKE_PERF`, a directory for `perf record` profiles;
+//! `INTAKE_DIR`, where the databases and the floor's file are written —
+//! a tmpfs there takes the disk out of both, a diagnostic of CPU cost;
 //! `INTAKE_STORM`, only the 404-storm comparison below).
 //!
 //! `INTAKE_STORM=1` (issue 24): per round, alternating, the durable trial
@@ -71,6 +79,7 @@ const UPSTREAM_LATENCY: Duration = Duration::from_millis(50);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Trial {
     Ceiling,
+    Floor,
     Durable,
     DurableOld,
     OneCommit,
@@ -80,6 +89,7 @@ impl Trial {
     fn label(self) -> &'static str {
         match self {
             Trial::Ceiling => "ceiling (secret + JSON parse, no database)",
+            Trial::Floor => "durable floor (ceiling + fdatasync'd group append)",
             Trial::Durable => "durable, empty database",
             Trial::DurableOld => "durable, 5M old events + 100k documents",
             Trial::OneCommit => "one commit per event",
@@ -501,14 +511,97 @@ async fn start_ceiling(token: CancellationToken) -> String {
     format!("http://{addr}/skillsevent")
 }
 
+/// The durable floor in this process: the ceiling's server, secret check
+/// and JSON parse, then the body handed to one appender thread (a tokio
+/// channel and a oneshot back, the daemon's own hand-off) that appends
+/// everything queued meanwhile to a flat file, `fdatasync`s it once, and
+/// only then lets those requests answer 200. The least any "durable before
+/// 200" design pays on this disk and CPU: no database, no index, no fetch.
+async fn start_floor(token: CancellationToken, dir: &Path) -> String {
+    use std::io::Write;
+    type Append = (bytes::Bytes, tokio::sync::oneshot::Sender<i64>);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let path = dir.join(format!("floor-{}.log", addr.port()));
+    let mut file = std::fs::File::create(&path).expect("floor log");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Append>(16_384);
+    std::thread::Builder::new()
+        .name("floor-append".into())
+        .spawn(move || {
+            let mut next = 0i64;
+            let mut buf = Vec::with_capacity(1 << 20);
+            let mut waiting = Vec::with_capacity(1024);
+            while let Some(first) = rx.blocking_recv() {
+                waiting.push(first);
+                while waiting.len() < 1024 {
+                    match rx.try_recv() {
+                        Ok(a) => waiting.push(a),
+                        Err(_) => break,
+                    }
+                }
+                buf.clear();
+                for (body, _) in &waiting {
+                    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                    buf.extend_from_slice(body);
+                }
+                file.write_all(&buf).expect("floor append");
+                file.sync_data().expect("floor fdatasync");
+                for (_, done) in waiting.drain(..) {
+                    next += 1;
+                    let _ = done.send(next);
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        })
+        .expect("floor thread");
+    let filter = warp::post()
+        .and(warp::header::optional::<String>("x-webhook-secret"))
+        .and(warp::body::bytes())
+        .then(move |secret: Option<String>, body: bytes::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let authorized = secret.as_deref() == Some(SECRET);
+                let parsed = serde_json::from_slice::<Value>(&body).is_ok();
+                if !authorized || !parsed {
+                    return warp::reply::with_status(
+                        warp::reply::json(&json!({"error": "refused"})),
+                        warp::http::StatusCode::BAD_REQUEST,
+                    );
+                }
+                let (done, appended) = tokio::sync::oneshot::channel();
+                let id = match tx.send((body, done)).await {
+                    Ok(()) => appended.await.ok(),
+                    Err(_) => None,
+                };
+                match id {
+                    Some(id) => warp::reply::with_status(
+                        warp::reply::json(&json!({"status": "accepted", "event_id": id})),
+                        warp::http::StatusCode::OK,
+                    ),
+                    None => warp::reply::with_status(
+                        warp::reply::json(&json!({"error": "unavailable"})),
+                        warp::http::StatusCode::SERVICE_UNAVAILABLE,
+                    ),
+                }
+            }
+        });
+    tokio::spawn(async move { serve(listener, filter, Limits::default(), token).await });
+    format!("http://{addr}/skillsevent")
+}
+
 fn main() {
     ensure_wrk();
     let runs = env_usize("INTAKE_RUNS", 3).max(1);
     let secs = env_usize("INTAKE_SECS", 10) as u64;
-    let old_events = env_usize("INTAKE_OLD_EVENTS", 5_000_000);
-    let old_docs = env_usize("INTAKE_OLD_DOCS", 100_000);
-    // INTAKE_QUICK=1: ceiling and durable only, no summary (for A/B rounds).
+    // INTAKE_QUICK=1: ceiling, floor and durable only, and their ratios
+    // (for A/B rounds): no 5M-event database, page costs or paced run.
     let quick = std::env::var_os("INTAKE_QUICK").is_some();
+    let old_events = if quick {
+        0
+    } else {
+        env_usize("INTAKE_OLD_EVENTS", 5_000_000)
+    };
+    let old_docs = env_usize("INTAKE_OLD_DOCS", 100_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -534,7 +627,14 @@ fn main() {
         .iter()
         .map(|id| sim.webhook_payload(DocType::Job, id, "updated"))
         .collect();
-    let dir = tempfile::tempdir().expect("tempdir");
+    // INTAKE_DIR: where the databases and the floor's file go (default: the
+    // system temp dir, on the real disk here). A tmpfs (/dev/shm) takes the
+    // disk out and leaves the CPU cost of each design: a diagnostic only.
+    let dir = match std::env::var_os("INTAKE_DIR") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .expect("tempdir");
     let script = dir.path().join("post.lua");
     std::fs::write(&script, lua_script(&payloads, None)).expect("script");
     if std::env::var_os("INTAKE_STORM").is_some() {
@@ -550,23 +650,34 @@ fn main() {
     // build older than this database's schema).
     let skip_old = old_events == 0;
     let old_db: PathBuf = dir.path().join("old.db");
-    let build = build_old_db(&old_db, old_events, old_docs);
-    let size = std::fs::metadata(&old_db).map(|m| m.len()).unwrap_or(0);
-    eprintln!(
-        "built {old_events} old events + {old_docs} jobs in {:.1} s ({:.0} MB)",
-        build.as_secs_f64(),
-        size as f64 / 1e6
-    );
+    if !skip_old {
+        let build = build_old_db(&old_db, old_events, old_docs);
+        let size = std::fs::metadata(&old_db).map(|m| m.len()).unwrap_or(0);
+        eprintln!(
+            "built {old_events} old events + {old_docs} jobs in {:.1} s ({:.0} MB)",
+            build.as_secs_f64(),
+            size as f64 / 1e6
+        );
+    }
 
-    let (page_empty, _) = page_cost(dir.path(), &rt, 0);
-    let (page_backlog, old_load) = page_cost(dir.path(), &rt, 100_000);
-    eprintln!(
-        "page_state, 500 ids: {page_empty:.2} ms with no recorded events, {page_backlog:.2} ms with 100,000 \
+    let ((page_empty, _), (page_backlog, old_load)) = if quick {
+        ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN))
+    } else {
+        (
+            page_cost(dir.path(), &rt, 0),
+            page_cost(dir.path(), &rt, 100_000),
+        )
+    };
+    if !quick {
+        eprintln!(
+            "page_state, 500 ids: {page_empty:.2} ms with no recorded events, {page_backlog:.2} ms with 100,000 \
          (the old per-page load of every recorded id alone: {old_load:.2} ms)"
-    );
+        );
+    }
 
     let trials = [
         Trial::Ceiling,
+        Trial::Floor,
         Trial::Durable,
         Trial::DurableOld,
         Trial::OneCommit,
@@ -586,9 +697,13 @@ fn main() {
                 continue;
             }
             let s = match trial {
-                Trial::Ceiling => {
+                Trial::Ceiling | Trial::Floor => {
                     let token = CancellationToken::new();
-                    let url = rt.block_on(start_ceiling(token.clone()));
+                    let url = if trial == Trial::Ceiling {
+                        rt.block_on(start_ceiling(token.clone()))
+                    } else {
+                        rt.block_on(start_floor(token.clone(), dir.path()))
+                    };
                     // The simulator shares this process but is idle here.
                     let before = cpu_secs("/proc/self/stat");
                     let mut s = run_wrk(&url, &script, secs);
@@ -674,6 +789,20 @@ fn main() {
             );
             results[ti].push(s);
         }
+        let rate = |t: Trial| {
+            trials
+                .iter()
+                .position(|x| *x == t)
+                .and_then(|i| results[i].get(round))
+                .map_or(f64::NAN, |s| s.rate)
+        };
+        eprintln!(
+            "  round {}: durable ÷ floor {:.2}, durable ÷ ceiling {:.2}, floor ÷ ceiling {:.2}",
+            round + 1,
+            rate(Trial::Durable) / rate(Trial::Floor),
+            rate(Trial::Durable) / rate(Trial::Ceiling),
+            rate(Trial::Floor) / rate(Trial::Ceiling),
+        );
         if quick {
             continue;
         }
@@ -689,11 +818,6 @@ fn main() {
         fixed.push(s);
     }
     sim_token.cancel();
-    if quick {
-        // INTAKE_QUICK: the per-trial lines above are the whole report.
-        return;
-    }
-
     let index = |t: Trial| trials.iter().position(|x| *x == t).expect("trial");
     let ratio = |a: Trial, b: Trial| -> Vec<f64> {
         results[index(a)]
@@ -702,6 +826,47 @@ fn main() {
             .map(|(x, y)| x.rate / y.rate)
             .collect()
     };
+    let to_floor = ratio(Trial::Durable, Trial::Floor);
+    let floor_verdict = format!(
+        "target: durable ≥ 0.75 × the durable floor (same round) at {CONNECTIONS} connections: {} → {}",
+        cell(&to_floor, 2),
+        if summary(&to_floor).0 >= 0.75 {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    if quick {
+        // INTAKE_QUICK: the per-trial lines above and the ratios.
+        println!(
+            "bare {} req/s, floor {} req/s, skillsync {} ev/s ({runs} rounds, median [min–max]); floor ÷ bare {}, skillsync ÷ bare {}",
+            cell(
+                &results[index(Trial::Ceiling)]
+                    .iter()
+                    .map(|s| s.rate)
+                    .collect::<Vec<_>>(),
+                0
+            ),
+            cell(
+                &results[index(Trial::Floor)]
+                    .iter()
+                    .map(|s| s.rate)
+                    .collect::<Vec<_>>(),
+                0
+            ),
+            cell(
+                &results[index(Trial::Durable)]
+                    .iter()
+                    .map(|s| s.rate)
+                    .collect::<Vec<_>>(),
+                0
+            ),
+            cell(&ratio(Trial::Floor, Trial::Ceiling), 2),
+            cell(&ratio(Trial::Durable, Trial::Ceiling), 2),
+        );
+        println!("{floor_verdict}");
+        return;
+    }
     println!();
     println!(
         "intake (external load: wrk -t{THREADS} -c{CONNECTIONS} -d{secs}s, {DOCUMENTS} documents, upstream {} ms), \
@@ -712,9 +877,9 @@ fn main() {
     );
     println!();
     println!(
-        "| server | events/s | p50 ms | p99 ms | ÷ ceiling (same round) | pending at stop → settled in s | idle RSS MB | peak RSS MB | server CPU µs/event (writer thread) | non-200 |"
+        "| server | events/s | p50 ms | p99 ms | ÷ ceiling (same round) | ÷ floor (same round) | pending at stop → settled in s | idle RSS MB | peak RSS MB | server CPU µs/event (writer thread) | non-200 |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (ti, &trial) in trials.iter().enumerate() {
         let s = &results[ti];
         if s.is_empty() {
@@ -726,6 +891,11 @@ fn main() {
         } else {
             cell(&ratio(trial, Trial::Ceiling), 2)
         };
+        let vs_floor = match trial {
+            Trial::Ceiling => "–".to_string(),
+            Trial::Floor => "1".to_string(),
+            _ => cell(&ratio(trial, Trial::Floor), 2),
+        };
         let opt = |f: &dyn Fn(&Sample) -> Option<f64>, p| -> String {
             let v: Vec<f64> = s.iter().filter_map(f).collect();
             if v.is_empty() {
@@ -735,7 +905,7 @@ fn main() {
             }
         };
         println!(
-            "| {} | {} | {} | {} | {vs} | {} → {} | {} | {} | {} ({}) | {} |",
+            "| {} | {} | {} | {} | {vs} | {vs_floor} | {} → {} | {} | {} | {} ({}) | {} |",
             trial.label(),
             col(&|s| s.rate, 0),
             col(&|s| s.p50_ms, 2),
@@ -777,6 +947,7 @@ fn main() {
         durable,
         verdict(durable >= 0.5)
     );
+    println!("{floor_verdict}");
     println!(
         "target: 5M-event database ≥ 0.8 × empty (same round): {} → {}",
         if scale.is_empty() {
@@ -813,6 +984,7 @@ fn main() {
         .sum::<u64>()
         - results[index(Trial::Ceiling)]
             .iter()
+            .chain(&results[index(Trial::Floor)])
             .map(|s| s.non_2xx + s.errors)
             .sum::<u64>();
     if failed > 0 {

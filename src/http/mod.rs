@@ -159,8 +159,14 @@ pub fn routes(
                         let status = if ignored { "ignored" } else { "accepted" };
                         s.metrics.webhook(&tenant, status);
                         tracing::debug!(tenant = %tenant, event_id = id, status, client = ?ip, "event recorded");
-                        warp::reply::json(&json!({"status": status, "event_id": id}))
-                            .into_response()
+                        // Formatted directly (the same bytes serde_json wrote
+                        // from a map): no map or value tree per request.
+                        warp::reply::with_header(
+                            format!(r#"{{"event_id":{id},"status":"{status}"}}"#),
+                            "content-type",
+                            "application/json",
+                        )
+                        .into_response()
                     }
                     Err((tenant, e)) => {
                         webhook::log_refusal(&s, tenant.as_deref(), &e, ip);

@@ -397,8 +397,9 @@ impl Store {
             // documents are claimed, so a long reconciliation cannot starve
             // them (they sort first: their due time is their arrival).
             let moved = queue_recorded_events(c, &tenant, limit as i64, &now)?;
-            let max_event: i64 =
-                c.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+            let max_event: i64 = c
+                .prepare_cached("SELECT coalesce(max(id), 0) FROM events")?
+                .query_row([], |r| r.get(0))?;
             let lease = Lease {
                 tenant: &tenant,
                 owner: &token,
