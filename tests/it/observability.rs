@@ -191,7 +191,10 @@ async fn the_scrape_is_lint_clean_for_promtool() {
         "skillsync_audit_accuracy_lower_bound_ratio",
         "skillsync_audit_last_finished_timestamp_seconds",
     ] {
-        assert!(fams.contains(&(name.into(), "gauge".into())), "{name}: {fams:?}");
+        assert!(
+            fams.contains(&(name.into(), "gauge".into())),
+            "{name}: {fams:?}"
+        );
     }
     // The last audit per tenant and type: the 4 jobs, none wrong.
     assert!(
