@@ -108,8 +108,8 @@ pub fn last_audits(c: &Connection) -> Result<Vec<AuditRow>, StoreError> {
                 a.wrongly_deleted, a.refetched, a.unreadable, a.in_flight, a.bound_sample, a.bound_wrong,
                 a.accuracy_lower_bound, a.error
          FROM audits a
-         WHERE a.id = (SELECT max(b.id) FROM audits b
-                       WHERE b.tenant = a.tenant AND b.doc_type = a.doc_type AND b.finished_at IS NOT NULL)
+         JOIN (SELECT tenant, doc_type, max(id) AS id FROM audits
+               WHERE finished_at IS NOT NULL GROUP BY tenant, doc_type) AS l ON l.id = a.id
          ORDER BY a.tenant, a.doc_type",
     )?;
     let rows = s.query_map([], |r| {

@@ -50,8 +50,8 @@ last_run AS (
 last_audit AS (
     SELECT a.tenant, a.doc_type, a.finished_at, a.accuracy_lower_bound
     FROM audits a
-    WHERE a.id = (SELECT max(a2.id) FROM audits a2
-                  WHERE a2.tenant = a.tenant AND a2.doc_type = a.doc_type AND a2.finished_at IS NOT NULL)
+    JOIN (SELECT tenant, doc_type, max(id) AS id FROM audits
+          WHERE finished_at IS NOT NULL GROUP BY tenant, doc_type) AS l ON l.id = a.id
 ),
 joined AS (
     SELECT k.tenant, k.doc_type, m.mirrored, m.deleted, e.pending_events, e.dead_events,
