@@ -199,6 +199,26 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// [`load`], then refuses (exit 2) a `--tenant` the config does not name.
+fn load_for_tenant(path: &std::path::Path, tenant: Option<&str>) -> Result<Config, ExitCode> {
+    let config = load(path)?;
+    if let Some(t) = tenant {
+        if config.tenant(t).is_none() {
+            eprintln!("skillsync: no tenant named `{t}` in {}", path.display());
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(config)
+}
+
+/// The types a `--type` names: that one, or both.
+fn types_of(t: Option<TypeArg>) -> Vec<DocType> {
+    match t {
+        Some(t) => vec![t.into()],
+        None => DocType::ALL.to_vec(),
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -395,24 +415,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             full,
             force,
         } => {
-            let config = load(&cli.config)?;
-            if let Some(t) = &tenant {
-                if config.tenant(t).is_none() {
-                    eprintln!(
-                        "skillsync: no tenant named `{t}` in {}",
-                        cli.config.display()
-                    );
-                    return Err(ExitCode::from(2));
-                }
-            }
+            let config = load_for_tenant(&cli.config, tenant.as_deref())?;
             let rt = runtime()?;
             rt.block_on(async move {
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
-                let types: Vec<DocType> = match r#type {
-                    Some(t) => vec![t.into()],
-                    None => DocType::ALL.to_vec(),
-                };
+                let types = types_of(r#type);
                 let kind = if full {
                     RunKind::Full
                 } else {
@@ -433,24 +441,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             r#type,
             sample,
         } => {
-            let config = load(&cli.config)?;
-            if let Some(t) = &tenant {
-                if config.tenant(t).is_none() {
-                    eprintln!(
-                        "skillsync: no tenant named `{t}` in {}",
-                        cli.config.display()
-                    );
-                    return Err(ExitCode::from(2));
-                }
-            }
+            let config = load_for_tenant(&cli.config, tenant.as_deref())?;
             let rt = runtime()?;
             rt.block_on(async move {
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
-                let types: Vec<DocType> = match r#type {
-                    Some(t) => vec![t.into()],
-                    None => DocType::ALL.to_vec(),
-                };
+                let types = types_of(r#type);
                 let report = crate::app::verify::verify_once(
                     Arc::new(config),
                     tenant,

@@ -38,31 +38,14 @@ async fn busy_scrape(app: &TestApp) -> String {
     .await;
     app.sim.seed(DocType::Job, 3);
     app.sim.seed(DocType::Project, 2);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .arg("reconcile")
-        .arg("--config")
-        .arg(&app.config_path)
-        .env_remove("SKILLSYNC_CONFIG")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run skillsync reconcile");
+    let out = run_binary(app, "reconcile").await;
     assert!(
         out.status.success(),
         "reconcile: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     // And audited (the real `verify`), so the audit gauges are in the scrape.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .args(["verify", "--config"])
-        .arg(&app.config_path)
-        .env_remove("SKILLSYNC_CONFIG")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("run skillsync verify");
+    let out = run_binary(app, "verify").await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -74,6 +57,20 @@ async fn busy_scrape(app: &TestApp) -> String {
     let (status, text) = get(&app.client, &format!("{url}/metrics")).await;
     assert_eq!(status, 200);
     text
+}
+
+/// Runs `skillsync COMMAND --config` on the app's config.
+async fn run_binary(app: &TestApp, command: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .arg(command)
+        .arg("--config")
+        .arg(&app.config_path)
+        .env_remove("SKILLSYNC_CONFIG")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run skillsync {command}: {e}"))
 }
 
 /// Metric family names in a scrape (from its `# TYPE` lines).
