@@ -43,7 +43,8 @@
 //!
 //! **Cost**: at most one upstream GET per sampled document, each a
 //! [`Priority::Background`] permit from the tenant's request budget (a
-//! webhook's fetch goes first), [`CONCURRENCY`] at a time. Reads go through
+//! webhook's fetch goes first), [`CONCURRENCY`] at a time and at most
+//! [`DEFAULT_MAX_RATE`] a second. Reads go through
 //! the read pool; the writer sees one insert at the start, one write per
 //! [`REFETCH_BATCH`] refetches, one update at the end.
 
@@ -70,6 +71,13 @@ pub const CONFIDENCE: f64 = 0.95;
 
 /// Audit GETs in flight at once, per audit.
 pub const CONCURRENCY: usize = 4;
+
+/// The most GETs per second one audit sends by default (`verify
+/// --max-rate` changes it for one run): an audit is background work, and
+/// unpaced (thousands of GETs a second against a fast upstream) it doubled
+/// the webhooks' p99 on a busy 2-core machine (BENCHMARKS.md §9). At this
+/// pace the default sample of 500 takes 10 s per type.
+pub const DEFAULT_MAX_RATE: f64 = 50.0;
 
 /// A difference in a document upstream changed less than this long ago is
 /// `in_flight`: its webhook may not have arrived yet.
@@ -334,6 +342,8 @@ pub struct Auditor {
     wake: Wake,
     /// Audits running in this process, so a schedule never overlaps itself.
     running: Arc<Mutex<HashSet<(String, DocType)>>>,
+    /// The most GETs per second one audit sends; `None`: unpaced.
+    max_rate: Option<f64>,
 }
 
 /// Takes a tenant and type out of [`Auditor::running`] when the audit ends.
@@ -358,7 +368,15 @@ impl Auditor {
             config,
             wake,
             running: Arc::default(),
+            max_rate: Some(DEFAULT_MAX_RATE),
         }
+    }
+
+    /// This auditor with another pace: at most `max_rate` GETs per second
+    /// per audit (`None`, or not a positive number: unpaced).
+    pub fn with_max_rate(mut self, max_rate: Option<f64>) -> Auditor {
+        self.max_rate = max_rate.filter(|r| r.is_finite() && *r > 0.0);
+        self
     }
 
     /// One audit of `tenant`'s `doc_type`, sampling `sample` documents (the
@@ -488,11 +506,19 @@ impl Auditor {
         let mut checked = Vec::with_capacity(picks.len());
         let mut inflight: JoinSet<Checked> = JoinSet::new();
         let mut picks = picks.into_iter();
+        let mut pace = self.max_rate.map(|r| {
+            let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         loop {
             while inflight.len() < CONCURRENCY && !shutdown.is_cancelled() {
                 let Some((id, pick)) = picks.next() else {
                     break;
                 };
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
                 let me = self.clone();
                 let tcfg = tcfg.clone();
                 inflight.spawn(async move { me.check(&tcfg, doc_type, id, pick).await });

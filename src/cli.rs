@@ -121,6 +121,10 @@ not be read (or the config cannot be loaded)."
         /// Documents to sample per type (default: the tenant's audit_sample).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         sample: Option<u32>,
+        /// At most this many GETs per second per audit (default 50; 0: as fast as the
+        /// tenant's request budget allows).
+        #[arg(long, value_parser = clap::value_parser!(u32))]
+        max_rate: Option<u32>,
     },
     /// Survey the mirrored documents: each field with its JSON types and fill rate, and the
     /// `[reporting]` lines that add it to job_report / project_report.
@@ -440,6 +444,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             tenant,
             r#type,
             sample,
+            max_rate,
         } => {
             let config = load_for_tenant(&cli.config, tenant.as_deref())?;
             let rt = runtime()?;
@@ -447,14 +452,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
                 let types = types_of(r#type);
-                let report = crate::app::verify::verify_once(
-                    Arc::new(config),
+                let what = crate::app::verify::VerifyWhat {
                     tenant,
                     types,
-                    sample.map(|n| n as usize),
-                    token,
-                )
-                .await;
+                    sample: sample.map(|n| n as usize),
+                    max_rate: max_rate.map(f64::from),
+                };
+                let report = crate::app::verify::verify_once(Arc::new(config), what, token).await;
                 print!("{report}");
                 use crate::app::verify::Verdict;
                 Ok(match report.verdict() {

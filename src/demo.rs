@@ -243,9 +243,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{step}");
         let report = crate::app::verify::verify_once(
             cfg.clone(),
-            None,
-            DocType::ALL.to_vec(),
-            None,
+            crate::app::verify::VerifyWhat::everything(),
             quiet.clone(),
         )
         .await;

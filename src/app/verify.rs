@@ -106,16 +106,42 @@ impl fmt::Display for VerifyReport {
     }
 }
 
-/// One audit of each of `types` for `tenant` (or every tenant), sampling
-/// `sample` documents per type (`audit_sample` when `None`); then the
-/// refetches it queued, until nothing is due within a minute.
+/// What one `verify` audits, and how fast.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyWhat {
+    /// One tenant, or (`None`) every configured one.
+    pub tenant: Option<String>,
+    pub types: Vec<DocType>,
+    /// Documents per type (`audit_sample` when `None`).
+    pub sample: Option<usize>,
+    /// GETs per second per audit: `None` the default
+    /// ([`crate::audit::DEFAULT_MAX_RATE`]), `Some(0.0)` unpaced.
+    pub max_rate: Option<f64>,
+}
+
+impl VerifyWhat {
+    /// Every tenant and type, the configured sample, the default pace.
+    pub fn everything() -> VerifyWhat {
+        VerifyWhat {
+            types: DocType::ALL.to_vec(),
+            ..VerifyWhat::default()
+        }
+    }
+}
+
+/// One audit of each of `what.types` for `what.tenant` (or every tenant);
+/// then the refetches it queued, until nothing is due within a minute.
 pub async fn verify_once(
     config: Arc<Config>,
-    tenant: Option<String>,
-    types: Vec<DocType>,
-    sample: Option<usize>,
+    what: VerifyWhat,
     token: CancellationToken,
 ) -> VerifyReport {
+    let VerifyWhat {
+        tenant,
+        types,
+        sample,
+        max_rate,
+    } = what;
     let mut report = VerifyReport::default();
     let pipeline = match Pipeline::build(config, ReportRole::Follower).await {
         Ok(p) => p,
@@ -123,6 +149,10 @@ pub async fn verify_once(
             report.errors.push(format!("cannot open the mirror: {e:#}"));
             return report;
         }
+    };
+    let auditor = match max_rate {
+        None => pipeline.auditor.clone(),
+        Some(r) => pipeline.auditor.clone().with_max_rate(Some(r)),
     };
     let tenants: Vec<String> = match tenant {
         Some(t) => vec![t],
@@ -135,7 +165,7 @@ pub async fn verify_once(
     };
     for t in &tenants {
         for ty in &types {
-            match pipeline.auditor.audit(t, *ty, sample, &token).await {
+            match auditor.audit(t, *ty, sample, &token).await {
                 Ok(a) => report.audits.push(a),
                 Err(e @ (AuditError::UnknownTenant(_) | AuditError::Busy(..))) => {
                     report.errors.push(format!("{t} {ty}: {e}"))

@@ -200,7 +200,15 @@ async fn verify_finds_every_hand_made_corruption_repairs_it_and_then_finds_none(
 
     let gets = m.sim.total_gets();
     let (code, out) = m
-        .skillsync(&["verify", "--type", "job", "--sample", "2000"])
+        .skillsync(&[
+            "verify",
+            "--type",
+            "job",
+            "--sample",
+            "2000",
+            "--max-rate",
+            "0",
+        ])
         .await;
     assert_eq!(code, 1, "mismatches found: exit 1\n{out}");
     assert!(out.contains("2000 sampled, 12 wrong"), "{out}");
@@ -242,7 +250,15 @@ async fn verify_finds_every_hand_made_corruption_repairs_it_and_then_finds_none(
     assert!(json.contains("\"stale\":10"), "{json}");
 
     let (code, out) = m
-        .skillsync(&["verify", "--type", "job", "--sample", "2000"])
+        .skillsync(&[
+            "verify",
+            "--type",
+            "job",
+            "--sample",
+            "2000",
+            "--max-rate",
+            "0",
+        ])
         .await;
     assert_eq!(code, 0, "nothing wrong any more: exit 0\n{out}");
     // A census of 2000 right: the bound is 0.05^(1/2000).

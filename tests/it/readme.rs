@@ -107,9 +107,7 @@ async fn readme_queries_run_in_sqlite3_while_serve_writes() {
     // And an accuracy audit, for the query on `audits`.
     let audit = skillsync::app::verify::verify_once(
         std::sync::Arc::new(app.config.clone()),
-        None,
-        DocType::ALL.to_vec(),
-        None,
+        skillsync::app::verify::VerifyWhat::everything(),
         Default::default(),
     )
     .await;
