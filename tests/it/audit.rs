@@ -305,6 +305,7 @@ async fn a_sample_of_200_finds_what_it_sampled_and_bounds_it_consistently() {
         }
     }
     let gets = m.sim.total_gets();
+    let requests_before = m.sim.requests().len();
     let (code, out) = m
         .skillsync(&["verify", "--type", "job", "--sample", "200"])
         .await;
@@ -322,6 +323,24 @@ async fn a_sample_of_200_finds_what_it_sampled_and_bounds_it_consistently() {
     // Exactly what it found was refetched and repaired: no more, no less.
     assert_eq!(n(&a, "refetched"), found, "{a:?}");
     assert_eq!(m.sim.total_gets() - gets, 200 + found as u64);
+    // The audit's 200 GETs (the refetches come after them) keep the default
+    // pace: at most 50 a second, so no 1 s window holds more than 51.
+    let audit: Vec<std::time::Instant> = m.sim.requests()[requests_before..]
+        .iter()
+        .take(200)
+        .map(|r| r.at)
+        .collect();
+    let busiest = audit
+        .iter()
+        .map(|t| {
+            audit
+                .iter()
+                .filter(|u| **u >= *t && **u - *t < std::time::Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 51, "{busiest} audit GETs in one second");
     let still = m.differing(&tampered).len() as i64;
     assert_eq!(200 - still, found, "repaired documents vs found");
     // The bound is the Clopper-Pearson bound of the random part's count,
