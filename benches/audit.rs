@@ -248,10 +248,12 @@ async fn main() {
         stop.clone(),
     );
 
+    let sending_since = Utc::now();
     let mut last_id = 0;
     // (window name, round, figures, seconds)
     let mut rows: Vec<(&str, usize, Window, f64)> = Vec::new();
-    for r in 0..rounds {
+    let mut r = 0;
+    while r < rounds {
         // The next scheduled audit (serve audits every minute at second 0).
         let (id, started, finished, sampled) = loop {
             if let Some(a) = finished_audit(&db, last_id) {
@@ -262,6 +264,11 @@ async fn main() {
         last_id = id;
         assert_eq!(sampled as usize, sample, "the scheduled audit sampled");
         let len = finished - started;
+        let pad = chrono::Duration::seconds(2);
+        if started - pad - len < sending_since {
+            eprintln!("an audit began before its baseline window could fill: not a round");
+            continue;
+        }
         let gets_before = sim.total_gets();
         let cli_started = Utc::now();
         let mut verify = Command::new(BIN);
@@ -293,7 +300,6 @@ async fn main() {
             last_id = a.0;
         }
         let s = samples.lock().unwrap().clone();
-        let pad = chrono::Duration::seconds(2);
         rows.push((
             "baseline (no audit)",
             r,
@@ -317,6 +323,7 @@ async fn main() {
             len.num_milliseconds() as f64 / 1e3,
             (cli_finished - cli_started).num_milliseconds() as f64 / 1e3
         );
+        r += 1;
     }
     stop.cancel();
     sender.await.unwrap();
