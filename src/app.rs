@@ -26,6 +26,7 @@
 
 pub mod oneshot;
 mod pipeline;
+pub mod verify;
 
 pub use pipeline::{Pipeline, open_store};
 
@@ -205,8 +206,8 @@ struct Running {
     pg_sink: Option<crate::pgmirror::sink::SinkHandle>,
 }
 
-/// One config's background work: fetch workers per tenant, schedules,
-/// retention. A reload starts the next generation before it retires this
+/// One config's background work: fetch workers per tenant, schedules
+/// (reconciliation and audits), retention. A reload starts the next generation before it retires this
 /// one, so nothing queued waits; work is claimed through the database, so
 /// the two never fetch one document at once.
 struct Generation {
@@ -215,9 +216,11 @@ struct Generation {
     /// Stops this generation's fetch workers and retention (a child of the
     /// daemon's shutdown).
     stop: CancellationToken,
-    /// Its fetch workers, retention and scheduled runs.
+    /// Its fetch workers, retention, scheduled runs and audits.
     tasks: TaskTracker,
     scheduler: Option<tokio_cron_scheduler::JobScheduler>,
+    /// The tenants' `audit_schedule`s (reloaded with the rest on SIGHUP).
+    audit_scheduler: Option<tokio_cron_scheduler::JobScheduler>,
 }
 
 impl Generation {
@@ -232,6 +235,20 @@ impl Generation {
             .clone()
             .start_schedules(shutdown.clone(), &tasks)
             .await?;
+        let audit_scheduler = match p
+            .auditor
+            .clone()
+            .start_schedules(shutdown.clone(), &tasks)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(mut s) = scheduler {
+                    let _ = s.shutdown().await;
+                }
+                return Err(e);
+            }
+        };
         p.spawn_fetchers(
             &tasks,
             p.config.tenants.iter().map(|t| &t.name),
@@ -249,6 +266,7 @@ impl Generation {
             stop,
             tasks,
             scheduler,
+            audit_scheduler,
         })
     }
 
@@ -256,7 +274,10 @@ impl Generation {
     /// their drain deadline); runs in progress finish; then this
     /// generation's leases and run locks are released.
     async fn retire(&mut self) {
-        if let Some(mut s) = self.scheduler.take() {
+        for mut s in [self.scheduler.take(), self.audit_scheduler.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = s.shutdown().await;
         }
         self.stop.cancel();

@@ -265,6 +265,11 @@ pub struct TenantConfig {
     /// Every upstream call of this tenant shares this budget, requests/s;
     /// `None`: no budget (the rate adapts to 429s only).
     pub max_requests_per_sec: Option<f64>,
+    /// When the accuracy audit runs (`skillsync verify` on a schedule);
+    /// `None` when `"off"`.
+    pub audit_schedule: Option<String>,
+    /// Documents an audit samples per type: also its most upstream calls.
+    pub audit_sample: u32,
 }
 
 impl Config {
@@ -625,6 +630,8 @@ struct RawTenant {
     full_sweep_schedule: Option<String>,
     max_delete_fraction: Option<f64>,
     max_requests_per_sec: Option<f64>,
+    audit_schedule: Option<String>,
+    audit_sample: Option<i64>,
 }
 
 fn int_in(key: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
@@ -842,6 +849,11 @@ pub mod defaults {
     /// The range `max_requests_per_sec` accepts.
     pub const MIN_REQUESTS_PER_SEC: f64 = 0.01;
     pub const MAX_REQUESTS_PER_SEC_LIMIT: f64 = 100_000.0;
+    /// Daily at 04:00 UTC, after the full sweep.
+    pub const AUDIT_SCHEDULE: &str = "0 0 4 * * *";
+    pub const AUDIT_SAMPLE: i64 = 500;
+    /// The most documents one audit of one type may sample.
+    pub const AUDIT_SAMPLE_LIMIT: i64 = 1_000_000;
 }
 
 impl RawConfig {
@@ -1361,6 +1373,18 @@ impl RawTenant {
             )?,
             max_delete_fraction,
             max_requests_per_sec,
+            audit_schedule: parse_schedule(
+                &k("audit_schedule"),
+                t.audit_schedule,
+                defaults::AUDIT_SCHEDULE,
+            )?,
+            audit_sample: int_in(
+                &k("audit_sample"),
+                t.audit_sample,
+                defaults::AUDIT_SAMPLE,
+                1,
+                defaults::AUDIT_SAMPLE_LIMIT,
+            )? as u32,
             name,
         })
     }
@@ -1549,6 +1573,31 @@ mod tests {
     fn schedule_off_disables() -> TestResult {
         let c = Config::from_toml(&tenant("reconcile_schedule = \"off\""), None)?;
         assert!(c.tenants[0].reconcile_schedule.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn audit_keys_default_validate_and_name_their_key() -> TestResult {
+        let c = Config::from_toml(&tenant(""), None)?;
+        assert_eq!(c.tenants[0].audit_schedule.as_deref(), Some("0 0 4 * * *"));
+        assert_eq!(c.tenants[0].audit_sample, 500);
+        let c = Config::from_toml(
+            &tenant("audit_schedule = \"off\"\naudit_sample = 2000"),
+            None,
+        )?;
+        assert!(c.tenants[0].audit_schedule.is_none());
+        assert_eq!(c.tenants[0].audit_sample, 2000);
+        for (text, key) in [
+            ("audit_schedule = \"daily\"", "tenant[0].audit_schedule"),
+            ("audit_schedule = \"0 4 * * *\"", "tenant[0].audit_schedule"),
+            ("audit_sample = 0", "tenant[0].audit_sample"),
+            ("audit_sample = 1000001", "tenant[0].audit_sample"),
+        ] {
+            let e = Config::from_toml(&tenant(text), None)
+                .err()
+                .ok_or(format!("{text} was accepted"))?;
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! `skillsync demo`: the whole pipeline on this machine with no account.
 //! Starts the simulator and the real daemon (`run()`) on loopback, sends
 //! webhooks, changes and deletes documents upstream without webhooks, runs
-//! reconciliation beside the daemon, and prints what the mirror holds.
+//! reconciliation beside the daemon, then an accuracy audit that finds a
+//! change nothing else could see (and a second that finds none), and prints
+//! what the mirror holds.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +58,7 @@ app_id = "demo-app"
 app_secret = "demo-app-secret"
 reconcile_schedule = "off"
 full_sweep_schedule = "off"
+audit_schedule = "off"
 "#,
         db = db.display().to_string()
     );
@@ -224,6 +227,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await;
         print!("{report}");
         report.outcome()?;
+    }
+
+    // A change no webhook and no reconciliation can see: the content moves,
+    // ModifiedOn and Version do not. Only the accuracy audit finds it.
+    let quiet_job = &jobs[jobs.len() / 2];
+    if let Some(mut doc) = sim.documents(DocType::Job).remove(quiet_job) {
+        doc.insert("Client".into(), serde_json::json!("Changed Quietly Ltd"));
+        sim.put_raw(DocType::Job, quiet_job, doc);
+    }
+    for step in [
+        "8. Upstream changed one job's Client without a new ModifiedOn or a webhook (no reconciliation can see it).\n   skillsync verify, the accuracy audit (GETs a sample and compares it by content):",
+        "9. skillsync verify again, after the refetch:",
+    ] {
+        println!("{step}");
+        let report = crate::app::verify::verify_once(
+            cfg.clone(),
+            crate::app::verify::VerifyWhat::everything(),
+            quiet.clone(),
+        )
+        .await;
+        print!("{report}");
+        if !report.errors.is_empty() {
+            anyhow::bail!("the audit did not run: {}", report.errors.join("; "));
+        }
     }
 
     let rows = store.status().await?;

@@ -27,6 +27,9 @@
 //!   mapped to a status in one place. HTTP types stop here.
 //! - [`payload`]: the webhook payload parsed and validated; pure, fuzzed.
 //! - [`reconcile`]: incremental and full sweeps; the pure `plan` step.
+//! - [`audit`]: the accuracy audit (`verify`, `audit_schedule`): a sample
+//!   GET upstream and compared with the mirror by content, refetches
+//!   queued for what was wrong, the confidence bound.
 //! - [`fetcher`]: workers that turn queued documents into mirror rows.
 //! - [`upstream`]: the Skills Workflow API client (single documents, listing).
 //! - [`budget`]: each tenant's request budget (token bucket, adaptive on
@@ -57,6 +60,7 @@
 //! - [`model`]: shared domain types, the timestamp format, case-insensitive field lookup.
 
 pub mod app;
+pub mod audit;
 pub mod budget;
 pub mod cli;
 pub mod columns;

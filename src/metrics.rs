@@ -1,7 +1,7 @@
 //! Prometheus metrics: the recorder (installed once per process), the
 //! counters and histograms the other modules bump through [`Metrics`], and
 //! the gauges read from the database when `/metrics` is scraped (queue depth,
-//! last reconciliation, drift, database size), so they are true across
+//! last reconciliation, drift, the last accuracy audit, database size), so they are true across
 //! processes (`serve` and `reconcile` share the database, not memory).
 //!
 //! Every metric is described (HELP text, unit in the name) in [`describe`],
@@ -172,6 +172,20 @@ impl Metrics {
                         gauge!("skillsync_oldest_pending_age_seconds", &base).set(0.0);
                     }
                 }
+                for a in &snap.audits {
+                    let base = [("tenant", a.tenant.clone()), ("type", a.doc_type.clone())];
+                    let c = &a.counts;
+                    gauge!("skillsync_audit_mismatches", &base).set(c.wrong() as f64);
+                    gauge!("skillsync_audit_sampled_documents", &base).set(c.sampled as f64);
+                    gauge!("skillsync_audit_unreadable_documents", &base).set(c.unreadable as f64);
+                    if let Some(b) = c.accuracy_lower_bound {
+                        gauge!("skillsync_audit_accuracy_lower_bound_ratio", &base).set(b);
+                    }
+                    if let Some(t) = crate::model::parse_upstream_ts(&a.finished_at) {
+                        gauge!("skillsync_audit_last_finished_timestamp_seconds", &base)
+                            .set(t.timestamp_millis() as f64 / 1000.0);
+                    }
+                }
                 if let Ok(Some(lag)) = store.pg_lag().await {
                     let secs = crate::pgmirror::lag_seconds(&lag, chrono::Utc::now());
                     gauge!("skillsync_postgres_lag_rows").set(lag.rows as f64);
@@ -288,6 +302,31 @@ fn describe() {
         "skillsync_oldest_pending_age_seconds",
         Unit::Seconds,
         "Age of the oldest pending event, in seconds (0 when none)."
+    );
+    describe_gauge!(
+        "skillsync_audit_mismatches",
+        Unit::Count,
+        "Documents the last accuracy audit found wrong (stale, missing upstream, or wrongly deleted), by tenant and type; each was queued for a refetch."
+    );
+    describe_gauge!(
+        "skillsync_audit_sampled_documents",
+        Unit::Count,
+        "Documents the last accuracy audit sampled, by tenant and type."
+    );
+    describe_gauge!(
+        "skillsync_audit_unreadable_documents",
+        Unit::Count,
+        "Sampled documents the last accuracy audit could not read upstream (5xx, 429, timeout): counted neither right nor wrong."
+    );
+    describe_gauge!(
+        "skillsync_audit_accuracy_lower_bound_ratio",
+        Unit::Count,
+        "One-sided 95% lower bound (0-1) on the share of live documents that are right, from the last accuracy audit's random sample."
+    );
+    describe_gauge!(
+        "skillsync_audit_last_finished_timestamp_seconds",
+        Unit::Seconds,
+        "When the last accuracy audit of the tenant and type finished, in Unix seconds."
     );
     describe_gauge!(
         "skillsync_database_size_bytes",

@@ -1,9 +1,13 @@
 //! `skillsync status`: reads the database read-only and tells a person or a
 //! monitor the truth. Health rules (exit 1 when any holds): dead events,
 //! upstream auth failing, 404s not trusted as deletions (the control
-//! documents answered 404 too), the last reconciliation failed, or the last
-//! successful one is older than two schedule periods. Exit 2 when the
-//! database cannot be read.
+//! documents answered 404 too), the last reconciliation failed, the last
+//! successful one is older than two schedule periods, or the last accuracy
+//! audit found documents the mirror had wrong (until an audit finds none).
+//! Exit 2 when the database cannot be read.
+//!
+//! Shows each tenant and type's last accuracy audit in plain words ("500
+//! sampled, 0 wrong: at least 99.4% right (95% confidence)").
 //!
 //! Also says which tenants' upstreams refused requests with 429 in the last
 //! hour (from the daemon's record): worth knowing, not unhealthy, since the
@@ -18,6 +22,7 @@ use serde_json::json;
 use crate::config::{Config, cron_parser};
 use crate::model::{RunStatus, parse_upstream_ts};
 use crate::store::Store;
+use crate::store::audit::{AuditRow, last_audits};
 use crate::store::status::{StatusRow, Throttling, status_rows, throttling_rows};
 
 /// How far back a 429 counts as "throttled recently".
@@ -44,9 +49,24 @@ fn two_periods(schedule: &str, now: DateTime<Utc>) -> Option<chrono::Duration> {
     Some((b - a) * 2)
 }
 
-/// Why a row is unhealthy, if it is.
-pub fn problems(row: &StatusRow, config: Option<&Config>, now: DateTime<Utc>) -> Vec<String> {
+/// Why a row is unhealthy, if it is; `audit` is the row's last finished audit.
+pub fn problems(
+    row: &StatusRow,
+    audit: Option<&AuditRow>,
+    config: Option<&Config>,
+    now: DateTime<Utc>,
+) -> Vec<String> {
     let mut p = Vec::new();
+    if let Some(a) = audit.filter(|a| a.counts.wrong() > 0) {
+        p.push(format!(
+            "the last accuracy audit (finished {}) found {} document(s) the mirror had wrong ({} stale, {} missing upstream, {} wrongly deleted); refetches were queued; stays degraded until an audit finds none (skillsync verify)",
+            a.finished_at,
+            a.counts.wrong(),
+            a.counts.stale,
+            a.counts.missing,
+            a.counts.wrongly_deleted
+        ));
+    }
     if row.dead_events > 0 || row.dead_documents > 0 {
         p.push(format!(
             "{} dead event(s) for {} document(s) (see: skillsync retry --dead)",
@@ -95,9 +115,11 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         // A database from before schema 7 has no throttling table: nothing
         // recorded, not unreadable.
         let throttling = throttling_rows(&c).unwrap_or_default();
-        Ok((status_rows(&c)?, rebuild, throttling))
+        // Before schema 8 there is no audits table: no audit yet.
+        let audits = last_audits(&c)?;
+        Ok((status_rows(&c)?, rebuild, throttling, audits))
     });
-    let (rows, rebuild, throttling) = match read {
+    let (rows, rebuild, throttling, audits) = match read {
         Ok(r) => r,
         Err(e) => {
             if as_json {
@@ -115,8 +137,14 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
     let postgres = crate::pgmirror::status_of(path, config, now);
     let mut healthy = postgres.as_ref().is_none_or(|p| p.problem.is_none());
     let mut out = Vec::new();
+    let audit_of = |r: &StatusRow| {
+        audits
+            .iter()
+            .find(|a| a.tenant == r.tenant && a.doc_type == r.doc_type)
+    };
     for r in &rows {
-        let problems = problems(r, config, now);
+        let audit = audit_of(r);
+        let problems = problems(r, audit, config, now);
         healthy &= problems.is_empty();
         let oldest = r
             .oldest_pending_at
@@ -148,6 +176,22 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
                 "throttled_at": t.throttled_at,
                 "allowed_rate": t.allowed_rate,
                 "refusals_total": t.refusals_total,
+            })),
+            "audit": audit.map(|a| json!({
+                "started_at": a.started_at,
+                "finished_at": a.finished_at,
+                "sampled": a.counts.sampled,
+                "matched": a.counts.matched,
+                "stale": a.counts.stale,
+                "missing": a.counts.missing,
+                "wrongly_deleted": a.counts.wrongly_deleted,
+                "refetched": a.counts.refetched,
+                "unreadable": a.counts.unreadable,
+                "in_flight": a.counts.in_flight,
+                "bound_sample": a.counts.bound_sample,
+                "accuracy_lower_bound": a.counts.accuracy_lower_bound,
+                "error": a.error,
+                "summary": crate::audit::summary(&a.counts),
             })),
             "problems": problems,
         }));
@@ -193,6 +237,21 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
                 r.missed_total,
                 last
             );
+            match audit_of(r) {
+                Some(a) => println!(
+                    "  accuracy audit at {}: {}{}",
+                    a.finished_at,
+                    crate::audit::summary(&a.counts),
+                    a.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                ),
+                None if r.mirrored + r.deleted > 0 => {
+                    println!("  accuracy audit: none yet (skillsync verify)")
+                }
+                None => {}
+            }
             if let Some(ps) = o["problems"].as_array() {
                 for p in ps {
                     println!("  ! {}", p.as_str().unwrap_or_default());

@@ -1,5 +1,5 @@
 //! The pipeline wired in one place: store, metrics, upstream client,
-//! fetcher, wake-ups and reconciler, built the same way for `serve`
+//! fetcher, wake-ups, reconciler and auditor, built the same way for `serve`
 //! ([`crate::app::run_with`]), `reconcile` and the demo
 //! ([`crate::app::oneshot`]) and the tests that drive them. What runs on top
 //! (listeners, schedules, the PostgreSQL sink) is the caller's.
@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Auditor;
 use crate::budget::Budgets;
 use crate::config::Config;
 use crate::fetcher::Fetcher;
@@ -44,6 +45,8 @@ pub struct Pipeline {
     pub fetcher: Arc<Fetcher>,
     /// Shares the fetcher's lock owner name, so one process is one owner.
     pub reconciler: Reconciler,
+    /// The accuracy audit (`verify`, `audit_schedule`), on the same budgets.
+    pub auditor: Auditor,
     /// Wakes a tenant's fetch workers when the webhook or a run queues work.
     pub wake: Wake,
     /// The per-tenant request budgets every upstream call draws from; kept
@@ -108,6 +111,12 @@ impl Pipeline {
             config.clone(),
             metrics.clone(),
         );
+        let auditor = Auditor::new(
+            store.clone(),
+            upstream.clone(),
+            config.clone(),
+            wake.clone(),
+        );
         let reconciler = Reconciler::new(
             store.clone(),
             upstream.clone(),
@@ -121,6 +130,7 @@ impl Pipeline {
             metrics,
             fetcher,
             reconciler,
+            auditor,
             wake,
             budgets,
             upstream,

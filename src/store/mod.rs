@@ -17,8 +17,10 @@
 //! (the report and stage views and the derived tables behind them),
 //! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
 //! `upgrade` (what opening a database would migrate or rebuild, read-only),
-//! `backup` (the online copy behind `skillsync backup`).
+//! `backup` (the online copy behind `skillsync backup`), `audit` (the
+//! accuracy audit's sample, refetches and `audits` rows).
 
+pub mod audit;
 pub mod backup;
 pub mod mirror;
 pub mod outbox;
@@ -75,6 +77,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "005_recorded_by_document"),
     migration!(6, "006_reserved"),
     migration!(7, "007_upstream_throttling"),
+    migration!(8, "008_audits"),
 ];
 
 /// The schema version this binary writes.

@@ -61,14 +61,14 @@ pub enum FailureResult {
 /// (a webhook's arrival, or the ModifiedOn a listing showed), so
 /// `sync_status.complete_as_of` stays before every change not yet mirrored.
 /// Why a document is queued: the fields of a request beyond its key.
-struct Ask<'a> {
-    reason: &'a str,
-    requested_at: &'a str,
+pub(super) struct Ask<'a> {
+    pub(super) reason: &'a str,
+    pub(super) requested_at: &'a str,
     /// The full sweep whose deletion candidate this is.
-    sweep_run: Option<i64>,
+    pub(super) sweep_run: Option<i64>,
 }
 
-fn enqueue(
+pub(super) fn enqueue(
     c: &Connection,
     tenant: &str,
     doc_type: &str,

@@ -70,6 +70,8 @@ pub fn throttling_rows(c: &Connection) -> Result<Vec<Throttling>, StoreError> {
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSnapshot {
     pub rows: Vec<StatusRow>,
+    /// The last finished accuracy audit of each tenant and type.
+    pub audits: Vec<super::audit::AuditRow>,
     pub db_bytes: u64,
 }
 
@@ -158,11 +160,13 @@ impl Store {
         };
         self.read(move |c| {
             let rows = status_rows(c)?;
+            let audits = super::audit::last_audits(c)?;
             let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
             Ok(MetricsSnapshot {
                 rows,
+                audits,
                 db_bytes: (pages.max(0) as u64) * (size.max(0) as u64) + wal_bytes,
             })
         })

@@ -46,19 +46,28 @@ last_run AS (
     FROM sync_runs r
     WHERE r.id = (SELECT max(r2.id) FROM sync_runs r2 WHERE r2.tenant = r.tenant AND r2.doc_type = r.doc_type)
 ),
+-- The last finished accuracy audit (`skillsync verify` or audit_schedule).
+last_audit AS (
+    SELECT a.tenant, a.doc_type, a.finished_at, a.accuracy_lower_bound
+    FROM audits a
+    JOIN (SELECT tenant, doc_type, max(id) AS id FROM audits
+          WHERE finished_at IS NOT NULL GROUP BY tenant, doc_type) AS l ON l.id = a.id
+),
 joined AS (
     SELECT k.tenant, k.doc_type, m.mirrored, m.deleted, e.pending_events, e.dead_events,
            e.oldest_pending_at AS ev_oldest, q.queued, q.retrying, q.dead_documents,
            q.oldest_queued_at AS q_oldest, q.oldest_unmirrored_at,
            lo.last_ok_started_at, lo.last_ok_finished_at,
            lr.kind AS last_run_kind, lr.status AS last_run_status, lr.finished_at AS last_run_finished_at,
-           lr.missed AS last_run_missed, lr.error AS last_run_error
+           lr.missed AS last_run_missed, lr.error AS last_run_error,
+           la.finished_at AS audited_at, la.accuracy_lower_bound
     FROM kinds k
     LEFT JOIN mirror m ON m.tenant = k.tenant AND m.doc_type = k.doc_type
     LEFT JOIN queue q ON q.tenant = k.tenant AND q.doc_type = k.doc_type
     LEFT JOIN ev e ON e.tenant = k.tenant AND e.doc_type = k.doc_type
     LEFT JOIN last_ok lo ON lo.tenant = k.tenant AND lo.doc_type = k.doc_type
     LEFT JOIN last_run lr ON lr.tenant = k.tenant AND lr.doc_type = k.doc_type
+    LEFT JOIN last_audit la ON la.tenant = k.tenant AND la.doc_type = k.doc_type
 )
 SELECT tenant, doc_type,
        coalesce(mirrored, 0) AS mirrored,
@@ -90,5 +99,9 @@ SELECT tenant, doc_type,
        -- 1 while the report tables are being refilled after a [reporting]
        -- change: job_report / project_report / *_stages rows may still lack
        -- their values (`skillsync status` shows the progress).
-       (SELECT count(*) FROM daemon_state WHERE key = 'report_rebuild') AS report_rebuilding
+       (SELECT count(*) FROM daemon_state WHERE key = 'report_rebuild') AS report_rebuilding,
+       -- When the last accuracy audit finished, and the one-sided 95% lower
+       -- bound it gave on the share of live documents that are right (0-1).
+       audited_at,
+       accuracy_lower_bound
 FROM joined

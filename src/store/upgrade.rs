@@ -268,6 +268,8 @@ INSERT INTO t (a) VALUES (1);";
                 (5, vec!["events".to_string()]),
                 (6, vec![]),
                 (7, vec!["fetch_queue".to_string()]),
+                // The index of the table it creates: empty when it runs.
+                (8, vec!["audits".to_string()]),
             ]
         );
     }

@@ -60,6 +60,7 @@ extraction_base = "{sim_base}"
 app_tenant = "acme-tenant"
 app_id = "acme-app"
 app_secret = "{APP_SECRET}"
+audit_schedule = "off"
 reconcile_schedule = "off"
 full_sweep_schedule = "off"
 {extra}

@@ -99,8 +99,31 @@ async fn busy_scrape(app: &TestApp) -> String {
     .await;
     app.sim.seed(DocType::Job, 3);
     app.sim.seed(DocType::Project, 2);
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
-        .arg("reconcile")
+    let out = run_binary(app, "reconcile").await;
+    assert!(
+        out.status.success(),
+        "reconcile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And audited (the real `verify`), so the audit gauges are in the scrape.
+    let out = run_binary(app, "verify").await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = app.metrics_url.clone().expect("a metrics listener");
+    let (status, text) = get(&app.client, &format!("{url}/metrics")).await;
+    assert_eq!(status, 200);
+    text
+}
+
+/// Runs `skillsync COMMAND --config` on the app's config.
+async fn run_binary(app: &TestApp, command: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
+        .arg(command)
         .arg("--config")
         .arg(&app.config_path)
         .env_remove("SKILLSYNC_CONFIG")
@@ -108,16 +131,7 @@ async fn busy_scrape(app: &TestApp) -> String {
         .kill_on_drop(true)
         .output()
         .await
-        .expect("run skillsync reconcile");
-    assert!(
-        out.status.success(),
-        "reconcile: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let url = app.metrics_url.clone().expect("a metrics listener");
-    let (status, text) = get(&app.client, &format!("{url}/metrics")).await;
-    assert_eq!(status, 200);
-    text
+        .unwrap_or_else(|e| panic!("run skillsync {command}: {e}"))
 }
 
 /// Metric family names in a scrape (from its `# TYPE` lines).
@@ -227,6 +241,27 @@ async fn the_scrape_is_lint_clean_for_promtool() {
     assert!(
         fams.contains(&("skillsync_build_info".into(), "gauge".into())),
         "{fams:?}"
+    );
+    for name in [
+        "skillsync_audit_mismatches",
+        "skillsync_audit_sampled_documents",
+        "skillsync_audit_unreadable_documents",
+        "skillsync_audit_accuracy_lower_bound_ratio",
+        "skillsync_audit_last_finished_timestamp_seconds",
+    ] {
+        assert!(
+            fams.contains(&(name.into(), "gauge".into())),
+            "{name}: {fams:?}"
+        );
+    }
+    // The last audit per tenant and type: the 4 jobs, none wrong.
+    assert!(
+        scrape.contains("skillsync_audit_mismatches{tenant=\"acme\",type=\"job\"} 0"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("skillsync_audit_sampled_documents{tenant=\"acme\",type=\"job\"} 4"),
+        "{scrape}"
     );
 
     let file = app.dir.path().join("scrape.prom");

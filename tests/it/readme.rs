@@ -104,6 +104,14 @@ async fn readme_queries_run_in_sqlite3_while_serve_writes() {
     )
     .await
     .unwrap();
+    // And an accuracy audit, for the query on `audits`.
+    let audit = skillsync::app::verify::verify_once(
+        std::sync::Arc::new(app.config.clone()),
+        skillsync::app::verify::VerifyWhat::everything(),
+        Default::default(),
+    )
+    .await;
+    assert_eq!(audit.audits.len(), 2, "{audit}");
 
     // Keep the daemon writing while the queries run.
     let more: Vec<Value> = app

@@ -494,3 +494,65 @@ async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
     );
     token.cancel();
 }
+
+/// `audit_schedule` is reloaded with the other schedules: off at start (no
+/// audit), on after a SIGHUP (audits every second, sampling `audit_sample`),
+/// off again after the next (no more audits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_starts_and_stops_the_audit_schedule() {
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = start_sim(&token).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (d, base, db, _) = start_daemon(&sim, dir.path()).await;
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let id = sim.create(DocType::Job);
+        let body = sim
+            .webhook_payload(DocType::Job, &id, "created")
+            .to_string();
+        assert_eq!(post(&client, &d.url, SECRET_ACME, body).await.0, 200);
+    }
+    let c = rusqlite::Connection::open(&db).expect("open");
+    wait_until(Duration::from_secs(20), "the jobs mirrored", || async {
+        count(&c, "SELECT count(*) FROM jobs") == 5
+    })
+    .await;
+    let audits = |c: &rusqlite::Connection| {
+        count(
+            c,
+            "SELECT count(*) FROM audits WHERE finished_at IS NOT NULL",
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(audits(&c), 0, "audit_schedule = \"off\": no audit");
+
+    let every_second = base.replace(
+        "audit_schedule = \"off\"",
+        "audit_schedule = \"*/1 * * * * *\"\naudit_sample = 3",
+    );
+    assert_ne!(every_second, base);
+    d.reload(&every_second, 1).await;
+    wait_until(Duration::from_secs(20), "scheduled audits", || async {
+        count(
+            &c,
+            "SELECT count(*) FROM audits WHERE doc_type = 'job' AND finished_at IS NOT NULL AND sampled = 3 AND matched = 3",
+        ) >= 2
+    })
+    .await;
+
+    d.reload(&base, 2).await;
+    // An audit that had started finishes; then none starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = audits(&c);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        audits(&c),
+        after,
+        "audit_schedule back to \"off\": {}",
+        d.log()
+    );
+    let mut child = d.child;
+    let _ = crate::helpers::kill(["-TERM", &child.id().to_string()]);
+    assert_eq!(child.wait().expect("wait").code(), Some(0));
+    token.cancel();
+}
