@@ -683,7 +683,6 @@ impl Auditor {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
-        use tokio_cron_scheduler::{Job, JobScheduler};
         let mut jobs = Vec::new();
         for t in &self.config.tenants {
             let Some(schedule) = &t.audit_schedule else {
@@ -692,40 +691,26 @@ impl Auditor {
             let me = self.clone();
             let tenant = t.name.clone();
             let token = shutdown.clone();
-            let tracker = tasks.clone();
-            jobs.push(Job::new_async(schedule.as_str(), move |_id, _sched| {
-                let me = me.clone();
-                let tenant = tenant.clone();
-                let token = token.clone();
-                let tracker = tracker.clone();
-                Box::pin(async move {
-                    if token.is_cancelled() {
-                        return;
-                    }
-                    tracker.spawn(async move {
-                        for doc_type in DocType::ALL {
-                            if token.is_cancelled() {
-                                return;
-                            }
-                            match me.audit(&tenant, doc_type, None, &token).await {
-                                Ok(_) => {}
-                                Err(AuditError::Busy(..)) => tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), "scheduled audit skipped: the previous one is still running"),
-                                Err(e) => tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled audit failed"),
-                            }
+            // Spread like reconciliation: every tenant's default is one tick.
+            let offset =
+                crate::reconcile::schedule_offset(schedule, &t.name, DocType::Job, Utc::now());
+            jobs.push(crate::reconcile::offset_job(schedule, offset, &shutdown, tasks, move || {
+                let (me, tenant, token) = (me.clone(), tenant.clone(), token.clone());
+                async move {
+                    for doc_type in DocType::ALL {
+                        if token.is_cancelled() {
+                            return;
                         }
-                    });
-                })
+                        match me.audit(&tenant, doc_type, None, &token).await {
+                            Ok(_) => {}
+                            Err(AuditError::Busy(..)) => tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), "scheduled audit skipped: the previous one is still running"),
+                            Err(e) => tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled audit failed"),
+                        }
+                    }
+                }
             })?);
         }
-        if jobs.is_empty() {
-            return Ok(None);
-        }
-        let sched = JobScheduler::new().await?;
-        for job in jobs {
-            sched.add(job).await?;
-        }
-        sched.start().await?;
-        Ok(Some(sched))
+        crate::reconcile::start_scheduler(jobs).await
     }
 }
 

@@ -833,7 +833,6 @@ impl Reconciler {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
-        use tokio_cron_scheduler::{Job, JobScheduler};
         let mut jobs = Vec::new();
         for t in &self.config.tenants {
             for (schedule, kind) in [
@@ -845,44 +844,70 @@ impl Reconciler {
                     let me = self.clone();
                     let tenant = t.name.clone();
                     let token = shutdown.clone();
-                    let tracker = tasks.clone();
                     let offset = schedule_offset(schedule, &t.name, doc_type, Utc::now());
-                    let job = Job::new_async(schedule.as_str(), move |_id, _sched| {
-                        let me = me.clone();
-                        let tenant = tenant.clone();
-                        let token = token.clone();
-                        let tracker = tracker.clone();
-                        Box::pin(async move {
-                            if token.is_cancelled() {
-                                return;
+                    jobs.push(offset_job(schedule, offset, &shutdown, tasks, move || {
+                        let (me, tenant, token) = (me.clone(), tenant.clone(), token.clone());
+                        async move {
+                            match me.run(&tenant, doc_type, kind, false, &token).await {
+                                Ok(_) => {}
+                                Err(RunError::Busy(..)) => tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), kind = kind.as_str(), "scheduled reconciliation skipped: another run is in progress"),
+                                Err(e) => tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled reconciliation failed"),
                             }
-                            tracker.spawn(async move {
-                                tokio::select! {
-                                    _ = token.cancelled() => return,
-                                    _ = tokio::time::sleep(offset) => {}
-                                }
-                                match me.run(&tenant, doc_type, kind, false, &token).await {
-                                    Ok(_) => {}
-                                    Err(RunError::Busy(..)) => tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), kind = kind.as_str(), "scheduled reconciliation skipped: another run is in progress"),
-                                    Err(e) => tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled reconciliation failed"),
-                                }
-                            });
-                        })
-                    })?;
-                    jobs.push(job);
+                        }
+                    })?);
                 }
             }
         }
-        if jobs.is_empty() {
-            return Ok(None);
-        }
-        let sched = JobScheduler::new().await?;
-        for job in jobs {
-            sched.add(job).await?;
-        }
-        sched.start().await?;
-        Ok(Some(sched))
+        start_scheduler(jobs).await
     }
+}
+
+/// One cron job of a schedule: on each tick of `schedule`, a task on
+/// `tasks` waits `offset` ([`schedule_offset`]) and runs `work`, unless
+/// `shutdown` comes first. Reconciliation and audit schedules both use it.
+pub fn offset_job<F, Fut>(
+    schedule: &str,
+    offset: Duration,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    work: F,
+) -> Result<tokio_cron_scheduler::Job, tokio_cron_scheduler::JobSchedulerError>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let token = shutdown.clone();
+    let tracker = tasks.clone();
+    let work = Arc::new(work);
+    tokio_cron_scheduler::Job::new_async(schedule, move |_id, _sched| {
+        let (token, tracker, work) = (token.clone(), tracker.clone(), work.clone());
+        Box::pin(async move {
+            if token.is_cancelled() {
+                return;
+            }
+            tracker.spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(offset) => work().await,
+                }
+            });
+        })
+    })
+}
+
+/// Starts a scheduler holding `jobs`; none when there are none.
+pub async fn start_scheduler(
+    jobs: Vec<tokio_cron_scheduler::Job>,
+) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
+    if jobs.is_empty() {
+        return Ok(None);
+    }
+    let sched = tokio_cron_scheduler::JobScheduler::new().await?;
+    for job in jobs {
+        sched.add(job).await?;
+    }
+    sched.start().await?;
+    Ok(Some(sched))
 }
 
 /// The most a scheduled run starts after its cron tick ([`schedule_offset`]).
