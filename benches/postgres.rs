@@ -46,8 +46,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use skillsync::config::Config;
+use skillsync::config::PostgresConfig;
 use skillsync::model::DocType;
-use skillsync::pgmirror::PostgresConfig;
 use skillsync::simulator::{Simulator, send_webhooks};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

@@ -311,7 +311,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             if empty_secrets {
                 print!("{}", crate::config::example_with_empty_secrets());
             } else {
-                print!("{EXAMPLE_CONFIG}");
+                print!("{}", *EXAMPLE_CONFIG);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -56,46 +56,25 @@ fn shown_as(
 ) -> Option<String> {
     let lower = field.to_lowercase();
     let is = |names: &[String]| names.iter().any(|n| n.to_lowercase() == lower);
-    let (ids, number, name, modified, version) = match upstream {
-        Some(u) => (
-            vec![
-                "Id".to_string(),
-                match ty {
-                    DocType::Job => u.job_id_field.clone(),
-                    DocType::Project => u.project_id_field.clone(),
-                },
-            ],
-            u.number_fields.clone(),
-            u.name_fields.clone(),
-            u.modified_fields.clone(),
-            u.version_fields.clone(),
-        ),
-        None => {
-            let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-            (
-                v(&[
-                    "Id",
-                    match ty {
-                        DocType::Job => "JobId",
-                        DocType::Project => "ProjectId",
-                    },
-                ]),
-                v(&["Number", "JobNumber", "ProjectNumber"]),
-                v(&["Name", "Subject", "Job", "Project"]),
-                v(&["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"]),
-                v(&["Version"]),
-            )
-        }
-    };
+    // Without a config, the `[upstream]` defaults.
+    let default = UpstreamConfig::default();
+    let u = upstream.unwrap_or(&default);
+    let ids = [
+        "Id".to_string(),
+        match ty {
+            DocType::Job => u.job_id_field.clone(),
+            DocType::Project => u.project_id_field.clone(),
+        },
+    ];
     if is(&ids) {
         return Some("id".into());
     }
     for c in spec.columns(ty) {
         let hit = match &c.source {
-            Source::Table("number") => is(&number),
-            Source::Table("name") => is(&name),
-            Source::Table("modified_on") => is(&modified),
-            Source::Table("version") => is(&version),
+            Source::Table("number") => is(&u.number_fields),
+            Source::Table("name") => is(&u.name_fields),
+            Source::Table("modified_on") => is(&u.modified_fields),
+            Source::Table("version") => is(&u.version_fields),
             Source::Table(_) => false,
             Source::Fields(paths) => paths
                 .iter()

@@ -4,22 +4,36 @@
 //!
 //! Nothing else in the crate reads the config file or the environment for
 //! settings; every other module receives the validated [`Config`].
+//!
+//! Each key is declared once, in `config/keys.rs` (type, range, default, doc
+//! line); the sections' validation here reads its defaults and ranges from
+//! there, and the example config, the README's key table and the man page
+//! are rendered from it.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use reqwest::Url;
 use serde::Deserialize;
 
-pub mod postgres_config;
+mod keys;
+mod postgres_config;
 
+pub use keys::{
+    KEYS, Key, KeyDefault, Kind, README_TABLE_END, README_TABLE_START, SECTIONS, Section, Show,
+    Value, defaults, key, render_example, render_readme_table,
+};
 pub use postgres_config::PostgresConfig;
+pub(crate) use postgres_config::{SslMode, normalise_url};
 
-/// The commented example configuration, printed by `skillsync print-config`
-/// and checked by a test to load (with its placeholder secrets) cleanly.
-pub const EXAMPLE_CONFIG: &str = include_str!("../systemd/skillsync.example.toml");
+/// The commented example configuration, rendered from the key declarations:
+/// printed by `skillsync print-config`, kept in
+/// `systemd/skillsync.example.toml` (a test checks they agree) and checked
+/// by a test to load (with its placeholder secrets) cleanly.
+pub static EXAMPLE_CONFIG: LazyLock<String> = LazyLock::new(render_example);
 
 /// The example config with every inline secret emptied (`webhook_secrets = []`,
 /// `app_secret = ""`), everything else as [`EXAMPLE_CONFIG`]: what the Debian
@@ -224,6 +238,32 @@ pub struct UpstreamConfig {
     pub name_fields: Vec<String>,
     pub modified_fields: Vec<String>,
     pub version_fields: Vec<String>,
+}
+
+/// Every `[upstream]` key at its default: what `columns` assumes without a config.
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        UpstreamConfig {
+            job_path: defaults::JOB_PATH.into(),
+            project_path: defaults::PROJECT_PATH.into(),
+            listing_path: defaults::LISTING_PATH.into(),
+            jobs_query: defaults::JOBS_QUERY.into(),
+            projects_query: defaults::PROJECTS_QUERY.into(),
+            job_id_field: defaults::JOB_ID_FIELD.into(),
+            project_id_field: defaults::PROJECT_ID_FIELD.into(),
+            modified_field: defaults::MODIFIED_FIELD.into(),
+            page_size: defaults::PAGE_SIZE as u32,
+            overlap_secs: defaults::OVERLAP_SECS as u64,
+            listing_retry_secs: defaults::LISTING_RETRY_SECS as u64,
+            job_types: list(defaults::JOB_TYPES),
+            project_types: list(defaults::PROJECT_TYPES),
+            number_fields: list(defaults::NUMBER_FIELDS),
+            name_fields: list(defaults::NAME_FIELDS),
+            modified_fields: list(defaults::MODIFIED_FIELDS),
+            version_fields: list(defaults::VERSION_FIELDS),
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -524,6 +564,17 @@ struct RawReporting {
     project: Option<toml::Table>,
 }
 
+/// No `[reporting]`: the default stage field and no configured columns.
+impl Default for crate::reporting::ReportingConfig {
+    fn default() -> Self {
+        crate::reporting::ReportingConfig {
+            stage_field: crate::reporting::FieldPath::single(defaults::STAGE_FIELD),
+            job: Vec::new(),
+            project: Vec::new(),
+        }
+    }
+}
+
 impl RawReporting {
     fn validate(self) -> Result<crate::reporting::ReportingConfig, ConfigError> {
         use crate::reporting::{
@@ -532,7 +583,7 @@ impl RawReporting {
         };
         let stage_field = match self.stage_field {
             Some(s) => FieldPath::parse(&s).map_err(|m| err("reporting.stage_field", m))?,
-            None => ReportingConfig::default().stage_field,
+            None => FieldPath::single(defaults::STAGE_FIELD),
         };
         let columns = |ty: &str, table: Option<toml::Table>| {
             let mut out = Vec::new();
@@ -632,17 +683,6 @@ struct RawTenant {
     max_requests_per_sec: Option<f64>,
     audit_schedule: Option<String>,
     audit_sample: Option<i64>,
-}
-
-fn int_in(key: &str, v: Option<i64>, default: i64, min: i64, max: i64) -> Result<i64, ConfigError> {
-    let v = v.unwrap_or(default);
-    if v < min || v > max {
-        return Err(err(
-            key,
-            format!("must be between {min} and {max}, got {v}"),
-        ));
-    }
-    Ok(v)
 }
 
 fn non_empty_list(
@@ -799,63 +839,6 @@ fn required_text(key: &str, v: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
-/// Every default the config fills in, in one place: validation reads them,
-/// and so does the simulator (its paths and query names are the config's
-/// defaults, so a default config talks to it as is).
-pub mod defaults {
-    pub const LISTEN: &str = "127.0.0.1:8080";
-    pub const WEBHOOK_PATH: &str = "/skillsevent";
-    pub const MAX_BODY_BYTES: i64 = 65536;
-    pub const MAX_CONNECTIONS: i64 = 1024;
-    pub const HEADER_READ_TIMEOUT_SECS: i64 = 10;
-    pub const METRICS_LISTEN: &str = "127.0.0.1:9187";
-
-    pub const DATABASE_PATH: &str = "/var/lib/skillsync/skillsync.db";
-    pub const BUSY_TIMEOUT_MS: i64 = 5000;
-
-    pub const FETCH_CONCURRENCY: i64 = 8;
-    pub const FETCH_TIMEOUT_SECS: i64 = 35;
-    pub const MAX_ATTEMPTS: i64 = 10;
-    pub const RETRY_INITIAL_SECS: i64 = 2;
-    pub const RETRY_MAX_SECS: i64 = 3600;
-    pub const MAX_DOCUMENT_BYTES: i64 = 4 << 20;
-
-    pub const JOB_PATH: &str = "/api/jobs/{id}";
-    pub const PROJECT_PATH: &str = "/api/projects/{id}";
-    pub const LISTING_PATH: &str = "/api/v3/analytics/named-query/{query}/dynamic-execute";
-    pub const JOBS_QUERY: &str = "DE-Jobs";
-    pub const PROJECTS_QUERY: &str = "DE-Projects";
-    pub const JOB_ID_FIELD: &str = "JobId";
-    pub const PROJECT_ID_FIELD: &str = "ProjectId";
-    pub const MODIFIED_FIELD: &str = "ModifiedOn";
-    pub const PAGE_SIZE: i64 = 500;
-    pub const OVERLAP_SECS: i64 = 300;
-    pub const LISTING_RETRY_SECS: i64 = 900;
-    pub const JOB_TYPES: &[&str] = &["SkillsWorkflow.Job", "Job"];
-    pub const PROJECT_TYPES: &[&str] = &["SkillsWorkflow.Project", "Project"];
-    pub const NUMBER_FIELDS: &[&str] = &["Number", "JobNumber", "ProjectNumber"];
-    pub const NAME_FIELDS: &[&str] = &["Name", "Subject", "Job", "Project"];
-    pub const MODIFIED_FIELDS: &[&str] = &["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"];
-    pub const VERSION_FIELDS: &[&str] = &["Version"];
-
-    pub const EVENTS_DAYS: i64 = 30;
-    pub const HISTORY_DAYS: i64 = 0;
-
-    pub const RECONCILE_SCHEDULE: &str = "0 */15 * * * *";
-    pub const FULL_SWEEP_SCHEDULE: &str = "0 30 2 * * *";
-    pub const MAX_DELETE_FRACTION: f64 = 0.1;
-    /// No request budget: the rate adapts to 429s only.
-    pub const MAX_REQUESTS_PER_SEC: Option<f64> = None;
-    /// The range `max_requests_per_sec` accepts.
-    pub const MIN_REQUESTS_PER_SEC: f64 = 0.01;
-    pub const MAX_REQUESTS_PER_SEC_LIMIT: f64 = 100_000.0;
-    /// Daily at 04:00 UTC, after the full sweep.
-    pub const AUDIT_SCHEDULE: &str = "0 0 4 * * *";
-    pub const AUDIT_SAMPLE: i64 = 500;
-    /// The most documents one audit of one type may sample.
-    pub const AUDIT_SAMPLE_LIMIT: i64 = 1_000_000;
-}
-
 impl RawConfig {
     /// Each section in turn; the first key at fault is the error.
     fn validate(self, base_dir: Option<&Path>, read_secrets: bool) -> Result<Config, ConfigError> {
@@ -953,30 +936,13 @@ impl RawServer {
             metrics_listen,
             listen,
             webhook_path,
-            max_body_bytes: int_in(
-                "server.max_body_bytes",
-                s.max_body_bytes,
-                defaults::MAX_BODY_BYTES,
-                256,
-                16 << 20,
-            )? as usize,
+            max_body_bytes: key::MAX_BODY_BYTES.int(s.max_body_bytes)? as usize,
             tls_cert_file: s.tls_cert_file,
             tls_key_file: s.tls_key_file,
             trusted_proxies,
-            max_connections: int_in(
-                "server.max_connections",
-                s.max_connections,
-                defaults::MAX_CONNECTIONS,
-                1,
-                100_000,
-            )? as usize,
-            header_read_timeout_secs: int_in(
-                "server.header_read_timeout_secs",
-                s.header_read_timeout_secs,
-                defaults::HEADER_READ_TIMEOUT_SECS,
-                1,
-                300,
-            )? as u64,
+            max_connections: key::MAX_CONNECTIONS.int(s.max_connections)? as usize,
+            header_read_timeout_secs: key::HEADER_READ_TIMEOUT_SECS
+                .int(s.header_read_timeout_secs)? as u64,
         })
     }
 }
@@ -987,13 +953,7 @@ impl RawDatabase {
             path: self
                 .path
                 .unwrap_or_else(|| PathBuf::from(defaults::DATABASE_PATH)),
-            busy_timeout_ms: int_in(
-                "database.busy_timeout_ms",
-                self.busy_timeout_ms,
-                defaults::BUSY_TIMEOUT_MS,
-                0,
-                600_000,
-            )? as u64,
+            busy_timeout_ms: key::BUSY_TIMEOUT_MS.int(self.busy_timeout_ms)? as u64,
             group_commit: self.group_commit.unwrap_or(true),
         };
         if database.path.as_os_str().is_empty() {
@@ -1007,48 +967,12 @@ impl RawFetch {
     fn validate(self) -> Result<FetchConfig, ConfigError> {
         let f = self;
         let fetch = FetchConfig {
-            concurrency: int_in(
-                "fetch.concurrency",
-                f.concurrency,
-                defaults::FETCH_CONCURRENCY,
-                1,
-                256,
-            )? as usize,
-            timeout_secs: int_in(
-                "fetch.timeout_secs",
-                f.timeout_secs,
-                defaults::FETCH_TIMEOUT_SECS,
-                1,
-                600,
-            )? as u64,
-            max_attempts: int_in(
-                "fetch.max_attempts",
-                f.max_attempts,
-                defaults::MAX_ATTEMPTS,
-                1,
-                1000,
-            )? as u32,
-            retry_initial_secs: int_in(
-                "fetch.retry_initial_secs",
-                f.retry_initial_secs,
-                defaults::RETRY_INITIAL_SECS,
-                0,
-                86_400,
-            )? as u64,
-            retry_max_secs: int_in(
-                "fetch.retry_max_secs",
-                f.retry_max_secs,
-                defaults::RETRY_MAX_SECS,
-                1,
-                86_400,
-            )? as u64,
-            max_document_bytes: int_in(
-                "fetch.max_document_bytes",
-                f.max_document_bytes,
-                defaults::MAX_DOCUMENT_BYTES,
-                1024,
-                256 << 20,
-            )? as usize,
+            concurrency: key::FETCH_CONCURRENCY.int(f.concurrency)? as usize,
+            timeout_secs: key::FETCH_TIMEOUT_SECS.int(f.timeout_secs)? as u64,
+            max_attempts: key::MAX_ATTEMPTS.int(f.max_attempts)? as u32,
+            retry_initial_secs: key::RETRY_INITIAL_SECS.int(f.retry_initial_secs)? as u64,
+            retry_max_secs: key::RETRY_MAX_SECS.int(f.retry_max_secs)? as u64,
+            max_document_bytes: key::MAX_DOCUMENT_BYTES.int(f.max_document_bytes)? as usize,
         };
         if fetch.retry_initial_secs > fetch.retry_max_secs {
             return Err(err(
@@ -1067,84 +991,71 @@ impl RawUpstream {
             required_text(key, Some(v.unwrap_or_else(|| default.into())))
         };
         Ok(UpstreamConfig {
-            job_path: path_template("upstream.job_path", u.job_path, defaults::JOB_PATH, "{id}")?,
+            job_path: path_template(
+                &key::JOB_PATH.path(),
+                u.job_path,
+                defaults::JOB_PATH,
+                "{id}",
+            )?,
             project_path: path_template(
-                "upstream.project_path",
+                &key::PROJECT_PATH.path(),
                 u.project_path,
                 defaults::PROJECT_PATH,
                 "{id}",
             )?,
             listing_path: path_template(
-                "upstream.listing_path",
+                &key::LISTING_PATH.path(),
                 u.listing_path,
                 defaults::LISTING_PATH,
                 "{query}",
             )?,
-            jobs_query: text("upstream.jobs_query", u.jobs_query, defaults::JOBS_QUERY)?,
+            jobs_query: text(&key::JOBS_QUERY.path(), u.jobs_query, defaults::JOBS_QUERY)?,
             projects_query: text(
-                "upstream.projects_query",
+                &key::PROJECTS_QUERY.path(),
                 u.projects_query,
                 defaults::PROJECTS_QUERY,
             )?,
             job_id_field: text(
-                "upstream.job_id_field",
+                &key::JOB_ID_FIELD.path(),
                 u.job_id_field,
                 defaults::JOB_ID_FIELD,
             )?,
             project_id_field: text(
-                "upstream.project_id_field",
+                &key::PROJECT_ID_FIELD.path(),
                 u.project_id_field,
                 defaults::PROJECT_ID_FIELD,
             )?,
             modified_field: text(
-                "upstream.modified_field",
+                &key::MODIFIED_FIELD.path(),
                 u.modified_field,
                 defaults::MODIFIED_FIELD,
             )?,
-            page_size: int_in(
-                "upstream.page_size",
-                u.page_size,
-                defaults::PAGE_SIZE,
-                1,
-                10_000,
-            )? as u32,
-            overlap_secs: int_in(
-                "upstream.overlap_secs",
-                u.overlap_secs,
-                defaults::OVERLAP_SECS,
-                0,
-                86_400,
-            )? as u64,
-            listing_retry_secs: int_in(
-                "upstream.listing_retry_secs",
-                u.listing_retry_secs,
-                defaults::LISTING_RETRY_SECS,
-                0,
-                86_400,
-            )? as u64,
-            job_types: non_empty_list("upstream.job_types", u.job_types, defaults::JOB_TYPES)?,
+            page_size: key::PAGE_SIZE.int(u.page_size)? as u32,
+            overlap_secs: key::OVERLAP_SECS.int(u.overlap_secs)? as u64,
+            listing_retry_secs: key::LISTING_RETRY_SECS.int(u.listing_retry_secs)? as u64,
+            job_types: non_empty_list(&key::JOB_TYPES.path(), u.job_types, defaults::JOB_TYPES)?,
             project_types: non_empty_list(
-                "upstream.project_types",
+                &key::PROJECT_TYPES.path(),
                 u.project_types,
                 defaults::PROJECT_TYPES,
             )?,
             number_fields: non_empty_list(
-                "upstream.number_fields",
+                &key::NUMBER_FIELDS.path(),
                 u.number_fields,
                 defaults::NUMBER_FIELDS,
             )?,
             name_fields: non_empty_list(
-                "upstream.name_fields",
+                &key::NAME_FIELDS.path(),
                 u.name_fields,
                 defaults::NAME_FIELDS,
             )?,
             modified_fields: non_empty_list(
-                "upstream.modified_fields",
+                &key::MODIFIED_FIELDS.path(),
                 u.modified_fields,
                 defaults::MODIFIED_FIELDS,
             )?,
             version_fields: non_empty_list(
-                "upstream.version_fields",
+                &key::VERSION_FIELDS.path(),
                 u.version_fields,
                 defaults::VERSION_FIELDS,
             )?,
@@ -1155,20 +1066,8 @@ impl RawUpstream {
 impl RawRetention {
     fn validate(self) -> Result<RetentionConfig, ConfigError> {
         Ok(RetentionConfig {
-            events_days: int_in(
-                "retention.events_days",
-                self.events_days,
-                defaults::EVENTS_DAYS,
-                0,
-                36_500,
-            )? as u32,
-            history_days: int_in(
-                "retention.history_days",
-                self.history_days,
-                defaults::HISTORY_DAYS,
-                0,
-                36_500,
-            )? as u32,
+            events_days: key::EVENTS_DAYS.int(self.events_days)? as u32,
+            history_days: key::HISTORY_DAYS.int(self.history_days)? as u32,
         })
     }
 }
@@ -1332,18 +1231,17 @@ impl RawTenant {
             SecretFrom::File(path) => secrets.one_from_file(&k("app_secret_file"), path)?,
             SecretFrom::Env(var) => secret_from_env(&k("app_secret_env"), var)?,
         };
-        let max_delete_fraction = t
-            .max_delete_fraction
-            .unwrap_or(defaults::MAX_DELETE_FRACTION);
-        if !(0.0..=1.0).contains(&max_delete_fraction) || max_delete_fraction.is_nan() {
-            return Err(err(k("max_delete_fraction"), "must be between 0.0 and 1.0"));
+        let (max_delete_fraction, lo, hi) = key::MAX_DELETE_FRACTION.float(t.max_delete_fraction);
+        let max_delete_fraction = max_delete_fraction.unwrap_or(f64::NAN);
+        if !(lo..=hi).contains(&max_delete_fraction) {
+            return Err(err(
+                k("max_delete_fraction"),
+                format!("must be between {lo:?} and {hi:?}"),
+            ));
         }
-        let max_requests_per_sec = t.max_requests_per_sec.or(defaults::MAX_REQUESTS_PER_SEC);
+        let (max_requests_per_sec, lo, hi) =
+            key::MAX_REQUESTS_PER_SEC.float(t.max_requests_per_sec);
         if let Some(r) = max_requests_per_sec {
-            let (lo, hi) = (
-                defaults::MIN_REQUESTS_PER_SEC,
-                defaults::MAX_REQUESTS_PER_SEC_LIMIT,
-            );
             if !(lo..=hi).contains(&r) {
                 return Err(err(
                     k("max_requests_per_sec"),
@@ -1378,13 +1276,7 @@ impl RawTenant {
                 t.audit_schedule,
                 defaults::AUDIT_SCHEDULE,
             )?,
-            audit_sample: int_in(
-                &k("audit_sample"),
-                t.audit_sample,
-                defaults::AUDIT_SAMPLE,
-                1,
-                defaults::AUDIT_SAMPLE_LIMIT,
-            )? as u32,
+            audit_sample: key::AUDIT_SAMPLE.int_at(&k("audit_sample"), t.audit_sample)? as u32,
             name,
         })
     }
@@ -1433,7 +1325,7 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() -> TestResult {
-        let c = Config::from_toml(EXAMPLE_CONFIG, None)?;
+        let c = Config::from_toml(&EXAMPLE_CONFIG, None)?;
         assert!(!c.tenants.is_empty());
         Ok(())
     }

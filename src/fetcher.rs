@@ -718,7 +718,7 @@ mod tests {
 
     #[test]
     fn extraction_is_case_insensitive_and_first_wins() -> TestResult {
-        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None)?;
+        let cfg = Config::from_toml(&crate::config::EXAMPLE_CONFIG, None)?;
         let doc: Map<String, Value> = serde_json::from_str(
             r#"{"jobnumber": "J-1", "subject": "Brochure", "Job": "ignored", "MODIFIEDON": "2026-11-01T10:00:00", "Version": 7}"#,
         )?;
@@ -732,7 +732,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_caps() -> TestResult {
-        let cfg = Config::from_toml(crate::config::EXAMPLE_CONFIG, None)?;
+        let cfg = Config::from_toml(&crate::config::EXAMPLE_CONFIG, None)?;
         let f = &cfg.fetch;
         for _ in 0..50 {
             let d1 = backoff(f, 1).as_secs_f64();

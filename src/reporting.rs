@@ -79,7 +79,7 @@ impl FieldPath {
         Ok(FieldPath(parts))
     }
 
-    fn single(name: &str) -> FieldPath {
+    pub fn single(name: &str) -> FieldPath {
         FieldPath(vec![name.to_string()])
     }
 
@@ -107,23 +107,14 @@ pub struct ConfiguredColumn {
     pub ty: ColumnType,
 }
 
-/// The `[reporting]` section, validated.
+/// The `[reporting]` section, validated. Its `Default` (no `[reporting]`)
+/// is in `config`, beside the declaration of `reporting.stage_field`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportingConfig {
     /// The field whose changes make `job_stages` / `project_stages`.
     pub stage_field: FieldPath,
     pub job: Vec<ConfiguredColumn>,
     pub project: Vec<ConfiguredColumn>,
-}
-
-impl Default for ReportingConfig {
-    fn default() -> Self {
-        ReportingConfig {
-            stage_field: FieldPath::single("Stage"),
-            job: Vec::new(),
-            project: Vec::new(),
-        }
-    }
 }
 
 /// Column names no configuration may take: the view's key.

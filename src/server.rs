@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use warp::Filter;
 
+use crate::config::defaults;
+
 /// The peer address of a connection, put in each request's extensions
 /// (read with `warp::ext::optional::<ClientAddr>()`).
 #[derive(Debug, Clone, Copy)]
@@ -43,8 +45,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_connections: 1024,
-            header_read_timeout: Duration::from_secs(10),
+            // The config's defaults (`server.max_connections`,
+            // `server.header_read_timeout_secs`), for the simulator too.
+            max_connections: defaults::MAX_CONNECTIONS as usize,
+            header_read_timeout: Duration::from_secs(defaults::HEADER_READ_TIMEOUT_SECS as u64),
             max_header_bytes: 16 * 1024,
             drain_deadline: Duration::from_secs(10),
             tls: None,

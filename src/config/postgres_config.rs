@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{ConfigError, Secret};
+use super::{ConfigError, Secret, defaults, key};
 
 /// The validated `[postgres]` section.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +47,7 @@ fn err(key: &str, message: impl Into<String>) -> ConfigError {
 
 /// How the connection treats TLS, from the URL's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tls {
+pub(crate) enum SslMode {
     /// `sslmode=disable`, written out: plain TCP, the password in clear text.
     Disable,
     /// Anything else, `sslmode` absent included: TLS with the server's
@@ -61,7 +61,7 @@ pub(crate) enum Tls {
 /// The URL without `sslmode` and `sslrootcert` (we apply both ourselves).
 pub(crate) struct Normalised {
     pub(crate) url: String,
-    pub(crate) tls: Tls,
+    pub(crate) tls: SslMode,
     pub(crate) root_cert: Option<PathBuf>,
 }
 
@@ -72,15 +72,15 @@ pub(crate) fn normalise_url(url: &str) -> Result<Normalised, String> {
     };
     let mut kept = Vec::new();
     let mut root_cert = None;
-    let mut tls = Tls::Verify;
+    let mut tls = SslMode::Verify;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match (k, v) {
-            ("sslmode", "disable") => tls = Tls::Disable,
+            ("sslmode", "disable") => tls = SslMode::Disable,
             // The certificate is always verified (rustls), so every mode but
             // `disable` is verify-full here.
             ("sslmode", "allow" | "prefer" | "require" | "verify-ca" | "verify-full") => {
-                tls = Tls::Verify
+                tls = SslMode::Verify
             }
             ("sslmode", other) => {
                 return Err(format!(
@@ -162,7 +162,9 @@ impl RawPostgres {
                 ));
             }
         }
-        let schema = self.schema.unwrap_or_else(|| "skillsync".to_string());
+        let schema = self
+            .schema
+            .unwrap_or_else(|| defaults::POSTGRES_SCHEMA.to_string());
         let ok = !schema.is_empty()
             && schema.len() <= 63
             && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
@@ -177,16 +179,8 @@ impl RawPostgres {
                 ),
             ));
         }
-        let batch_size = match self.batch_size {
-            None => 1000,
-            Some(n) if (1..=50_000).contains(&n) => n as usize,
-            Some(_) => return Err(err("batch_size", "must be between 1 and 50000")),
-        };
-        let lag_alert_secs = match self.lag_alert_secs {
-            None => 300,
-            Some(n) if (1..=86_400 * 7).contains(&n) => n as u64,
-            Some(_) => return Err(err("lag_alert_secs", "must be between 1 and 604800")),
-        };
+        let batch_size = key::POSTGRES_BATCH_SIZE.int(self.batch_size)? as usize;
+        let lag_alert_secs = key::POSTGRES_LAG_ALERT_SECS.int(self.lag_alert_secs)? as u64;
         let host = parsed
             .get_hosts()
             .first()
@@ -275,17 +269,27 @@ mod tests {
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/x/ca.pem&connect_timeout=3",
         )?;
         assert_eq!(n.url, "postgres://u@h/db?connect_timeout=3");
-        assert_eq!(n.tls, Tls::Verify);
+        assert_eq!(n.tls, SslMode::Verify);
         assert_eq!(n.root_cert, Some(PathBuf::from("/x/ca.pem")));
         assert!(normalise_url("postgres://u@h/db?sslmode=bogus").is_err());
         let n = normalise_url("postgres://u@h/db")?;
-        assert_eq!((n.url.as_str(), n.tls), ("postgres://u@h/db", Tls::Verify));
+        assert_eq!(
+            (n.url.as_str(), n.tls),
+            ("postgres://u@h/db", SslMode::Verify)
+        );
         for mode in ["allow", "prefer", "require", "verify-ca"] {
             let n = normalise_url(&format!("postgres://u@h/db?sslmode={mode}"))?;
-            assert_eq!(n.tls, Tls::Verify, "{mode} never falls back to plain text");
+            assert_eq!(
+                n.tls,
+                SslMode::Verify,
+                "{mode} never falls back to plain text"
+            );
         }
         let n = normalise_url("postgres://u@h/db?sslmode=disable")?;
-        assert_eq!((n.url.as_str(), n.tls), ("postgres://u@h/db", Tls::Disable));
+        assert_eq!(
+            (n.url.as_str(), n.tls),
+            ("postgres://u@h/db", SslMode::Disable)
+        );
         Ok(())
     }
 }

@@ -20,8 +20,9 @@ pub mod sink;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::config::PostgresConfig;
-use crate::config::postgres_config::{Tls, normalise_url};
+// Not re-exported: the one path is `config::PostgresConfig` (sink and
+// check name it through `super`).
+use crate::config::{PostgresConfig, SslMode, normalise_url};
 
 /// Seconds since the oldest change PostgreSQL has not acknowledged (0 when none).
 pub fn lag_seconds(lag: &crate::store::outbox::Lag, now: chrono::DateTime<chrono::Utc>) -> f64 {
@@ -91,7 +92,7 @@ impl PostgresConfig {
             .get_hosts()
             .iter()
             .all(|h| matches!(h, postgres::config::Host::Unix(_)));
-        if n.tls == Tls::Disable || (local && !c.get_hosts().is_empty()) {
+        if n.tls == SslMode::Disable || (local && !c.get_hosts().is_empty()) {
             c.ssl_mode(postgres::config::SslMode::Disable);
             return c.connect(postgres::NoTls).map_err(|e| self.error(&e));
         }

@@ -6,6 +6,7 @@ mod audit;
 mod backup;
 mod budget;
 mod cli;
+mod config_keys;
 mod crash;
 mod faults;
 mod fetch;

