@@ -23,8 +23,8 @@ mod keys;
 mod postgres_config;
 
 pub use keys::{
-    KEYS, Key, KeyDefault, Kind, README_TABLE_END, README_TABLE_START, SECTIONS, Section, Show,
-    Value, defaults, key, render_example, render_readme_table,
+    ConfigKey, ConfigSection, DefaultValue, KEYS, KeyDefault, KeyKind, README_TABLE_END,
+    README_TABLE_START, SECTIONS, Show, defaults, key, render_example, render_readme_table,
 };
 pub use postgres_config::PostgresConfig;
 pub(crate) use postgres_config::{SslMode, normalise_url};

@@ -1,7 +1,7 @@
 //! Every config key, declared once: its section, name, type (with the range
 //! validation enforces), default and doc line. From this one table come the
 //! typed defaults ([`defaults`]), the ranges and defaults validation applies
-//! ([`Key::int`], [`Key::float`]), the commented example that `print-config`
+//! ([`ConfigKey::int`], [`ConfigKey::float`]), the commented example that `print-config`
 //! prints ([`render_example`]), the key table in the README
 //! ([`render_readme_table`]) and the `skillsync.toml(5)` man page (which
 //! `manpages` renders from [`SECTIONS`] and [`KEYS`]). A test
@@ -16,7 +16,7 @@ use super::{ConfigError, err};
 
 /// How a key's value is read and checked.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
+pub enum KeyKind {
     /// A whole number in `min..=max`.
     Int {
         min: i64,
@@ -68,39 +68,39 @@ pub enum Kind {
     Column,
 }
 
-impl Kind {
+impl KeyKind {
     /// The type in words, for the man page.
     pub fn describe(&self) -> String {
         match self {
-            Kind::Int { min, max } => format!("integer, {min} to {max}"),
-            Kind::Float { min, max } => format!("number, {min} to {max}"),
-            Kind::Bool => "true or false".into(),
-            Kind::Text => "text".into(),
-            Kind::Address => "address:port".into(),
-            Kind::AddressOrOff => "address:port, or \"off\"".into(),
-            Kind::UrlPath => "URL path".into(),
-            Kind::File => "file path".into(),
-            Kind::Template(p) => format!("URL path holding {p}"),
-            Kind::Names => "list of names".into(),
-            Kind::Networks => "list of CIDR networks".into(),
-            Kind::Schedule => "cron with seconds (UTC), or \"off\"".into(),
-            Kind::BaseUrl => "http(s) URL".into(),
-            Kind::TenantName => "name, [a-z0-9_-], 1 to 64 characters".into(),
-            Kind::Secret => "secret".into(),
-            Kind::Secrets => "list of secrets".into(),
-            Kind::SecretFile => "file path (a secret)".into(),
-            Kind::SecretEnv => "environment variable name".into(),
-            Kind::PostgresUrl => "postgres:// URL".into(),
-            Kind::Schema => "schema name, [a-z0-9_]".into(),
-            Kind::FieldPath => "field path".into(),
-            Kind::Column => "field path, or { path, type }".into(),
+            KeyKind::Int { min, max } => format!("integer, {min} to {max}"),
+            KeyKind::Float { min, max } => format!("number, {min} to {max}"),
+            KeyKind::Bool => "true or false".into(),
+            KeyKind::Text => "text".into(),
+            KeyKind::Address => "address:port".into(),
+            KeyKind::AddressOrOff => "address:port, or \"off\"".into(),
+            KeyKind::UrlPath => "URL path".into(),
+            KeyKind::File => "file path".into(),
+            KeyKind::Template(p) => format!("URL path holding {p}"),
+            KeyKind::Names => "list of names".into(),
+            KeyKind::Networks => "list of CIDR networks".into(),
+            KeyKind::Schedule => "cron with seconds (UTC), or \"off\"".into(),
+            KeyKind::BaseUrl => "http(s) URL".into(),
+            KeyKind::TenantName => "name, [a-z0-9_-], 1 to 64 characters".into(),
+            KeyKind::Secret => "secret".into(),
+            KeyKind::Secrets => "list of secrets".into(),
+            KeyKind::SecretFile => "file path (a secret)".into(),
+            KeyKind::SecretEnv => "environment variable name".into(),
+            KeyKind::PostgresUrl => "postgres:// URL".into(),
+            KeyKind::Schema => "schema name, [a-z0-9_]".into(),
+            KeyKind::FieldPath => "field path".into(),
+            KeyKind::Column => "field path, or { path, type }".into(),
         }
     }
 }
 
 /// A default value, typed.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Value {
+pub enum DefaultValue {
     Int(i64),
     Float(f64),
     Bool(bool),
@@ -108,16 +108,16 @@ pub enum Value {
     List(&'static [&'static str]),
 }
 
-impl Value {
+impl DefaultValue {
     /// As written in TOML: `65536`, `"/skillsevent"`, `["Version"]`.
     pub fn toml(&self) -> String {
         match self {
-            Value::Int(i) => i.to_string(),
+            DefaultValue::Int(i) => i.to_string(),
             // `{:?}` keeps the fraction (`0.0`, not `0`, which TOML reads as an integer).
-            Value::Float(f) => format!("{f:?}"),
-            Value::Bool(b) => b.to_string(),
-            Value::Text(s) => quote(s),
-            Value::List(l) => {
+            DefaultValue::Float(f) => format!("{f:?}"),
+            DefaultValue::Bool(b) => b.to_string(),
+            DefaultValue::Text(s) => quote(s),
+            DefaultValue::List(l) => {
                 let items: Vec<String> = l.iter().map(|s| quote(s)).collect();
                 format!("[{}]", items.join(", "))
             }
@@ -127,7 +127,7 @@ impl Value {
     /// As the README shows it: text without its quotes.
     fn plain(&self) -> String {
         match self {
-            Value::Text(s) => s.to_string(),
+            DefaultValue::Text(s) => s.to_string(),
             other => other.toml(),
         }
     }
@@ -140,7 +140,7 @@ fn quote(s: &str) -> String {
 /// What a key is worth when the config leaves it out.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum KeyDefault {
-    Value(Value),
+    Value(DefaultValue),
     /// No value; the text says what that means (`none`, `off`, …).
     Unset(&'static str),
     /// The key must be given.
@@ -177,12 +177,12 @@ pub enum Show {
 
 /// One declared key.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Key {
+pub struct ConfigKey {
     /// `server`, `tenant` (one table per tenant), `reporting.job`, …
     pub section: &'static str,
     /// `listen`; `NAME` for a name of the user's choosing.
     pub name: &'static str,
-    pub kind: Kind,
+    pub kind: KeyKind,
     pub default: KeyDefault,
     pub show: Show,
     /// The value the example shows instead of the default (TOML text; for
@@ -193,7 +193,7 @@ pub struct Key {
     pub doc: &'static str,
 }
 
-impl Key {
+impl ConfigKey {
     /// `server.listen`, `tenant.name`: the key as the man page names it.
     pub fn path(&self) -> String {
         format!("{}.{}", self.section, self.name)
@@ -226,12 +226,12 @@ impl Key {
 
     /// The integer given, or the default; an error at `at` when out of range.
     pub fn int_at(&self, at: &str, v: Option<i64>) -> Result<i64, ConfigError> {
-        let Kind::Int { min, max } = self.kind else {
+        let KeyKind::Int { min, max } = self.kind else {
             return Err(err(at, "is not declared as an integer (a bug)"));
         };
         let v = match (v, self.default) {
             (Some(v), _) => v,
-            (None, KeyDefault::Value(Value::Int(d))) => d,
+            (None, KeyDefault::Value(DefaultValue::Int(d))) => d,
             (None, _) => return Err(err(at, "is required")),
         };
         if v < min || v > max {
@@ -240,7 +240,7 @@ impl Key {
         Ok(v)
     }
 
-    /// [`Key::int_at`] at this key's own path.
+    /// [`ConfigKey::int_at`] at this key's own path.
     pub fn int(&self, v: Option<i64>) -> Result<i64, ConfigError> {
         self.int_at(&self.path(), v)
     }
@@ -250,11 +250,11 @@ impl Key {
     /// say theirs differently.
     pub fn float(&self, v: Option<f64>) -> (Option<f64>, f64, f64) {
         let (min, max) = match self.kind {
-            Kind::Float { min, max } => (min, max),
+            KeyKind::Float { min, max } => (min, max),
             _ => (f64::NAN, f64::NAN),
         };
         let default = match self.default {
-            KeyDefault::Value(Value::Float(d)) => Some(d),
+            KeyDefault::Value(DefaultValue::Float(d)) => Some(d),
             _ => None,
         };
         (v.or(default), min, max)
@@ -284,7 +284,7 @@ fn paragraphs(doc: &str) -> Vec<String> {
 
 /// A `[section]` of the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Section {
+pub struct ConfigSection {
     /// `server`, `tenant`, `reporting.job`, …
     pub name: &'static str,
     /// `[[name]]`: one table per tenant.
@@ -296,9 +296,9 @@ pub struct Section {
     pub doc: &'static str,
 }
 
-impl Section {
+impl ConfigSection {
     /// The keys declared in this section, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &'static Key> + '_ {
+    pub fn keys(&self) -> impl Iterator<Item = &'static ConfigKey> + '_ {
         KEYS.iter().filter(move |k| k.section == self.name)
     }
 
@@ -317,36 +317,36 @@ impl Section {
 }
 
 /// The sections, in the order the example shows them.
-pub const SECTIONS: &[Section] = &[
-    Section {
+pub const SECTIONS: &[ConfigSection] = &[
+    ConfigSection {
         name: "server",
         array: false,
         optional: false,
         column: 35,
         doc: "",
     },
-    Section {
+    ConfigSection {
         name: "database",
         array: false,
         optional: false,
         column: 35,
         doc: "",
     },
-    Section {
+    ConfigSection {
         name: "fetch",
         array: false,
         optional: false,
         column: 35,
         doc: "",
     },
-    Section {
+    ConfigSection {
         name: "retention",
         array: false,
         optional: false,
         column: 35,
         doc: "",
     },
-    Section {
+    ConfigSection {
         name: "upstream",
         array: false,
         optional: false,
@@ -354,7 +354,7 @@ pub const SECTIONS: &[Section] = &[
         doc: "Paths, query names and field names of the Skills Workflow APIs. Defaults follow \
               the public documentation; change them only if your tenant differs.",
     },
-    Section {
+    ConfigSection {
         name: "reporting",
         array: false,
         optional: false,
@@ -364,21 +364,21 @@ pub const SECTIONS: &[Section] = &[
               version). `skillsync columns --type job` lists a tenant's fields and prints lines \
               for here.",
     },
-    Section {
+    ConfigSection {
         name: "reporting.job",
         array: false,
         optional: false,
         column: 36,
         doc: "Extra or overriding job_report columns: name = \"$.Path\" or { path, type }.",
     },
-    Section {
+    ConfigSection {
         name: "reporting.project",
         array: false,
         optional: false,
         column: 36,
         doc: "Extra or overriding project_report columns, as for jobs.",
     },
-    Section {
+    ConfigSection {
         name: "postgres",
         array: false,
         optional: true,
@@ -387,7 +387,7 @@ pub const SECTIONS: &[Section] = &[
               machine (off while this section is absent). Tables, views and the cursor live in \
               one schema.",
     },
-    Section {
+    ConfigSection {
         name: "tenant",
         array: true,
         optional: false,
@@ -397,7 +397,7 @@ pub const SECTIONS: &[Section] = &[
 ];
 
 /// Declares every key once: a typed default in [`defaults`] (for keys that
-/// have one), a [`Key`] in [`key`], and its place in [`KEYS`].
+/// have one), a [`ConfigKey`] in [`key`], and its place in [`KEYS`].
 macro_rules! config_keys {
     (@const $id:ident Int($v:expr)) => { pub const $id: i64 = $v; };
     (@const $id:ident Float($v:expr)) => { pub const $id: f64 = $v; };
@@ -406,11 +406,11 @@ macro_rules! config_keys {
     (@const $id:ident List($v:expr)) => { pub const $id: &[&str] = $v; };
     (@const $id:ident $($other:tt)*) => {};
 
-    (@default $id:ident Int($v:expr)) => { KeyDefault::Value(Value::Int(defaults::$id)) };
-    (@default $id:ident Float($v:expr)) => { KeyDefault::Value(Value::Float(defaults::$id)) };
-    (@default $id:ident Bool($v:expr)) => { KeyDefault::Value(Value::Bool(defaults::$id)) };
-    (@default $id:ident Text($v:expr)) => { KeyDefault::Value(Value::Text(defaults::$id)) };
-    (@default $id:ident List($v:expr)) => { KeyDefault::Value(Value::List(defaults::$id)) };
+    (@default $id:ident Int($v:expr)) => { KeyDefault::Value(DefaultValue::Int(defaults::$id)) };
+    (@default $id:ident Float($v:expr)) => { KeyDefault::Value(DefaultValue::Float(defaults::$id)) };
+    (@default $id:ident Bool($v:expr)) => { KeyDefault::Value(DefaultValue::Bool(defaults::$id)) };
+    (@default $id:ident Text($v:expr)) => { KeyDefault::Value(DefaultValue::Text(defaults::$id)) };
+    (@default $id:ident List($v:expr)) => { KeyDefault::Value(DefaultValue::List(defaults::$id)) };
     (@default $id:ident Unset($s:expr)) => { KeyDefault::Unset($s) };
     (@default $id:ident Required) => { KeyDefault::Required };
     (@default $id:ident Alternative) => { KeyDefault::Alternative };
@@ -437,7 +437,7 @@ macro_rules! config_keys {
             use super::*;
             $(
                 $(#[doc = $doc])*
-                pub const $id: Key = Key {
+                pub const $id: ConfigKey = ConfigKey {
                     section: $section,
                     name: stringify!($name),
                     kind: $kind,
@@ -450,139 +450,139 @@ macro_rules! config_keys {
         }
 
         /// Every key, section by section, in the example's order.
-        pub const KEYS: &[Key] = &[$(key::$id),*];
+        pub const KEYS: &[ConfigKey] = &[$(key::$id),*];
     };
 }
 
 config_keys! {
     /// where the webhook listener binds (put TLS in front, see README)
-    "server" listen => LISTEN: Text("127.0.0.1:8080"), Kind::Address, Set;
+    "server" listen => LISTEN: Text("127.0.0.1:8080"), KeyKind::Address, Set;
     /// POST here (tenant chosen by secret) or to {webhook_path}/{tenant}
     ///
     /// Not /healthz or /metrics.
-    "server" webhook_path => WEBHOOK_PATH: Text("/skillsevent"), Kind::UrlPath, Set;
+    "server" webhook_path => WEBHOOK_PATH: Text("/skillsevent"), KeyKind::UrlPath, Set;
     /// larger webhook bodies get 413
     "server" max_body_bytes => MAX_BODY_BYTES:
-        Int(65536), Kind::Int { min: 256, max: 16 << 20 }, Set;
+        Int(65536), KeyKind::Int { min: 256, max: 16 << 20 }, Set;
     /// /metrics (Prometheus) and detailed /healthz; "off" disables.
     /// Never the same as listen: the public listener serves only
     /// the webhook path and /healthz.
-    "server" metrics_listen => METRICS_LISTEN: Text("127.0.0.1:9187"), Kind::AddressOrOff, Set;
+    "server" metrics_listen => METRICS_LISTEN: Text("127.0.0.1:9187"), KeyKind::AddressOrOff, Set;
     /// X-Forwarded-For honoured only from these
     ///
     /// The logs then show the real client.
     "server" trusted_proxies => TRUSTED_PROXIES:
-        Unset("none"), Kind::Networks, Commented(r#"["127.0.0.1/32"]"#);
+        Unset("none"), KeyKind::Networks, Commented(r#"["127.0.0.1/32"]"#);
     /// connections served at once
     ///
     /// More wait in the kernel backlog.
     "server" max_connections => MAX_CONNECTIONS:
-        Int(1024), Kind::Int { min: 1, max: 100_000 }, Commented;
+        Int(1024), KeyKind::Int { min: 1, max: 100_000 }, Commented;
     /// a client that sends headers slower than this is dropped
     "server" header_read_timeout_secs => HEADER_READ_TIMEOUT_SECS:
-        Int(10), Kind::Int { min: 1, max: 300 }, Commented;
+        Int(10), KeyKind::Int { min: 1, max: 300 }, Commented;
     /// built-in HTTPS, or terminate TLS in nginx or Caddy
     ///
     /// PEM, full chain; TLS 1.2/1.3. Goes with tls_key_file.
     "server" tls_cert_file => TLS_CERT_FILE:
-        Unset("none"), Kind::File, Commented(r#""/etc/skillsync/tls/fullchain.pem""#);
+        Unset("none"), KeyKind::File, Commented(r#""/etc/skillsync/tls/fullchain.pem""#);
     /// re-read on SIGHUP (systemctl reload) and when the files change
     ///
     /// A bad new certificate keeps the old one.
     "server" tls_key_file => TLS_KEY_FILE:
-        Unset("none"), Kind::File, Commented(r#""/etc/skillsync/tls/privkey.pem""#);
+        Unset("none"), KeyKind::File, Commented(r#""/etc/skillsync/tls/privkey.pem""#);
 
     /// the SQLite file; its directory must exist and be writable
     "database" path => DATABASE_PATH:
-        Text("/var/lib/skillsync/skillsync.db"), Kind::File, Set;
+        Text("/var/lib/skillsync/skillsync.db"), KeyKind::File, Set;
     /// how long a write waits on another writer before the webhook answers 503
     "database" busy_timeout_ms => BUSY_TIMEOUT_MS:
-        Int(5000), Kind::Int { min: 0, max: 600_000 }, Commented;
+        Int(5000), KeyKind::Int { min: 0, max: 600_000 }, Commented;
     /// concurrent events share one fsync'd commit
     /// (false: one commit each; for benchmarks only)
-    "database" group_commit => GROUP_COMMIT: Bool(true), Kind::Bool, Commented;
+    "database" group_commit => GROUP_COMMIT: Bool(true), KeyKind::Bool, Commented;
 
     /// fetches in flight per tenant
     ///
     /// Webhooks and reconciliation share them.
     "fetch" concurrency => FETCH_CONCURRENCY:
-        Int(8), Kind::Int { min: 1, max: 256 }, Set;
+        Int(8), KeyKind::Int { min: 1, max: 256 }, Set;
     /// whole-request timeout for one upstream call
     "fetch" timeout_secs => FETCH_TIMEOUT_SECS:
-        Int(35), Kind::Int { min: 1, max: 600 }, Set;
+        Int(35), KeyKind::Int { min: 1, max: 600 }, Set;
     /// then the event is dead (see: skillsync retry --dead)
-    "fetch" max_attempts => MAX_ATTEMPTS: Int(10), Kind::Int { min: 1, max: 1000 }, Set;
+    "fetch" max_attempts => MAX_ATTEMPTS: Int(10), KeyKind::Int { min: 1, max: 1000 }, Set;
     /// the first retry's delay: exponential backoff with jitter...
     ///
     /// Not more than retry_max_secs.
     "fetch" retry_initial_secs => RETRY_INITIAL_SECS:
-        Int(2), Kind::Int { min: 0, max: 86_400 }, Set;
+        Int(2), KeyKind::Int { min: 0, max: 86_400 }, Set;
     /// ...capped here (an upstream Retry-After wins, up to one hour)
     "fetch" retry_max_secs => RETRY_MAX_SECS:
-        Int(3600), Kind::Int { min: 1, max: 86_400 }, Set;
+        Int(3600), KeyKind::Int { min: 1, max: 86_400 }, Set;
     /// a larger upstream document is an error, never stored
     "fetch" max_document_bytes => MAX_DOCUMENT_BYTES:
-        Int(4 << 20), Kind::Int { min: 1024, max: 256 << 20 }, Commented;
+        Int(4 << 20), KeyKind::Int { min: 1024, max: 256 << 20 }, Commented;
 
     /// prune done/ignored events older than this (0 keeps all)
     "retention" events_days => EVENTS_DAYS:
-        Int(30), Kind::Int { min: 0, max: 36_500 }, Commented;
+        Int(30), KeyKind::Int { min: 0, max: 36_500 }, Commented;
     /// prune document_history older than this (0 keeps all; latest revision always kept)
     "retention" history_days => HISTORY_DAYS:
-        Int(0), Kind::Int { min: 0, max: 36_500 }, Commented;
+        Int(0), KeyKind::Int { min: 0, max: 36_500 }, Commented;
 
     /// a job, under the tenant's api_base
-    "upstream" job_path => JOB_PATH: Text("/api/jobs/{id}"), Kind::Template("{id}"), Commented;
+    "upstream" job_path => JOB_PATH: Text("/api/jobs/{id}"), KeyKind::Template("{id}"), Commented;
     /// a project, under the tenant's api_base
     "upstream" project_path => PROJECT_PATH:
-        Text("/api/projects/{id}"), Kind::Template("{id}"), Commented;
+        Text("/api/projects/{id}"), KeyKind::Template("{id}"), Commented;
     /// the listing (Data Extraction API), under the tenant's extraction_base
     "upstream" listing_path => LISTING_PATH:
         Text("/api/v3/analytics/named-query/{query}/dynamic-execute"),
-        Kind::Template("{query}"), Commented;
+        KeyKind::Template("{query}"), Commented;
     /// the named query that lists jobs
-    "upstream" jobs_query => JOBS_QUERY: Text("DE-Jobs"), Kind::Text, Commented;
+    "upstream" jobs_query => JOBS_QUERY: Text("DE-Jobs"), KeyKind::Text, Commented;
     /// the named query that lists projects
-    "upstream" projects_query => PROJECTS_QUERY: Text("DE-Projects"), Kind::Text, Commented;
+    "upstream" projects_query => PROJECTS_QUERY: Text("DE-Projects"), KeyKind::Text, Commented;
     /// a job's id in a listing row
-    "upstream" job_id_field => JOB_ID_FIELD: Text("JobId"), Kind::Text, Commented;
+    "upstream" job_id_field => JOB_ID_FIELD: Text("JobId"), KeyKind::Text, Commented;
     /// a project's id in a listing row
-    "upstream" project_id_field => PROJECT_ID_FIELD: Text("ProjectId"), Kind::Text, Commented;
+    "upstream" project_id_field => PROJECT_ID_FIELD: Text("ProjectId"), KeyKind::Text, Commented;
     /// the modification time a listing filters and orders by
-    "upstream" modified_field => MODIFIED_FIELD: Text("ModifiedOn"), Kind::Text, Commented;
+    "upstream" modified_field => MODIFIED_FIELD: Text("ModifiedOn"), KeyKind::Text, Commented;
     /// listing page size
-    "upstream" page_size => PAGE_SIZE: Int(500), Kind::Int { min: 1, max: 10_000 }, Commented;
+    "upstream" page_size => PAGE_SIZE: Int(500), KeyKind::Int { min: 1, max: 10_000 }, Commented;
     /// incremental runs re-list this far behind the watermark
     "upstream" overlap_secs => OVERLAP_SECS:
-        Int(300), Kind::Int { min: 0, max: 86_400 }, Commented;
+        Int(300), KeyKind::Int { min: 0, max: 86_400 }, Commented;
     /// a listing page failing (429/5xx/timeouts) is retried this long, then the run fails
     "upstream" listing_retry_secs => LISTING_RETRY_SECS:
-        Int(900), Kind::Int { min: 0, max: 86_400 }, Commented;
+        Int(900), KeyKind::Int { min: 0, max: 86_400 }, Commented;
     /// the document type names the sender uses for jobs
     "upstream" job_types => JOB_TYPES:
-        List(&["SkillsWorkflow.Job", "Job"]), Kind::Names, Commented;
+        List(&["SkillsWorkflow.Job", "Job"]), KeyKind::Names, Commented;
     /// the document type names the sender uses for projects
     "upstream" project_types => PROJECT_TYPES:
-        List(&["SkillsWorkflow.Project", "Project"]), Kind::Names, Commented;
+        List(&["SkillsWorkflow.Project", "Project"]), KeyKind::Names, Commented;
     /// a document's number: the first of these fields present
     "upstream" number_fields => NUMBER_FIELDS:
-        List(&["Number", "JobNumber", "ProjectNumber"]), Kind::Names, Commented;
+        List(&["Number", "JobNumber", "ProjectNumber"]), KeyKind::Names, Commented;
     /// a document's name: the first of these fields present
     "upstream" name_fields => NAME_FIELDS:
-        List(&["Name", "Subject", "Job", "Project"]), Kind::Names, Commented;
+        List(&["Name", "Subject", "Job", "Project"]), KeyKind::Names, Commented;
     /// a document's modification time: the first of these fields present
     "upstream" modified_fields => MODIFIED_FIELDS:
-        List(&["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"]), Kind::Names, Commented;
+        List(&["ModifiedOn", "ModifiedOnUtc", "UpdatedAt"]), KeyKind::Names, Commented;
     /// a document's version: the first of these fields present
-    "upstream" version_fields => VERSION_FIELDS: List(&["Version"]), Kind::Names, Commented;
+    "upstream" version_fields => VERSION_FIELDS: List(&["Version"]), KeyKind::Names, Commented;
 
     /// the field whose changes make job_stages / project_stages
-    "reporting" stage_field => STAGE_FIELD: Text("Stage"), Kind::FieldPath, Commented;
+    "reporting" stage_field => STAGE_FIELD: Text("Stage"), KeyKind::FieldPath, Commented;
     /// type: text | integer | real | timestamp
     ///
     /// NAME = "$.Path" (text) or NAME = { path = "$.Path.Nested", type = "…" }; NAME is
     /// snake_case, not tenant or id; extra columns follow the defaults in name order.
-    "reporting.job" NAME => JOB_COLUMN: Example, Kind::Column, Commented(concat!(
+    "reporting.job" NAME => JOB_COLUMN: Example, KeyKind::Column, Commented(concat!(
         "stage_type = \"$.StageType\"\n",
         "budget = { path = \"$.Budget\", type = \"real\" }"
     ));
@@ -590,76 +590,76 @@ config_keys! {
     ///
     /// As for jobs, in project_report.
     "reporting.project" NAME => PROJECT_COLUMN:
-        Example, Kind::Column, Commented("client = \"$.Client\"");
+        Example, KeyKind::Column, Commented("client = \"$.Client\"");
 
     /// TLS: rustls, certificate always verified
     ///
     /// sslmode disable, and only that, sends in plain text; see the README.
-    "postgres" url => POSTGRES_URL: Required, Kind::PostgresUrl,
+    "postgres" url => POSTGRES_URL: Required, KeyKind::PostgresUrl,
         Set(r#""postgres://skillsync@db.example.com:5432/reports?sslmode=verify-full""#);
     /// never in the url of a shared config
     "postgres" password_file => POSTGRES_PASSWORD_FILE:
-        Unset("none"), Kind::SecretFile, Commented(r#""pg-password""#);
+        Unset("none"), KeyKind::SecretFile, Commented(r#""pg-password""#);
     /// the variable holding the password
     "postgres" password_env => POSTGRES_PASSWORD_ENV:
-        Alternative, Kind::SecretEnv, Or(r#""PGPASSWORD""#);
+        Alternative, KeyKind::SecretEnv, Or(r#""PGPASSWORD""#);
     /// one schema per SQLite database
-    "postgres" schema => POSTGRES_SCHEMA: Text("skillsync"), Kind::Schema, Set;
+    "postgres" schema => POSTGRES_SCHEMA: Text("skillsync"), KeyKind::Schema, Set;
     /// documents per PostgreSQL transaction
     "postgres" batch_size => POSTGRES_BATCH_SIZE:
-        Int(1000), Kind::Int { min: 1, max: 50_000 }, Set;
+        Int(1000), KeyKind::Int { min: 1, max: 50_000 }, Set;
     /// `status` is degraded when PostgreSQL lags more than this
     "postgres" lag_alert_secs => POSTGRES_LAG_ALERT_SECS:
-        Int(300), Kind::Int { min: 1, max: 86_400 * 7 }, Set;
+        Int(300), KeyKind::Int { min: 1, max: 86_400 * 7 }, Set;
 
     /// [a-z0-9_-], the key in every table
-    "tenant" name => TENANT_NAME: Required, Kind::TenantName, Set(r#""acme""#);
+    "tenant" name => TENANT_NAME: Required, KeyKind::TenantName, Set(r#""acme""#);
     /// or a form below; several allowed while rotating
     "tenant" webhook_secrets => WEBHOOK_SECRETS:
-        Required, Kind::Secrets, Set(r#"["replace-with-the-webhook-secret"]"#);
+        Required, KeyKind::Secrets, Set(r#"["replace-with-the-webhook-secret"]"#);
     /// one per line (# and blank lines ignored); relative to $CREDENTIALS_DIRECTORY
     "tenant" webhook_secret_file => WEBHOOK_SECRET_FILE:
-        Alternative, Kind::SecretFile, Or(r#""acme-webhook-secret""#);
+        Alternative, KeyKind::SecretFile, Or(r#""acme-webhook-secret""#);
     /// the variable holding the webhook secret
     "tenant" webhook_secret_env => WEBHOOK_SECRET_ENV:
-        Alternative, Kind::SecretEnv, Or(r#""ACME_WEBHOOK_SECRET""#);
+        Alternative, KeyKind::SecretEnv, Or(r#""ACME_WEBHOOK_SECRET""#);
     /// single documents: GET {api_base}/api/jobs/{id}
     "tenant" api_base => API_BASE:
-        Required, Kind::BaseUrl, Set(r#""https://integration-api-we.skillsworkflow.com""#);
+        Required, KeyKind::BaseUrl, Set(r#""https://integration-api-we.skillsworkflow.com""#);
     /// listing (Data Extraction API)
     "tenant" extraction_base => EXTRACTION_BASE:
-        Required, Kind::BaseUrl, Set(r#""https://apiv2-acme.skillsworkflow.com""#);
+        Required, KeyKind::BaseUrl, Set(r#""https://apiv2-acme.skillsworkflow.com""#);
     /// X-AppTenant
-    "tenant" app_tenant => APP_TENANT: Required, Kind::Text, Set(r#""replace-with-X-AppTenant""#);
+    "tenant" app_tenant => APP_TENANT: Required, KeyKind::Text, Set(r#""replace-with-X-AppTenant""#);
     /// X-AppId
-    "tenant" app_id => APP_ID: Required, Kind::Text, Set(r#""replace-with-X-AppId""#);
+    "tenant" app_id => APP_ID: Required, KeyKind::Text, Set(r#""replace-with-X-AppId""#);
     /// X-AppSecret, or a form below
     "tenant" app_secret => APP_SECRET:
-        Required, Kind::Secret, Set(r#""replace-with-X-AppSecret""#);
+        Required, KeyKind::Secret, Set(r#""replace-with-X-AppSecret""#);
     /// systemd LoadCredential=, see systemd/skillsync.service
     ///
     /// A relative file resolves against $CREDENTIALS_DIRECTORY.
     "tenant" app_secret_file => APP_SECRET_FILE:
-        Alternative, Kind::SecretFile, Or(r#""acme-app-secret""#);
+        Alternative, KeyKind::SecretFile, Or(r#""acme-app-secret""#);
     /// the variable holding the app secret
     "tenant" app_secret_env => APP_SECRET_ENV:
-        Alternative, Kind::SecretEnv, Or(r#""ACME_APP_SECRET""#);
+        Alternative, KeyKind::SecretEnv, Or(r#""ACME_APP_SECRET""#);
     /// X-AppUser
     "tenant" app_user => APP_USER:
-        Unset("none"), Kind::Text, Commented(r#""integration@acme.example""#);
+        Unset("none"), KeyKind::Text, Commented(r#""integration@acme.example""#);
     /// incremental catch-up (cron with seconds, UTC) or "off"
     "tenant" reconcile_schedule => RECONCILE_SCHEDULE:
-        Text("0 */15 * * * *"), Kind::Schedule, Set;
+        Text("0 */15 * * * *"), KeyKind::Schedule, Set;
     /// full id sweep, detects deletions, or "off"
     "tenant" full_sweep_schedule => FULL_SWEEP_SCHEDULE:
-        Text("0 30 2 * * *"), Kind::Schedule, Set;
+        Text("0 30 2 * * *"), KeyKind::Schedule, Set;
     /// a sweep that would mark more deleted stops (override: reconcile --full --force)
     ///
     /// A sweep whose deletion candidates (live documents missing from its listing) exceed
     /// this fraction of the type's live documents checks and marks nothing and fails; below
     /// it, each candidate is deleted only if its GET answers 404/410.
     "tenant" max_delete_fraction => MAX_DELETE_FRACTION:
-        Float(0.1), Kind::Float { min: 0.0, max: 1.0 }, Set;
+        Float(0.1), KeyKind::Float { min: 0.0, max: 1.0 }, Set;
     /// every upstream call of this tenant shares this budget, requests/s
     /// (fractions allowed)
     ///
@@ -669,15 +669,15 @@ config_keys! {
     /// twice the rate.
     "tenant" max_requests_per_sec => MAX_REQUESTS_PER_SEC:
         Unset("none, the rate adapts to 429s only"),
-        Kind::Float { min: 0.01, max: 100_000.0 }, Commented("10");
+        KeyKind::Float { min: 0.01, max: 100_000.0 }, Commented("10");
     /// accuracy audit (skillsync verify): cron with seconds, UTC, or "off"
     ///
     /// Daily at 04:00 UTC by default, after the full sweep; each type in turn.
-    "tenant" audit_schedule => AUDIT_SCHEDULE: Text("0 0 4 * * *"), Kind::Schedule, Set;
+    "tenant" audit_schedule => AUDIT_SCHEDULE: Text("0 0 4 * * *"), KeyKind::Schedule, Set;
     /// documents per type per audit, live and deleted; also its most upstream GETs
     ///
     /// Each GET is a background permit from the tenant's request budget.
-    "tenant" audit_sample => AUDIT_SAMPLE: Int(500), Kind::Int { min: 1, max: 1_000_000 }, Set;
+    "tenant" audit_sample => AUDIT_SAMPLE: Int(500), KeyKind::Int { min: 1, max: 1_000_000 }, Set;
 }
 
 /// The lines at the top of the example.
@@ -710,7 +710,7 @@ pub fn render_example() -> String {
 
 /// The example's line(s) for one key: `key = value   # doc`, commented as
 /// the declaration says, its doc's first paragraph in the comment.
-fn example_lines(out: &mut String, section: &Section, key: &Key) {
+fn example_lines(out: &mut String, section: &ConfigSection, key: &ConfigKey) {
     let commented = section.optional || key.show != Show::Set;
     let prefix = match key.show {
         Show::Or => "# or: ",
@@ -740,7 +740,7 @@ fn example_lines(out: &mut String, section: &Section, key: &Key) {
         _ => {}
     }
     let lines: Vec<String> = match (key.kind, key.example, key.default) {
-        (Kind::Column, Some(ex), _) => ex.lines().map(str::to_string).collect(),
+        (KeyKind::Column, Some(ex), _) => ex.lines().map(str::to_string).collect(),
         (_, Some(ex), _) => vec![format!("{} = {ex}", key.name)],
         (_, None, KeyDefault::Value(v)) => vec![format!("{} = {}", key.name, v.toml())],
         (_, None, _) => vec![format!("{} = ", key.name)],
@@ -838,7 +838,8 @@ mod tests {
             );
             assert!(seen.insert(k.path()), "{} declared twice", k.path());
             assert!(!k.doc.trim().is_empty(), "{} has no doc line", k.path());
-            if let (Kind::Int { min, max }, KeyDefault::Value(Value::Int(d))) = (k.kind, k.default)
+            if let (KeyKind::Int { min, max }, KeyDefault::Value(DefaultValue::Int(d))) =
+                (k.kind, k.default)
             {
                 assert!(
                     (min..=max).contains(&d),
@@ -846,7 +847,7 @@ mod tests {
                     k.path()
                 );
             }
-            if let (Kind::Float { min, max }, KeyDefault::Value(Value::Float(d))) =
+            if let (KeyKind::Float { min, max }, KeyDefault::Value(DefaultValue::Float(d))) =
                 (k.kind, k.default)
             {
                 assert!(
@@ -884,7 +885,7 @@ mod tests {
     #[test]
     fn the_example_shows_each_key_once_with_its_default_or_example() {
         let example = render_example();
-        for k in KEYS.iter().filter(|k| k.kind != Kind::Column) {
+        for k in KEYS.iter().filter(|k| k.kind != KeyKind::Column) {
             let shown = example
                 .lines()
                 .filter(|l| {

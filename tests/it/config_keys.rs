@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use skillsync::config::{
-    Config, EXAMPLE_CONFIG, KEYS, KeyDefault, Kind, README_TABLE_END, README_TABLE_START, SECTIONS,
-    Show, render_readme_table,
+    Config, EXAMPLE_CONFIG, KEYS, KeyDefault, KeyKind, README_TABLE_END, README_TABLE_START,
+    SECTIONS, Show, render_readme_table,
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -36,7 +36,7 @@ fn as_declared(key: &str) -> String {
         Some((section, _))
             if KEYS
                 .iter()
-                .any(|k| k.section == section && k.kind == Kind::Column) =>
+                .any(|k| k.section == section && k.kind == KeyKind::Column) =>
         {
             format!("{section}.NAME")
         }
@@ -44,8 +44,20 @@ fn as_declared(key: &str) -> String {
     }
 }
 
-fn difference(what: &str, a: &BTreeSet<String>, b: &BTreeSet<String>) -> Vec<String> {
-    a.difference(b).map(|k| format!("{k} ({what})")).collect()
+/// The keys `place` knows and the declarations do not, and the other way
+/// round, each named with the side it is missing from.
+fn drift(place: &str, known: &BTreeSet<String>) -> Vec<String> {
+    let declared = declared();
+    let mut wrong: Vec<String> = known
+        .difference(&declared)
+        .map(|k| format!("{k} (in {place}, not declared)"))
+        .collect();
+    wrong.extend(
+        declared
+            .difference(known)
+            .map(|k| format!("{k} (declared, not in {place})")),
+    );
+    wrong
 }
 
 /// A minimal valid config: one tenant, every other key left out.
@@ -116,9 +128,7 @@ fn the_parser_reads_exactly_the_declared_keys() {
         Config::from_toml(&text, None).unwrap_or_else(|e| panic!("{}: {e}", s.name));
         parsed.insert(format!("{}.NAME", s.name));
     }
-    let declared = declared();
-    let mut wrong = difference("parsed but not declared", &parsed, &declared);
-    wrong.extend(difference("declared but not parsed", &declared, &parsed));
+    let wrong = drift("the parser", &parsed);
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
@@ -156,7 +166,7 @@ fn each_declared_default_and_range_is_what_validation_applies() {
             );
             checked += 1;
         }
-        if let Kind::Int { min, max } = key.kind {
+        if let KeyKind::Int { min, max } = key.kind {
             for bad in [min - 1, max + 1] {
                 let (text, _) = config_with(key.section, key.name, &bad.to_string());
                 let e = Config::from_toml(&text, None)
@@ -175,7 +185,7 @@ fn each_declared_default_and_range_is_what_validation_applies() {
                 );
             }
         }
-        if let Kind::Float { min, max } = key.kind {
+        if let KeyKind::Float { min, max } = key.kind {
             for bad in [min - min.max(0.001) / 2.0, max * 2.0 + 1.0] {
                 let (text, _) = config_with(key.section, key.name, &format!("{bad:?}"));
                 let e = Config::from_toml(&text, None)
@@ -252,16 +262,10 @@ fn the_example_shows_exactly_the_declared_keys_and_the_file_is_the_example() {
         .iter()
         .map(|k| as_declared(k))
         .collect();
-    let declared = declared();
-    let mut wrong = difference("in the example, not declared", &shown, &declared);
-    wrong.extend(difference(
-        "declared, not in the example",
-        &declared,
-        &shown,
-    ));
+    let wrong = drift("the example", &shown);
     assert!(wrong.is_empty(), "{wrong:#?}");
     // Set keys are set, commented ones commented, alternatives `or:`.
-    for key in KEYS.iter().filter(|k| k.kind != Kind::Column) {
+    for key in KEYS.iter().filter(|k| k.kind != KeyKind::Column) {
         let optional = SECTIONS.iter().any(|s| s.name == key.section && s.optional);
         let start = match key.show {
             Show::Set if !optional => format!("\n{} = ", key.name),
@@ -311,13 +315,7 @@ fn the_readme_documents_exactly_the_declared_keys() {
         .filter_map(|l| l.split('`').next())
         .map(|k| k.replace("[]", ""))
         .collect();
-    let declared = declared();
-    let mut wrong = difference("in the README, not declared", &documented, &declared);
-    wrong.extend(difference(
-        "declared, not in the README",
-        &declared,
-        &documented,
-    ));
+    let wrong = drift("the README", &documented);
     let generated = render_readme_table();
     if (table != generated || !wrong.is_empty()) && bless() {
         let updated = format!("{}{generated}{}", &readme[..start], &readme[end..]);
