@@ -19,7 +19,8 @@
 //!   wired; [`app::oneshot`], `reconcile` run once and reported.
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`manpages`]: `skillsync man` and `completions`: pages from the clap
-//!   definitions `cli` passes in, `skillsync.toml(5)` from the example config.
+//!   definitions `cli` passes in, `skillsync.toml(5)` from the config key
+//!   declarations.
 //!
 //! The pipeline:
 //! - [`http`]: the warp routes of the public listener (webhook, `/healthz`)
@@ -53,7 +54,10 @@
 //! Foundations:
 //! - [`wake`]: the per-tenant wake-up of the fetch workers.
 //! - [`config`]: the TOML config, validated section by section at load,
-//!   its defaults in one place, secrets redacted; `[postgres]` included.
+//!   secrets redacted; `[postgres]` included. Each key is declared once
+//!   (`config/keys.rs`: type, range, default, doc line), and its defaults,
+//!   the example `print-config` prints, the README's key table and
+//!   `skillsync.toml(5)` come from that declaration.
 //! - [`tls`]: built-in TLS (rustls), certificate loading and rotation
 //!   without a restart.
 //! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
