@@ -954,7 +954,7 @@ impl RawDatabase {
                 .path
                 .unwrap_or_else(|| PathBuf::from(defaults::DATABASE_PATH)),
             busy_timeout_ms: key::BUSY_TIMEOUT_MS.int(self.busy_timeout_ms)? as u64,
-            group_commit: self.group_commit.unwrap_or(true),
+            group_commit: self.group_commit.unwrap_or(defaults::GROUP_COMMIT),
         };
         if database.path.as_os_str().is_empty() {
             return Err(err("database.path", "must not be empty"));
@@ -1232,6 +1232,7 @@ impl RawTenant {
             SecretFrom::Env(var) => secret_from_env(&k("app_secret_env"), var)?,
         };
         let (max_delete_fraction, lo, hi) = key::MAX_DELETE_FRACTION.float(t.max_delete_fraction);
+        // Declared with a default, so never NaN here; NaN would be refused.
         let max_delete_fraction = max_delete_fraction.unwrap_or(f64::NAN);
         if !(lo..=hi).contains(&max_delete_fraction) {
             return Err(err(
@@ -1310,6 +1311,18 @@ mod tests {
             Some("0 30 2 * * *")
         );
         assert!((c.tenants[0].max_delete_fraction - 0.1).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn upstream_default_is_what_a_config_without_upstream_gets() -> TestResult {
+        let c = Config::from_toml(&tenant(""), None)?;
+        assert_eq!(
+            format!("{:?}", UpstreamConfig::default()),
+            format!("{:?}", c.upstream)
+        );
+        let reporting = crate::reporting::ReportingConfig::default();
+        assert_eq!(reporting, c.reporting);
         Ok(())
     }
 
