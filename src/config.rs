@@ -697,13 +697,7 @@ fn non_empty_list(
     Ok(v)
 }
 
-fn path_template(
-    key: &str,
-    v: Option<String>,
-    default: &str,
-    placeholder: &str,
-) -> Result<String, ConfigError> {
-    let v = v.unwrap_or_else(|| default.to_string());
+fn path_template(key: &str, v: String, placeholder: &str) -> Result<String, ConfigError> {
     if !v.starts_with('/') || !v.contains(placeholder) {
         return Err(err(
             key,
@@ -987,78 +981,24 @@ impl RawFetch {
 impl RawUpstream {
     fn validate(self) -> Result<UpstreamConfig, ConfigError> {
         let u = self;
-        let text = |key: &str, v: Option<String>, default: &str| {
-            required_text(key, Some(v.unwrap_or_else(|| default.into())))
-        };
         Ok(UpstreamConfig {
-            job_path: path_template(
-                &key::JOB_PATH.path(),
-                u.job_path,
-                defaults::JOB_PATH,
-                "{id}",
-            )?,
-            project_path: path_template(
-                &key::PROJECT_PATH.path(),
-                u.project_path,
-                defaults::PROJECT_PATH,
-                "{id}",
-            )?,
-            listing_path: path_template(
-                &key::LISTING_PATH.path(),
-                u.listing_path,
-                defaults::LISTING_PATH,
-                "{query}",
-            )?,
-            jobs_query: text(&key::JOBS_QUERY.path(), u.jobs_query, defaults::JOBS_QUERY)?,
-            projects_query: text(
-                &key::PROJECTS_QUERY.path(),
-                u.projects_query,
-                defaults::PROJECTS_QUERY,
-            )?,
-            job_id_field: text(
-                &key::JOB_ID_FIELD.path(),
-                u.job_id_field,
-                defaults::JOB_ID_FIELD,
-            )?,
-            project_id_field: text(
-                &key::PROJECT_ID_FIELD.path(),
-                u.project_id_field,
-                defaults::PROJECT_ID_FIELD,
-            )?,
-            modified_field: text(
-                &key::MODIFIED_FIELD.path(),
-                u.modified_field,
-                defaults::MODIFIED_FIELD,
-            )?,
+            job_path: key::JOB_PATH.text(u.job_path)?,
+            project_path: key::PROJECT_PATH.text(u.project_path)?,
+            listing_path: key::LISTING_PATH.text(u.listing_path)?,
+            jobs_query: key::JOBS_QUERY.text(u.jobs_query)?,
+            projects_query: key::PROJECTS_QUERY.text(u.projects_query)?,
+            job_id_field: key::JOB_ID_FIELD.text(u.job_id_field)?,
+            project_id_field: key::PROJECT_ID_FIELD.text(u.project_id_field)?,
+            modified_field: key::MODIFIED_FIELD.text(u.modified_field)?,
             page_size: key::PAGE_SIZE.int(u.page_size)? as u32,
             overlap_secs: key::OVERLAP_SECS.int(u.overlap_secs)? as u64,
             listing_retry_secs: key::LISTING_RETRY_SECS.int(u.listing_retry_secs)? as u64,
-            job_types: non_empty_list(&key::JOB_TYPES.path(), u.job_types, defaults::JOB_TYPES)?,
-            project_types: non_empty_list(
-                &key::PROJECT_TYPES.path(),
-                u.project_types,
-                defaults::PROJECT_TYPES,
-            )?,
-            number_fields: non_empty_list(
-                &key::NUMBER_FIELDS.path(),
-                u.number_fields,
-                defaults::NUMBER_FIELDS,
-            )?,
-            name_fields: non_empty_list(
-                &key::NAME_FIELDS.path(),
-                u.name_fields,
-                defaults::NAME_FIELDS,
-            )?,
-            modified_fields: non_empty_list(
-                &key::MODIFIED_FIELDS.path(),
-                u.modified_fields,
-                defaults::MODIFIED_FIELDS,
-            )?,
-            version_fields: non_empty_list(
-                &key::VERSION_FIELDS.path(),
-                u.version_fields,
-                defaults::VERSION_FIELDS,
-            )?,
+            job_types: key::JOB_TYPES.names(u.job_types)?,
+            project_types: key::PROJECT_TYPES.names(u.project_types)?,
+            number_fields: key::NUMBER_FIELDS.names(u.number_fields)?,
+            name_fields: key::NAME_FIELDS.names(u.name_fields)?,
+            modified_fields: key::MODIFIED_FIELDS.names(u.modified_fields)?,
+            version_fields: key::VERSION_FIELDS.names(u.version_fields)?,
         })
     }
 }
@@ -1260,23 +1200,14 @@ impl RawTenant {
             app_id: required_text(&k("app_id"), t.app_id)?,
             app_secret,
             app_user: t.app_user.filter(|u| !u.trim().is_empty()),
-            reconcile_schedule: parse_schedule(
-                &k("reconcile_schedule"),
-                t.reconcile_schedule,
-                defaults::RECONCILE_SCHEDULE,
-            )?,
-            full_sweep_schedule: parse_schedule(
-                &k("full_sweep_schedule"),
-                t.full_sweep_schedule,
-                defaults::FULL_SWEEP_SCHEDULE,
-            )?,
+            reconcile_schedule: key::RECONCILE_SCHEDULE
+                .schedule_at(&k("reconcile_schedule"), t.reconcile_schedule)?,
+            full_sweep_schedule: key::FULL_SWEEP_SCHEDULE
+                .schedule_at(&k("full_sweep_schedule"), t.full_sweep_schedule)?,
             max_delete_fraction,
             max_requests_per_sec,
-            audit_schedule: parse_schedule(
-                &k("audit_schedule"),
-                t.audit_schedule,
-                defaults::AUDIT_SCHEDULE,
-            )?,
+            audit_schedule: key::AUDIT_SCHEDULE
+                .schedule_at(&k("audit_schedule"), t.audit_schedule)?,
             audit_sample: key::AUDIT_SAMPLE.int_at(&k("audit_sample"), t.audit_sample)? as u32,
             name,
         })

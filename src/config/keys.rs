@@ -245,6 +245,40 @@ impl ConfigKey {
         self.int_at(&self.path(), v)
     }
 
+    /// The text given, or the default; a template must hold its placeholder,
+    /// other text must not be blank (and is trimmed).
+    pub fn text(&self, v: Option<String>) -> Result<String, ConfigError> {
+        let at = self.path();
+        let default = match self.default {
+            KeyDefault::Value(DefaultValue::Text(d)) => Some(d.to_string()),
+            _ => None,
+        };
+        match self.kind {
+            KeyKind::Template(placeholder) => {
+                super::path_template(&at, v.or(default).unwrap_or_default(), placeholder)
+            }
+            _ => super::required_text(&at, v.or(default)),
+        }
+    }
+
+    /// The list given, or the default: at least one name, none blank.
+    pub fn names(&self, v: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+        let default = match self.default {
+            KeyDefault::Value(DefaultValue::List(d)) => d,
+            _ => &[],
+        };
+        super::non_empty_list(&self.path(), v, default)
+    }
+
+    /// The schedule given, or the default; `None` for `"off"`. The error is at `at`.
+    pub fn schedule_at(&self, at: &str, v: Option<String>) -> Result<Option<String>, ConfigError> {
+        let default = match self.default {
+            KeyDefault::Value(DefaultValue::Text(d)) => d,
+            _ => "off",
+        };
+        super::parse_schedule(at, v, default)
+    }
+
     /// The number given, or the default (`None` when it has none); the
     /// declared range for the caller's message, since a rate and a fraction
     /// say theirs differently.

@@ -141,16 +141,29 @@ fn each_declared_default_and_range_is_what_validation_applies() {
     // The config with one key set to `value`, and the one it should equal.
     let config_with = |section: &str, name: &str, value: &str| {
         let line = format!("{name} = {value}\n");
-        match section {
+        let (text, want) = match section {
             "tenant" => (minimal("", &line, ""), &base),
             "postgres" => (
                 minimal("", "", &format!("[postgres]\n{pg_url}{line}")),
                 &pg_base,
             ),
             s => (minimal(&format!("[{s}]\n{line}"), "", ""), &base),
-        }
+        };
+        // A key the minimal config sets already (a tenant's name, its
+        // secrets, the PostgreSQL url): only the line added here stays.
+        let set = format!("{name} = ");
+        let lines: Vec<&str> = text.lines().collect();
+        let first = lines.iter().position(|l| l.starts_with(&set));
+        let last = lines.iter().rposition(|l| l.starts_with(&set));
+        let text: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| first == last || Some(*i) != first)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
+        (text, want)
     };
-    let mut checked = 0;
+    let (mut checked, mut shapes) = (0, 0);
     for key in KEYS {
         if let KeyDefault::Value(v) = key.default {
             // Written out, the declared default gives the config a missing key gives.
@@ -185,6 +198,28 @@ fn each_declared_default_and_range_is_what_validation_applies() {
                 );
             }
         }
+        // A value of the wrong shape for the declared kind is refused, naming the key.
+        let wrong_shape = match key.kind {
+            KeyKind::Template(_) => Some("\"/without-its-placeholder\""),
+            KeyKind::Names => Some("[]"),
+            KeyKind::Schedule => Some("\"daily\""),
+            KeyKind::Address | KeyKind::AddressOrOff => Some("\"nowhere\""),
+            KeyKind::Text if key.default != KeyDefault::Unset("none") => Some("\"  \""),
+            _ => None,
+        };
+        if let Some(bad) = wrong_shape {
+            let (text, _) = config_with(key.section, key.name, bad);
+            let e = Config::from_toml(&text, None)
+                .err()
+                .unwrap_or_else(|| panic!("{} = {bad} was accepted", key.path()));
+            let named = if key.section == "tenant" {
+                key.at(0)
+            } else {
+                key.path()
+            };
+            assert_eq!(e.key, named, "{} = {bad}: {e}", key.path());
+            shapes += 1;
+        }
         if let KeyKind::Float { min, max } = key.kind {
             for bad in [min - min.max(0.001) / 2.0, max * 2.0 + 1.0] {
                 let (text, _) = config_with(key.section, key.name, &format!("{bad:?}"));
@@ -196,6 +231,7 @@ fn each_declared_default_and_range_is_what_validation_applies() {
         }
     }
     assert!(checked > 40, "only {checked} defaults checked");
+    assert!(shapes > 20, "only {shapes} wrong shapes checked");
 }
 
 /// Every key the example shows, set or commented, as `section.key`, read
