@@ -13,8 +13,8 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use skillsync::config::{
-    Config, EXAMPLE_CONFIG, KEYS, KeyDefault, KeyKind, README_TABLE_END, README_TABLE_START,
-    SECTIONS, Show, render_readme_table,
+    Config, ConfigKey, EXAMPLE_CONFIG, KEYS, KeyDefault, KeyKind, README_TABLE_END,
+    README_TABLE_START, SECTIONS, Show, render_readme_table,
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -163,6 +163,20 @@ fn each_declared_default_and_range_is_what_validation_applies() {
             .collect();
         (text, want)
     };
+    // The config with `key = bad` is refused, the error naming the key.
+    let refused = |key: &ConfigKey, bad: &str| -> skillsync::config::ConfigError {
+        let (text, _) = config_with(key.section, key.name, bad);
+        let e = Config::from_toml(&text, None)
+            .err()
+            .unwrap_or_else(|| panic!("{} = {bad} was accepted", key.path()));
+        let named = if key.section == "tenant" {
+            key.at(0)
+        } else {
+            key.path()
+        };
+        assert_eq!(e.key, named, "{} = {bad}: {e}", key.path());
+        e
+    };
     let (mut checked, mut shapes) = (0, 0);
     for key in KEYS {
         if let KeyDefault::Value(v) = key.default {
@@ -179,59 +193,34 @@ fn each_declared_default_and_range_is_what_validation_applies() {
             );
             checked += 1;
         }
-        if let KeyKind::Int { min, max } = key.kind {
-            for bad in [min - 1, max + 1] {
-                let (text, _) = config_with(key.section, key.name, &bad.to_string());
-                let e = Config::from_toml(&text, None)
-                    .err()
-                    .unwrap_or_else(|| panic!("{} = {bad} was accepted", key.path()));
-                let named = if key.section == "tenant" {
-                    key.at(0)
-                } else {
-                    key.path()
-                };
-                assert_eq!(e.key, named, "{e}");
+        // Out of the declared range, or of the wrong shape for the declared kind.
+        let wrong: Vec<String> = match key.kind {
+            KeyKind::Int { min, max } => vec![(min - 1).to_string(), (max + 1).to_string()],
+            KeyKind::Float { min, max } => vec![
+                format!("{:?}", min - min.max(0.001) / 2.0),
+                format!("{:?}", max * 2.0 + 1.0),
+            ],
+            KeyKind::Template(_) => vec!["\"/without-its-placeholder\"".into()],
+            KeyKind::Names => vec!["[]".into()],
+            KeyKind::Schedule => vec!["\"daily\"".into()],
+            KeyKind::Address | KeyKind::AddressOrOff => vec!["\"nowhere\"".into()],
+            KeyKind::Text if key.default != KeyDefault::Unset("none") => vec!["\"  \"".into()],
+            _ => Vec::new(),
+        };
+        for bad in &wrong {
+            let e = refused(key, bad);
+            if let KeyKind::Int { min, max } = key.kind {
                 assert!(
                     e.message.contains(&format!("between {min} and {max}")),
                     "{}: {e}",
                     key.path()
                 );
             }
-        }
-        // A value of the wrong shape for the declared kind is refused, naming the key.
-        let wrong_shape = match key.kind {
-            KeyKind::Template(_) => Some("\"/without-its-placeholder\""),
-            KeyKind::Names => Some("[]"),
-            KeyKind::Schedule => Some("\"daily\""),
-            KeyKind::Address | KeyKind::AddressOrOff => Some("\"nowhere\""),
-            KeyKind::Text if key.default != KeyDefault::Unset("none") => Some("\"  \""),
-            _ => None,
-        };
-        if let Some(bad) = wrong_shape {
-            let (text, _) = config_with(key.section, key.name, bad);
-            let e = Config::from_toml(&text, None)
-                .err()
-                .unwrap_or_else(|| panic!("{} = {bad} was accepted", key.path()));
-            let named = if key.section == "tenant" {
-                key.at(0)
-            } else {
-                key.path()
-            };
-            assert_eq!(e.key, named, "{} = {bad}: {e}", key.path());
             shapes += 1;
-        }
-        if let KeyKind::Float { min, max } = key.kind {
-            for bad in [min - min.max(0.001) / 2.0, max * 2.0 + 1.0] {
-                let (text, _) = config_with(key.section, key.name, &format!("{bad:?}"));
-                let e = Config::from_toml(&text, None)
-                    .err()
-                    .unwrap_or_else(|| panic!("{} = {bad} was accepted", key.path()));
-                assert_eq!(e.key, key.at(0), "{e}");
-            }
         }
     }
     assert!(checked > 40, "only {checked} defaults checked");
-    assert!(shapes > 20, "only {shapes} wrong shapes checked");
+    assert!(shapes > 60, "only {shapes} wrong values checked");
 }
 
 /// Every key the example shows, set or commented, as `section.key`, read
