@@ -372,26 +372,34 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
                 let path = cli.config.clone();
-                crate::app::run_reloadable(config, Some(path), listener, metrics_listener, token)
-                    .await
-                    .map_err(|e| {
-                        eprintln!("skillsync: {e:#}");
-                        // A database newer than this binary: exit 2 so systemd does not restart in a loop.
-                        let too_new = e.chain().any(|c| {
-                            matches!(
-                                c.downcast_ref::<crate::store::StoreError>(),
-                                Some(
-                                    crate::store::StoreError::TooNew { .. }
-                                        | crate::store::StoreError::Reverted
-                                )
+                let built = crate::app::Application::builder(config)
+                    .listener(listener)
+                    .metrics_listener(metrics_listener)
+                    .reload_from(path)
+                    .build()
+                    .await;
+                let outcome = match built {
+                    Ok(app) => app.run(token).await,
+                    Err(e) => Err(e),
+                };
+                outcome.map_err(|e| {
+                    eprintln!("skillsync: {e:#}");
+                    // A database newer than this binary: exit 2 so systemd does not restart in a loop.
+                    let too_new = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<crate::store::StoreError>(),
+                            Some(
+                                crate::store::StoreError::TooNew { .. }
+                                    | crate::store::StoreError::Reverted
                             )
-                        });
-                        if too_new {
-                            ExitCode::from(2)
-                        } else {
-                            ExitCode::FAILURE
-                        }
-                    })?;
+                        )
+                    });
+                    if too_new {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                })?;
                 Ok(ExitCode::SUCCESS)
             })
         }
