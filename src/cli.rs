@@ -249,6 +249,21 @@ fn types_of(t: Option<TypeArg>) -> Vec<DocType> {
     }
 }
 
+/// Runs a one-shot command (`reconcile`, `verify`) on a fresh runtime with
+/// a token that SIGTERM and SIGINT cancel.
+fn one_shot<F, Fut>(command: F) -> Result<ExitCode, ExitCode>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, ExitCode>>,
+{
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        crate::shutdown::cancel_on_signals(token.clone());
+        command(token).await
+    })
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -509,10 +524,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             force,
         } => {
             let config = load_for_tenant(&cli.config, tenant.as_deref())?;
-            let rt = runtime()?;
-            rt.block_on(async move {
-                let token = CancellationToken::new();
-                crate::shutdown::cancel_on_signals(token.clone());
+            one_shot(|token| async move {
                 let types = types_of(r#type);
                 let kind = if full {
                     RunKind::Full
@@ -536,10 +548,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             max_rate,
         } => {
             let config = load_for_tenant(&cli.config, tenant.as_deref())?;
-            let rt = runtime()?;
-            rt.block_on(async move {
-                let token = CancellationToken::new();
-                crate::shutdown::cancel_on_signals(token.clone());
+            one_shot(|token| async move {
                 let types = types_of(r#type);
                 let what = crate::app::verify::VerifyWhat {
                     tenant,
