@@ -145,6 +145,12 @@ fn every_test_setting_reaches_the_config() {
         SECRET_BETA,
         "http://127.0.0.1:9",
     ));
+    c.postgres = Some(PostgresSettings {
+        schema: Some("reports_t".into()),
+        batch_size: Some(7),
+        lag_alert_secs: Some(9),
+        ..PostgresSettings::new("postgres://sk@127.0.0.1:1/r?sslmode=disable")
+    });
     c.sections = "[reporting.job]\nowner = \"$.Owner.Name\"".into();
     let config = c.config();
 
@@ -193,4 +199,10 @@ fn every_test_setting_reaches_the_config() {
         1,
         "the extra sections are written"
     );
+    let pg = config.postgres.expect("[postgres] written");
+    assert_eq!(
+        (pg.schema.as_str(), pg.batch_size, pg.lag_alert_secs),
+        ("reports_t", 7, 9)
+    );
+    assert!(pg.target.contains("127.0.0.1:1"), "{}", pg.target);
 }

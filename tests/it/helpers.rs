@@ -64,10 +64,50 @@ pub struct TestConfig {
     pub upstream: UpstreamSettings,
     #[serde(rename = "tenant")]
     pub tenants: Vec<TenantSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSettings>,
     /// Whole sections appended as written: `[reporting]` column
-    /// definitions and `[postgres]`, whose values are data, not settings.
+    /// definitions, whose values are data, not settings (and, from the
+    /// tests that pass one around as text, a rendered
+    /// [`PostgresSettings::section`]).
     #[serde(skip)]
     pub sections: String,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostgresSettings {
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_alert_secs: Option<u64>,
+}
+
+impl PostgresSettings {
+    /// The server at `url`, every other key at its default.
+    pub fn new(url: &str) -> PostgresSettings {
+        PostgresSettings {
+            url: url.into(),
+            password_env: None,
+            schema: None,
+            batch_size: None,
+            lag_alert_secs: None,
+        }
+    }
+
+    /// The `[postgres]` section's text.
+    pub fn section(&self) -> String {
+        #[derive(Serialize)]
+        struct Section<'a> {
+            postgres: &'a PostgresSettings,
+        }
+        toml::to_string(&Section { postgres: self }).expect("the section renders as TOML")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -217,6 +257,7 @@ impl TestConfig {
             fetch: FetchSettings::fast(),
             upstream: UpstreamSettings::default(),
             tenants: vec![TenantSettings::new("acme", SECRET_ACME, sim_base)],
+            postgres: None,
             sections: String::new(),
         }
     }

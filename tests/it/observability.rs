@@ -383,12 +383,11 @@ async fn the_alert_rules_cover_the_failures_and_use_only_exported_metrics() {
     // names are left unchecked, after the notice `server` prints).
     let test = "observability::the_alert_rules_cover_the_failures_and_use_only_exported_metrics";
     let server = crate::postgres::server(test);
-    let section = match &server {
-        Some(s) => s.section(&s.direct(), &crate::postgres::fresh_schema()),
-        None => "[postgres]\nurl = \"postgres://skillsync@127.0.0.1:1/reports?sslmode=disable\"\n"
-            .to_string(),
+    let postgres = match &server {
+        Some(s) => s.postgres(&s.direct(), &crate::postgres::fresh_schema()),
+        None => PostgresSettings::new("postgres://skillsync@127.0.0.1:1/reports?sslmode=disable"),
     };
-    let mut app = spawn_app_with(|c| c.sections = section).await;
+    let mut app = spawn_app_with(|c| c.postgres = Some(postgres)).await;
     let mut scrape = busy_scrape(&app).await;
     let url = app.metrics_url.clone().expect("a metrics listener");
     let wanted: &[&str] = if server.is_some() {

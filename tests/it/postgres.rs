@@ -19,7 +19,7 @@ use skillsync::simulator::Simulator;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{SECRET_ACME, TestConfig, count, start_sim, wait_until};
+use crate::helpers::{PostgresSettings, SECRET_ACME, TestConfig, count, start_sim, wait_until};
 use crate::process::{Process, terminate};
 use crate::proxy::Proxy;
 
@@ -60,18 +60,23 @@ pub(crate) fn server(test: &str) -> Option<Server> {
 }
 
 impl Server {
-    /// The `[postgres]` section for `schema`, reaching the server at `host_port`.
+    /// The `[postgres]` settings for `schema`, reaching the server at `host_port`.
+    pub(crate) fn postgres(&self, host_port: &str, schema: &str) -> PostgresSettings {
+        PostgresSettings {
+            password_env: self.has_password.then(|| "PGPASSWORD".into()),
+            schema: Some(schema.into()),
+            batch_size: Some(50),
+            lag_alert_secs: Some(2),
+            ..PostgresSettings::new(&format!(
+                "postgres://{}@{host_port}/{}?sslmode=disable",
+                self.user, self.database
+            ))
+        }
+    }
+
+    /// [`Server::postgres`] as the section's text.
     pub(crate) fn section(&self, host_port: &str, schema: &str) -> String {
-        format!(
-            "[postgres]\nurl = \"postgres://{}@{host_port}/{}?sslmode=disable\"\n{}schema = \"{schema}\"\nbatch_size = 50\nlag_alert_secs = 2\n",
-            self.user,
-            self.database,
-            if self.has_password {
-                "password_env = \"PGPASSWORD\"\n"
-            } else {
-                ""
-            }
-        )
+        self.postgres(host_port, schema).section()
     }
 
     pub(crate) fn direct(&self) -> String {
@@ -160,7 +165,7 @@ async fn pg_i64(pg: &PostgresConfig, sql: String) -> i64 {
 /// The `[postgres]` config for `schema` reaching the server directly.
 fn direct_config(server: &Server, db: &Path, sim: &Simulator, schema: &str) -> PostgresConfig {
     let mut settings = TestConfig::new(db, &sim.base_url());
-    settings.sections = server.section(&server.direct(), schema);
+    settings.postgres = Some(server.postgres(&server.direct(), schema));
     settings.config().postgres.expect("postgres")
 }
 
@@ -512,9 +517,11 @@ async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
     plain.stop().await;
 
     let schema = fresh_schema();
-    let extra = server
-        .section(&server.direct(), &schema)
-        .replace("batch_size = 50", "batch_size = 7");
+    let extra = PostgresSettings {
+        batch_size: Some(7),
+        ..server.postgres(&server.direct(), &schema)
+    }
+    .section();
     let pg = direct_config(&server, &db, &sim, &schema);
     let client = reqwest::Client::new();
     // Kill -9 the daemon at random moments of the backfill and of the stream
@@ -1033,7 +1040,7 @@ async fn property_case(server: &Server, ops: Vec<Op>) {
     // The test owns the sink (to crash it at chosen steps); the daemon stores.
     let schema = fresh_schema();
     let mut settings = TestConfig::new(&db, &sim.base_url());
-    settings.sections = server.section(&server.direct(), &schema);
+    settings.postgres = Some(server.postgres(&server.direct(), &schema));
     let config = settings.config();
     let pg = config.postgres.clone().expect("postgres");
     let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
