@@ -6,7 +6,7 @@
 //! health state and the TLS acceptor: everything that can fail on a config
 //! or an environment fails there, before anything runs.
 //! [`Application::run`] then starts the background work (fetch workers,
-//! schedules, retention: a [`Generation`]; the PostgreSQL sink; the health
+//! schedules, retention: a `Generation`; the PostgreSQL sink; the health
 //! probe; the report rebuild), serves both listeners until the shutdown
 //! token is cancelled, and stops cleanly. [`run`] is the two in one call.
 //!
@@ -50,7 +50,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::health::{Health, PROBE_INTERVAL};
 use crate::http::{WebhookParts, WebhookState, metrics_routes, routes};
-use crate::metrics::Metrics;
 use crate::server::{self, Limits};
 use crate::store::report::ReportRole;
 use crate::store::{Store, run_blocking};
@@ -117,7 +116,7 @@ impl Builder {
         self
     }
 
-    /// On SIGHUP, read and apply the whole file at `path` again (see [`reload`]).
+    /// On SIGHUP, read and apply the whole file at `path` again (see `reload`).
     pub fn reload_from(mut self, path: PathBuf) -> Builder {
         self.config_path = Some(path);
         self
@@ -219,19 +218,9 @@ impl Application {
             .and_then(|l| l.local_addr().ok())
     }
 
-    /// The config it was built on, validated.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.pipeline.config
-    }
-
     /// The daemon's store (a cheap handle on the same pool and writer).
     pub fn store(&self) -> &Store {
         &self.pipeline.store
-    }
-
-    /// The process's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.pipeline.metrics
     }
 
     /// Runs the daemon until `shutdown` is cancelled, then stops cleanly.
