@@ -273,9 +273,7 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
         ),
         1
     );
-    drop(open(
-        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
-    ));
+    drop(open(BUDGET_COLUMN));
     let c = app.sql();
     assert_eq!(
         count(
