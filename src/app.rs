@@ -1,7 +1,14 @@
-//! `run()`: the daemon wired together, the same for `skillsync serve`, the
-//! demo and the tests. Takes the bound listener and the shutdown token from
-//! the caller (tests bind port 0 and cancel when they like); [`run_with`]
-//! takes the metrics listener too.
+//! [`Application`]: the whole daemon, built in one place and run, the same
+//! for `skillsync serve`, the demo and the tests. [`Application::build`]
+//! (or [`Application::builder`], to pass in listeners the caller bound, as
+//! tests binding port 0 and systemd socket activation do) binds the
+//! listeners, opens the store, wires the [`Pipeline`], and prepares the
+//! health state and the TLS acceptor: everything that can fail on a config
+//! or an environment fails there, before anything runs.
+//! [`Application::run`] then starts the background work (fetch workers,
+//! schedules, retention: a `Generation`; the PostgreSQL sink; the health
+//! probe; the report rebuild), serves both listeners until the shutdown
+//! token is cancelled, and stops cleanly. [`run`] is the two in one call.
 //!
 //! Two listeners: the public one (webhook path and `/healthz` only) and,
 //! unless `server.metrics_listen = "off"`, the metrics one (`/metrics`,
@@ -30,6 +37,7 @@ pub mod verify;
 
 pub use pipeline::{Pipeline, open_store};
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +49,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::health::{Health, PROBE_INTERVAL};
-use crate::http::{WebhookState, metrics_routes, routes};
+use crate::http::{WebhookParts, WebhookState, metrics_routes, routes};
 use crate::server::{self, Limits};
 use crate::store::report::ReportRole;
-use crate::store::run_blocking;
+use crate::store::{Store, run_blocking};
 
 /// Binds `server.metrics_listen` (`None` when it is "off"); the error names the key.
 pub async fn bind_metrics(config: &Config) -> anyhow::Result<Option<TcpListener>> {
@@ -56,147 +64,273 @@ pub async fn bind_metrics(config: &Config) -> anyhow::Result<Option<TcpListener>
     }
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then stops cleanly; binds
-/// the metrics listener itself from the config.
+/// Binds `server.listen`; the error names the key.
+pub async fn bind_public(config: &Config) -> anyhow::Result<TcpListener> {
+    let addr = config.server.listen;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("config error at `server.listen`: cannot listen on {addr}"))
+}
+
+/// Builds the daemon on `config` with `listener` as its public socket (and
+/// the metrics one bound from the config), then runs it until `shutdown` is
+/// cancelled and it has stopped cleanly.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics_listener = bind_metrics(&config).await?;
-    run_with(config, listener, metrics_listener, shutdown).await
+    Application::builder(config)
+        .listener(listener)
+        .build()
+        .await?
+        .run(shutdown)
+        .await
 }
 
-/// [`run`] with the metrics listener bound by the caller (tests bind port 0
-/// and read its address); `None` serves no metrics. SIGHUP reloads only the
-/// TLS certificate: no config file to re-read (see [`run_reloadable`]).
-pub async fn run_with(
+/// What [`Application::build`] takes besides the config; see
+/// [`Application::builder`].
+pub struct Builder {
     config: Config,
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    run_reloadable(config, None, listener, metrics_listener, shutdown).await
-}
-
-/// [`run_with`] for `serve`: on SIGHUP the file at `config_path` is read and
-/// validated again, whole, and applied (see [`reload`]).
-pub async fn run_reloadable(
-    config: Config,
+    /// The public socket; `None`: bind `server.listen`.
+    listener: Option<TcpListener>,
+    /// The metrics socket (`Some(None)`: no metrics listener); `None`: bind
+    /// `server.metrics_listen`.
+    metrics_listener: Option<Option<TcpListener>>,
+    /// The file SIGHUP re-reads; `None`: SIGHUP reloads only the TLS certificate.
     config_path: Option<PathBuf>,
+}
+
+impl Builder {
+    /// Serve on this socket instead of binding `server.listen` (port 0 in
+    /// tests; the socket systemd passed).
+    pub fn listener(mut self, listener: TcpListener) -> Builder {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Serve metrics on this socket (`None`: no metrics listener) instead of
+    /// binding `server.metrics_listen`.
+    pub fn metrics_listener(mut self, listener: Option<TcpListener>) -> Builder {
+        self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// On SIGHUP, read and apply the whole file at `path` again (see `reload`).
+    pub fn reload_from(mut self, path: PathBuf) -> Builder {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// Binds what was not passed in, opens the store as the owner of the
+    /// report tables, wires the pipeline, loads the TLS certificate.
+    pub async fn build(self) -> anyhow::Result<Application> {
+        crate::upstream::install_crypto();
+        // Before anything can take a while: from here on SIGHUP never stops us.
+        let hangups = hangup_signals();
+        let listener = match self.listener {
+            Some(l) => l,
+            None => bind_public(&self.config).await?,
+        };
+        let metrics_listener = match self.metrics_listener {
+            Some(l) => l,
+            None => bind_metrics(&self.config).await?,
+        };
+        let pipeline = Pipeline::build(Arc::new(self.config), ReportRole::Owner).await?;
+        let config = &pipeline.config;
+        let watchdog = watchdog_interval();
+        let probe_every = watchdog.map_or(PROBE_INTERVAL, |w| w.min(PROBE_INTERVAL));
+        let health = Health::new(
+            probe_every,
+            Duration::from_millis(config.database.busy_timeout_ms),
+        );
+        let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::Tls::new(cert, key)
+                    .context("config error at `server.tls_cert_file`")?,
+            ),
+            _ => None,
+        };
+        Ok(Application {
+            pipeline,
+            listener,
+            metrics_listener,
+            health,
+            probe_every,
+            pings_watchdog: watchdog.is_some(),
+            tls,
+            hangups,
+            config_path: self.config_path,
+        })
+    }
+}
+
+/// The whole daemon, built and not yet running: its listeners are bound
+/// (their addresses known), its store open, its pipeline wired. Dropped
+/// without [`Application::run`], nothing of it has started.
+pub struct Application {
+    pipeline: Pipeline,
     listener: TcpListener,
+    /// `None` when `server.metrics_listen = "off"`.
     metrics_listener: Option<TcpListener>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    // Before anything can take a while: from here on SIGHUP never stops us.
-    let hangups = hangup_signals();
-    let pipeline = Pipeline::build(Arc::new(config), ReportRole::Owner).await?;
-    let tasks = TaskTracker::new();
-    let generation = Generation::start(&pipeline, &shutdown).await?;
-    let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
+    /// What `/healthz` answers from; the probe and every webhook commit feed it.
+    health: Health,
+    /// How often the health probe writes (at least as often as systemd's
+    /// watchdog wants a ping).
+    probe_every: Duration,
+    /// Whether systemd asked for watchdog pings (the probe sends them).
+    pings_watchdog: bool,
+    /// Built-in HTTPS, when `server.tls_cert_file` is set.
+    tls: Option<crate::tls::Tls>,
+    /// SIGHUP, registered first thing in the build.
+    hangups: Option<tokio::signal::unix::Signal>,
+    /// The file a SIGHUP re-reads; `None`: only the certificate.
+    config_path: Option<PathBuf>,
+}
 
-    let pg_sink = crate::pgmirror::sink::serve_start(&config, &store).await?;
+impl Application {
+    /// Builds the daemon on `config`, binding `server.listen` and
+    /// `server.metrics_listen` itself.
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        Application::builder(config).build().await
+    }
 
-    let watchdog = watchdog_interval();
-    let probe_every = watchdog.map_or(PROBE_INTERVAL, |w| w.min(PROBE_INTERVAL));
-    let health = Health::new(
-        probe_every,
-        Duration::from_millis(config.database.busy_timeout_ms),
-    );
-    // One probe before serving, so `/healthz` is right from the first request.
-    health.probe(&store).await;
-    tasks.spawn(health.clone().run(
-        store.clone(),
-        probe_every,
-        watchdog.is_some(),
-        shutdown.clone(),
-    ));
+    /// A [`Builder`], for listeners bound by the caller or a config file to
+    /// reload from.
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            listener: None,
+            metrics_listener: None,
+            config_path: None,
+        }
+    }
 
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    if let Some(l) = metrics_listener {
-        let routes = metrics_routes(store.clone(), pipeline.metrics.clone(), health.clone());
+    /// The public listener's address.
+    pub fn address(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The metrics listener's address; `None` when it is off.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The daemon's store (a cheap handle on the same pool and writer).
+    pub fn store(&self) -> &Store {
+        &self.pipeline.store
+    }
+
+    /// Runs the daemon until `shutdown` is cancelled, then stops cleanly.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application {
+            pipeline,
+            listener,
+            metrics_listener,
+            health,
+            probe_every,
+            pings_watchdog,
+            tls,
+            hangups,
+            config_path,
+        } = self;
+        let tasks = TaskTracker::new();
+        let generation = Generation::start(&pipeline, &shutdown).await?;
+        let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
+
+        let pg_sink = crate::pgmirror::sink::serve_start(&config, &store).await?;
+
+        // One probe before serving, so `/healthz` is right from the first request.
+        health.probe(&store).await;
+        tasks.spawn(health.clone().run(
+            store.clone(),
+            probe_every,
+            pings_watchdog,
+            shutdown.clone(),
+        ));
+
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = metrics_listener {
+            let routes = metrics_routes(store.clone(), pipeline.metrics.clone(), health.clone());
+            let limits = Limits {
+                max_connections: 64,
+                ..Limits::default()
+            };
+            tasks.spawn(server::serve(l, routes, limits, shutdown.clone()));
+        }
+
+        let addr = listener.local_addr().ok();
+        tracing::info!(
+            listen = ?addr,
+            metrics_listen = ?metrics_addr,
+            tls = config.server.tls_cert_file.is_some(),
+            webhook_path = %config.server.webhook_path,
+            database = %config.database.path.display(),
+            tenants = ?config.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            fetch_concurrency = config.fetch.concurrency,
+            "skillsync serving"
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        // Derived work proportional to the database runs only now, in batches.
+        let rebuild = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(rebuild_reports(
+            store.clone(),
+            rebuild.clone(),
+            shutdown.clone(),
+        ));
+
+        if let Some(tls) = &tls {
+            tasks.spawn(tls.clone().watch(shutdown.clone()));
+        }
         let limits = Limits {
-            max_connections: 64,
+            max_connections: config.server.max_connections,
+            header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
+            tls: tls.as_ref().map(|t| t.acceptor()),
             ..Limits::default()
         };
-        tasks.spawn(server::serve(l, routes, limits, shutdown.clone()));
-    }
+        let state = WebhookState::new(WebhookParts {
+            config: config.clone(),
+            store: store.clone(),
+            wake: pipeline.wake.clone(),
+            metrics: pipeline.metrics.clone(),
+            health,
+        });
+        let running = Arc::new(tokio::sync::Mutex::new(Running {
+            pipeline,
+            generation,
+            pg_sink,
+        }));
+        tasks.spawn(reload_on_hangup(Reloader {
+            hangups,
+            rebuild,
+            config_path,
+            tls,
+            state: state.clone(),
+            running: running.clone(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+        }));
+        server::serve(listener, routes(state), limits, shutdown.clone()).await;
 
-    let addr = listener.local_addr().ok();
-    tracing::info!(
-        listen = ?addr,
-        metrics_listen = ?metrics_addr,
-        tls = config.server.tls_cert_file.is_some(),
-        webhook_path = %config.server.webhook_path,
-        database = %config.database.path.display(),
-        tenants = ?config.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-        fetch_concurrency = config.fetch.concurrency,
-        "skillsync serving"
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    // Derived work proportional to the database runs only now, in batches.
-    let rebuild = Arc::new(tokio::sync::Notify::new());
-    tasks.spawn(rebuild_reports(
-        store.clone(),
-        rebuild.clone(),
-        shutdown.clone(),
-    ));
-
-    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            let tls = crate::tls::Tls::new(cert, key)
-                .context("config error at `server.tls_cert_file`")?;
-            tasks.spawn(tls.clone().watch(shutdown.clone()));
-            Some(tls)
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!("stopping: draining fetches and reconciliation");
+        let mut running = running.lock().await;
+        let pg_sink = running.pg_sink.take();
+        running.generation.retire().await;
+        // Generations retired by reloads finish here too.
+        tasks.close();
+        tasks.wait().await;
+        if let Some(sink) = pg_sink {
+            run_blocking(move || sink.stop()).await;
         }
-        _ => None,
-    };
-    let limits = Limits {
-        max_connections: config.server.max_connections,
-        header_read_timeout: Duration::from_secs(config.server.header_read_timeout_secs),
-        tls: tls.as_ref().map(|t| t.acceptor()),
-        ..Limits::default()
-    };
-    let state = WebhookState::new(
-        config.clone(),
-        store.clone(),
-        pipeline.wake.clone(),
-        pipeline.metrics.clone(),
-        health,
-    );
-    let running = Arc::new(tokio::sync::Mutex::new(Running {
-        pipeline,
-        generation,
-        pg_sink,
-    }));
-    tasks.spawn(reload_on_hangup(Reloader {
-        hangups,
-        rebuild,
-        config_path,
-        tls,
-        state: state.clone(),
-        running: running.clone(),
-        tasks: tasks.clone(),
-        shutdown: shutdown.clone(),
-    }));
-    server::serve(listener, routes(state), limits, shutdown.clone()).await;
-
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!("stopping: draining fetches and reconciliation");
-    let mut running = running.lock().await;
-    let pg_sink = running.pg_sink.take();
-    running.generation.retire().await;
-    // Generations retired by reloads finish here too.
-    tasks.close();
-    tasks.wait().await;
-    if let Some(sink) = pg_sink {
-        run_blocking(move || sink.stop()).await;
+        if let Err(e) = store.checkpoint().await {
+            tracing::warn!(error = %e, "WAL checkpoint at stop failed");
+        }
+        tracing::info!("stopped");
+        Ok(())
     }
-    if let Err(e) = store.checkpoint().await {
-        tracing::warn!(error = %e, "WAL checkpoint at stop failed");
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// What `serve` runs under the current config; a reload replaces it.

@@ -299,7 +299,7 @@ enum Pick {
 
 /// What checking one document found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Verdict {
+enum Finding {
     Matched,
     Stale,
     Missing,
@@ -312,12 +312,12 @@ enum Verdict {
     Unreadable(String),
 }
 
-impl Verdict {
+impl Finding {
     fn wrong_kind(&self) -> Option<&'static str> {
         match self {
-            Verdict::Stale => Some("stale"),
-            Verdict::Missing => Some("missing"),
-            Verdict::WronglyDeleted => Some("wrongly_deleted"),
+            Finding::Stale => Some("stale"),
+            Finding::Missing => Some("missing"),
+            Finding::WronglyDeleted => Some("wrongly_deleted"),
             _ => None,
         }
     }
@@ -327,7 +327,7 @@ impl Verdict {
 struct Checked {
     id: String,
     pick: Pick,
-    verdict: Verdict,
+    finding: Finding,
     /// Live in the mirror and served upstream (evidence the path is right).
     served_live: bool,
 }
@@ -347,12 +347,12 @@ pub struct Auditor {
 }
 
 /// Takes a tenant and type out of [`Auditor::running`] when the audit ends.
-struct Running {
+struct AuditSlot {
     set: Arc<Mutex<HashSet<(String, DocType)>>>,
     key: (String, DocType),
 }
 
-impl Drop for Running {
+impl Drop for AuditSlot {
     fn drop(&mut self) {
         if let Ok(mut s) = self.set.lock() {
             s.remove(&self.key);
@@ -403,7 +403,7 @@ impl Auditor {
             if !set.insert(key.clone()) {
                 return Err(AuditError::Busy(tenant.to_string(), doc_type));
             }
-            Running {
+            AuditSlot {
                 set: self.running.clone(),
                 key,
             }
@@ -535,8 +535,8 @@ impl Auditor {
         // deletions (the fetcher's control rule); nothing is marked.
         if !checked.iter().any(|c| c.served_live) {
             for c in checked.iter_mut() {
-                if c.verdict == Verdict::Missing {
-                    c.verdict = Verdict::Unreadable(
+                if c.finding == Finding::Missing {
+                    c.finding = Finding::Unreadable(
                         "answered 404 like every live document sampled: not counted as missing (check job_path / project_path and app_user)".into(),
                     );
                 }
@@ -546,18 +546,18 @@ impl Auditor {
         let mut refetch = Vec::new();
         for c in &checked {
             counts.sampled += 1;
-            match &c.verdict {
-                Verdict::Matched => counts.matched += 1,
-                Verdict::Stale => counts.stale += 1,
-                Verdict::Missing => counts.missing += 1,
-                Verdict::WronglyDeleted => counts.wrongly_deleted += 1,
-                Verdict::InFlight { refetch: again } => {
+            match &c.finding {
+                Finding::Matched => counts.matched += 1,
+                Finding::Stale => counts.stale += 1,
+                Finding::Missing => counts.missing += 1,
+                Finding::WronglyDeleted => counts.wrongly_deleted += 1,
+                Finding::InFlight { refetch: again } => {
                     counts.in_flight += 1;
                     if *again {
                         refetch.push(c.id.clone());
                     }
                 }
-                Verdict::Unreadable(why) => {
+                Finding::Unreadable(why) => {
                     counts.unreadable += 1;
                     if report.first_unreadable.is_none() {
                         report.first_unreadable = Some(format!("{}: {why}", c.id));
@@ -565,16 +565,16 @@ impl Auditor {
                 }
             }
             let counted = matches!(
-                c.verdict,
-                Verdict::Matched | Verdict::Stale | Verdict::Missing | Verdict::WronglyDeleted
+                c.finding,
+                Finding::Matched | Finding::Stale | Finding::Missing | Finding::WronglyDeleted
             );
             if c.pick == Pick::Random && counted {
                 counts.bound_sample += 1;
-                if c.verdict != Verdict::Matched {
+                if c.finding != Finding::Matched {
                     counts.bound_wrong += 1;
                 }
             }
-            if let Some(kind) = c.verdict.wrong_kind() {
+            if let Some(kind) = c.finding.wrong_kind() {
                 report.found.push((c.id.clone(), kind));
                 refetch.push(c.id.clone());
             }
@@ -615,45 +615,45 @@ impl Auditor {
             .store
             .audit_view(tcfg.name.clone(), doc_type, id.clone())
             .await;
-        let (verdict, served_live) = match view {
+        let (finding, served_live) = match view {
             Ok(Some(view)) => self.judge(&got, &view, &fmt_ts(started)),
-            Ok(None) => (Verdict::Unreadable("no longer in the mirror".into()), false),
+            Ok(None) => (Finding::Unreadable("no longer in the mirror".into()), false),
             Err(e) => (
-                Verdict::Unreadable(format!("cannot read the mirror: {e}")),
+                Finding::Unreadable(format!("cannot read the mirror: {e}")),
                 false,
             ),
         };
         Checked {
             id,
             pick,
-            verdict,
+            finding,
             served_live,
         }
     }
 
-    /// The verdict on one document from its GET and the mirror's row read
+    /// The finding on one document from its GET and the mirror's row read
     /// after it (`started`: when the GET began, table format).
-    fn judge(&self, got: &Fetched, view: &MirrorView, started: &str) -> (Verdict, bool) {
+    fn judge(&self, got: &Fetched, view: &MirrorView, started: &str) -> (Finding, bool) {
         let live = view.deleted_at.is_none();
         let (wrong, served_live) = match (got, live) {
-            (Fetched::Failed(e), _) => return (Verdict::Unreadable(e.to_string()), false),
-            (Fetched::Gone(_), false) => return (Verdict::Matched, false),
-            (Fetched::Document(_), false) => (Verdict::WronglyDeleted, false),
-            (Fetched::Gone(_), true) => (Verdict::Missing, false),
+            (Fetched::Failed(e), _) => return (Finding::Unreadable(e.to_string()), false),
+            (Fetched::Gone(_), false) => return (Finding::Matched, false),
+            (Fetched::Document(_), false) => (Finding::WronglyDeleted, false),
+            (Fetched::Gone(_), true) => (Finding::Missing, false),
             (Fetched::Document(doc), true) => {
                 let upstream = Value::Object(doc.clone());
                 let same = serde_json::from_str::<Value>(&view.document)
                     .is_ok_and(|mirror| same_content(&upstream, &mirror));
                 if same {
-                    return (Verdict::Matched, true);
+                    return (Finding::Matched, true);
                 }
-                (Verdict::Stale, true)
+                (Finding::Stale, true)
             }
         };
         let changed_during = view.fetched_at.as_str() >= started
             || view.deleted_at.as_deref().is_some_and(|d| d >= started);
         if view.pending || changed_during {
-            return (Verdict::InFlight { refetch: false }, served_live);
+            return (Finding::InFlight { refetch: false }, served_live);
         }
         if let Fetched::Document(doc) = got {
             let upstream_modified = crate::fetcher::extract(doc, &self.config.upstream).modified_on;
@@ -669,7 +669,7 @@ impl Auditor {
                 _ => false,
             };
             if recent && newer {
-                return (Verdict::InFlight { refetch: true }, served_live);
+                return (Finding::InFlight { refetch: true }, served_live);
             }
         }
         (wrong, served_live)

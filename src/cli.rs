@@ -249,6 +249,21 @@ fn types_of(t: Option<TypeArg>) -> Vec<DocType> {
     }
 }
 
+/// Runs a one-shot command (`reconcile`, `verify`) on a fresh runtime with
+/// a token that SIGTERM and SIGINT cancel.
+fn one_shot<F, Fut>(command: F) -> Result<ExitCode, ExitCode>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, ExitCode>>,
+{
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let token = CancellationToken::new();
+        crate::shutdown::cancel_on_signals(token.clone());
+        command(token).await
+    })
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -372,26 +387,34 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 let token = CancellationToken::new();
                 crate::shutdown::cancel_on_signals(token.clone());
                 let path = cli.config.clone();
-                crate::app::run_reloadable(config, Some(path), listener, metrics_listener, token)
-                    .await
-                    .map_err(|e| {
-                        eprintln!("skillsync: {e:#}");
-                        // A database newer than this binary: exit 2 so systemd does not restart in a loop.
-                        let too_new = e.chain().any(|c| {
-                            matches!(
-                                c.downcast_ref::<crate::store::StoreError>(),
-                                Some(
-                                    crate::store::StoreError::TooNew { .. }
-                                        | crate::store::StoreError::Reverted
-                                )
+                let built = crate::app::Application::builder(config)
+                    .listener(listener)
+                    .metrics_listener(metrics_listener)
+                    .reload_from(path)
+                    .build()
+                    .await;
+                let outcome = match built {
+                    Ok(app) => app.run(token).await,
+                    Err(e) => Err(e),
+                };
+                outcome.map_err(|e| {
+                    eprintln!("skillsync: {e:#}");
+                    // A database newer than this binary: exit 2 so systemd does not restart in a loop.
+                    let too_new = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<crate::store::StoreError>(),
+                            Some(
+                                crate::store::StoreError::TooNew { .. }
+                                    | crate::store::StoreError::Reverted
                             )
-                        });
-                        if too_new {
-                            ExitCode::from(2)
-                        } else {
-                            ExitCode::FAILURE
-                        }
-                    })?;
+                        )
+                    });
+                    if too_new {
+                        ExitCode::from(2)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                })?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -501,10 +524,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             force,
         } => {
             let config = load_for_tenant(&cli.config, tenant.as_deref())?;
-            let rt = runtime()?;
-            rt.block_on(async move {
-                let token = CancellationToken::new();
-                crate::shutdown::cancel_on_signals(token.clone());
+            one_shot(|token| async move {
                 let types = types_of(r#type);
                 let kind = if full {
                     RunKind::Full
@@ -528,10 +548,7 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             max_rate,
         } => {
             let config = load_for_tenant(&cli.config, tenant.as_deref())?;
-            let rt = runtime()?;
-            rt.block_on(async move {
-                let token = CancellationToken::new();
-                crate::shutdown::cancel_on_signals(token.clone());
+            one_shot(|token| async move {
                 let types = types_of(r#type);
                 let what = crate::app::verify::VerifyWhat {
                     tenant,

@@ -1218,7 +1218,7 @@ impl RawTenant {
 mod tests {
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     fn tenant(extra: &str) -> String {
         format!(

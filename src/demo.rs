@@ -1,5 +1,5 @@
 //! `skillsync demo`: the whole pipeline on this machine with no account.
-//! Starts the simulator and the real daemon (`run()`) on loopback, sends
+//! Starts the simulator and the real daemon ([`Application`]) on loopback, sends
 //! webhooks, changes and deletes documents upstream without webhooks, runs
 //! reconciliation beside the daemon, then an accuracy audit that finds a
 //! change nothing else could see (and a second that finds none), and prints
@@ -13,6 +13,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::Application;
 use crate::app::oneshot::OneShot;
 use crate::config::Config;
 use crate::model::{DocType, RunKind};
@@ -123,14 +124,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let config = demo_config(&args.db, &sim.base_url())?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let webhook_url = format!(
-        "http://{}{}",
-        listener.local_addr()?,
-        config.server.webhook_path
-    );
-    let daemon = tokio::spawn(crate::run(config.clone(), listener, token.clone()));
-    let store = crate::app::open_store(&config, crate::store::report::ReportRole::Follower).await?;
+    let app = Application::build(config.clone()).await?;
+    let webhook_url = format!("http://{}{}", app.address()?, config.server.webhook_path);
+    let store = app.store().clone();
+    let daemon = tokio::spawn(app.run(token.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     if daemon.is_finished() {
         return daemon

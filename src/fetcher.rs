@@ -714,7 +714,7 @@ impl Fetcher {
 mod tests {
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     #[test]
     fn extraction_is_case_insensitive_and_first_wins() -> TestResult {

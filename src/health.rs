@@ -19,7 +19,7 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the latest evidence said.
 #[derive(Debug, Clone)]
-struct Seen {
+struct Evidence {
     /// When a write last committed (probe or webhook); `None` before the first.
     last_ok: Option<Instant>,
     /// Why the latest attempt failed, if it did (cleared by a success).
@@ -29,7 +29,7 @@ struct Seen {
 /// The shared health state; cheap to clone.
 #[derive(Clone)]
 pub struct Health {
-    seen: Arc<Mutex<Seen>>,
+    seen: Arc<Mutex<Evidence>>,
     /// A success older than this no longer counts (a wedged writer never
     /// reports a failure: it just stops answering).
     stale_after: Duration,
@@ -49,7 +49,7 @@ impl Health {
     /// A state that reports unhealthy until the first write succeeds.
     pub fn new(interval: Duration, busy_timeout: Duration) -> Health {
         Health {
-            seen: Arc::new(Mutex::new(Seen {
+            seen: Arc::new(Mutex::new(Evidence {
                 last_ok: None,
                 error: None,
             })),

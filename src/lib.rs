@@ -13,10 +13,14 @@
 //! - [`status`], [`columns`]: the read-only `status` and `columns` commands.
 //! - [`migrate`]: `skillsync migrate [--dry-run]`, the upgrade work this
 //!   binary will run on a database and its estimated time.
-//! - [`app`]: `run()` / [`app::run_with`] for `serve` (the same for tests and
-//!   the demo), SIGHUP reloads; [`app::Pipeline::build`], the one place the
-//!   store, metrics, upstream client, fetcher, wake-ups and reconciler are
-//!   wired; [`app::oneshot`], `reconcile` run once and reported.
+//! - [`app`]: [`app::Application`], the whole daemon built in one place
+//!   (listeners, store, pipeline, health, TLS) and run (fetch workers,
+//!   schedules, retention, the PostgreSQL sink, both servers, SIGHUP
+//!   reloads) for `serve`, the demo and the tests; [`run()`] is the two in
+//!   one call. [`app::Pipeline`], the store, metrics, upstream client,
+//!   fetcher, wake-ups, reconciler and auditor wired once, under the
+//!   application and alone for the one-shot commands: [`app::oneshot`]
+//!   (`reconcile` run once and reported) and [`app::verify`].
 //! - [`simulator`]: a Skills Workflow stand-in for the demo, tests and benchmarks.
 //! - [`manpages`]: `skillsync man` and `completions`: pages from the clap
 //!   definitions `cli` passes in, `skillsync.toml(5)` from the config key
@@ -93,3 +97,14 @@ pub mod upstream;
 pub mod wake;
 
 pub use app::run;
+
+/// What a unit test returns: `?` on any error fails the test and shows it.
+#[cfg(test)]
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// The unit tests' shared set-up (a second call does nothing): the TLS
+/// crypto provider, as `cli::main` and [`app::Application`] install it.
+#[cfg(test)]
+pub(crate) fn test_setup() {
+    upstream::install_crypto();
+}

@@ -446,7 +446,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     fn config() -> Result<Config, Box<dyn std::error::Error>> {
         Ok(Config::from_toml(

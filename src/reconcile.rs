@@ -40,7 +40,7 @@
 //!
 //! The end is an empty page, or a page holding all the `totalCount` rows
 //! its request matched; a page shorter than `take` is not the end. Rows
-//! read again at a boundary time are dropped by id ([`Seen`]), so `listed`
+//! read again at a boundary time are dropped by id ([`SeenIds`]), so `listed`
 //! counts distinct ids and nothing is planned twice.
 //!
 //! Documents that change during the run are caught by their webhook, or by
@@ -220,15 +220,15 @@ impl Cursor {
 /// Which listed rows a run has already seen. A full sweep keeps every id
 /// (it needs them to find deletion candidates); an incremental run keeps
 /// only the ids at the latest time, which is all a `>=` request re-reads.
-struct Seen {
+struct SeenIds {
     all: Option<IdSet>,
     boundary_time: Option<String>,
     boundary: HashSet<String>,
 }
 
-impl Seen {
-    fn new(kind: RunKind) -> Seen {
-        Seen {
+impl SeenIds {
+    fn new(kind: RunKind) -> SeenIds {
+        SeenIds {
             all: (kind == RunKind::Full).then(IdSet::default),
             boundary_time: None,
             boundary: HashSet::new(),
@@ -598,7 +598,7 @@ impl Reconciler {
         };
         let retry_budget = Duration::from_secs(self.config.upstream.listing_retry_secs);
         let mut watermark = Watermark::new(run.start_time);
-        let mut seen = Seen::new(run.kind);
+        let mut seen = SeenIds::new(run.kind);
         let mut last_renew = Instant::now();
         let mut last_progress = Instant::now();
         let mut pages: u64 = 0;
@@ -722,7 +722,7 @@ impl Reconciler {
         &self,
         run: &Run<'_>,
         page: ListPage,
-        seen: &mut Seen,
+        seen: &mut SeenIds,
         counts: &mut RunCounts,
         watermark: &mut Watermark,
     ) -> Result<(), Failure> {
@@ -1160,13 +1160,13 @@ mod tests {
 
     #[test]
     fn an_incremental_run_drops_only_rows_read_again_at_the_boundary() {
-        let mut seen = Seen::new(RunKind::Incremental);
+        let mut seen = SeenIds::new(RunKind::Incremental);
         assert!(seen.first_time(&row("a", Some("t1"))));
         assert!(seen.first_time(&row("b", Some("t2"))));
         assert!(!seen.first_time(&row("b", Some("t2"))));
         // Edited during the run: a new time, read again.
         assert!(seen.first_time(&row("a", Some("t3"))));
-        let mut full = Seen::new(RunKind::Full);
+        let mut full = SeenIds::new(RunKind::Full);
         assert!(full.first_time(&row("a", Some("t1"))));
         assert!(!full.first_time(&row("a", Some("t3"))));
     }

@@ -124,8 +124,11 @@ pub struct Upstream {
     listings: Arc<tokio::sync::Semaphore>,
 }
 
-/// Installs the ring crypto provider for rustls once per process (reqwest is
-/// built without a provider of its own to keep the build small).
+/// Installs the ring crypto provider for rustls as the process default
+/// (reqwest is built without a provider of its own to keep the build small;
+/// the PostgreSQL client's TLS uses the default too). Called where a process
+/// starts: [`crate::cli::main`], [`crate::app::Application`]'s build (so
+/// [`crate::run`]), and the tests' shared set-up; a second call does nothing.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -176,7 +179,6 @@ impl Upstream {
     /// the request budgets (and what they learned from 429s) of the old one,
     /// and while the old one drains both draw from the same buckets.
     pub fn with_budgets(config: &Config, budgets: Budgets) -> anyhow::Result<Upstream> {
-        install_crypto();
         let timeout = Duration::from_secs(config.fetch.timeout_secs);
         let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -626,7 +628,7 @@ fn malformed(msg: &str) -> CallError {
 mod tests {
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     #[test]
     fn a_page_keeps_two_columns_matched_case_insensitively_and_skips_the_rest() -> TestResult {

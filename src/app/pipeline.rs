@@ -1,8 +1,8 @@
 //! The pipeline wired in one place: store, metrics, upstream client,
 //! fetcher, wake-ups, reconciler and auditor, built the same way for `serve`
-//! ([`crate::app::run_with`]), `reconcile` and the demo
-//! ([`crate::app::oneshot`]) and the tests that drive them. What runs on top
-//! (listeners, schedules, the PostgreSQL sink) is the caller's.
+//! (inside [`crate::app::Application`]), `reconcile` ([`crate::app::oneshot`])
+//! and `verify` ([`crate::app::verify`]). What runs on top (listeners,
+//! schedules, the PostgreSQL sink) is the application's.
 
 use std::sync::Arc;
 use std::time::Duration;

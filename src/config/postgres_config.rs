@@ -210,7 +210,7 @@ impl RawPostgres {
 mod tests {
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     fn config(pg: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
         crate::config::Config::from_toml(

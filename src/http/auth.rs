@@ -99,7 +99,7 @@ pub(super) fn client_ip(
 mod tests {
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     #[test]
     fn authenticate_respects_the_path_tenant() -> TestResult {

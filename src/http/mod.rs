@@ -55,14 +55,27 @@ pub struct WebhookState {
     health: Health,
 }
 
+/// What the public listener's handlers are built from, by name.
+pub struct WebhookParts {
+    /// The config requests start under (replaced by [`WebhookState::reload`]).
+    pub config: Arc<Config>,
+    pub store: Store,
+    /// Wakes a tenant's fetch workers when an event is queued.
+    pub wake: Wake,
+    pub metrics: Metrics,
+    /// Answers `/healthz`; fed by every commit or refused commit of an event.
+    pub health: Health,
+}
+
 impl WebhookState {
-    pub fn new(
-        config: Arc<Config>,
-        store: Store,
-        wake: Wake,
-        metrics: Metrics,
-        health: Health,
-    ) -> Self {
+    pub fn new(parts: WebhookParts) -> Self {
+        let WebhookParts {
+            config,
+            store,
+            wake,
+            metrics,
+            health,
+        } = parts;
         WebhookState {
             store,
             live: Arc::new(RwLock::new(Arc::new(Live::new(config, wake)))),
@@ -227,7 +240,7 @@ mod tests {
 
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     #[tokio::test]
     async fn routes_answer_wrong_paths_and_methods_precisely() -> TestResult {
@@ -239,13 +252,13 @@ mod tests {
         let store = Store::open(&dir.path().join("r.db"), Duration::from_secs(1))?;
         let health = Health::new(Duration::from_secs(5), Duration::from_secs(1));
         let wake = crate::wake::for_tenants(&config);
-        let filter = routes(WebhookState::new(
+        let filter = routes(WebhookState::new(WebhookParts {
             config,
             store,
             wake,
-            Metrics::install(),
+            metrics: Metrics::install(),
             health,
-        ));
+        }));
         for (method, path, status, error) in [
             ("GET", "/elsewhere", 404, "not found"),
             ("GET", "/metrics", 404, "not found"),

@@ -231,7 +231,7 @@ mod tests {
     use super::PostgresConfig;
     use std::thread::JoinHandle;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     const PASSWORD: &str = "pw-never-in-clear-77";
 
@@ -308,7 +308,7 @@ mod tests {
 
     #[test]
     fn without_sslmode_a_server_refusing_tls_gets_no_password() -> TestResult {
-        crate::upstream::install_crypto();
+        crate::test_setup();
         for mode in ["", "?sslmode=prefer", "?sslmode=allow"] {
             let (port, server) = tcp_server()?;
             let config = pg(&format!(
@@ -332,7 +332,7 @@ mod tests {
 
     #[test]
     fn plain_text_only_with_an_explicit_disable_or_over_a_unix_socket() -> TestResult {
-        crate::upstream::install_crypto();
+        crate::test_setup();
         let (port, server) = tcp_server()?;
         let config = pg(&format!(
             "postgres://sk:{PASSWORD}@127.0.0.1:{port}/r?sslmode=disable"

@@ -175,14 +175,14 @@ impl Simulator {
 /// One term of a listing's `filters` (all terms must hold, as in the Data
 /// Extraction API's DevExtreme-style filter arrays; `"and"` between terms is
 /// accepted and implied).
-struct ListFilter {
+struct FilterTerm {
     on_modified: bool,
     op: String,
     /// Normalised time for ModifiedOn, lower-case for ids; `None` is null.
     value: Option<String>,
 }
 
-impl ListFilter {
+impl FilterTerm {
     fn matches(&self, modified: &str, id: &str) -> bool {
         let field = if self.on_modified { modified } else { id };
         let Some(v) = self.value.as_deref() else {
@@ -200,7 +200,7 @@ impl ListFilter {
     }
 }
 
-impl ListFilter {
+impl FilterTerm {
     /// Whether [`key_range`] applies this term exactly (no scan needed);
     /// `with_equal`: the filters also hold a `ModifiedOn =` term.
     fn is_range_term(&self, with_equal: bool) -> bool {
@@ -215,7 +215,7 @@ impl ListFilter {
 
 /// The slice of the (ModifiedOn, id)-ordered index that the range terms
 /// allow: bounds on ModifiedOn, and `id >` within a `ModifiedOn =` term.
-fn key_range(index: &[(String, String)], filters: &[ListFilter]) -> (usize, usize) {
+fn key_range(index: &[(String, String)], filters: &[FilterTerm]) -> (usize, usize) {
     let (mut lo, mut hi) = (0, index.len());
     let equal = filters
         .iter()
@@ -246,7 +246,7 @@ fn key_range(index: &[(String, String)], filters: &[ListFilter]) -> (usize, usiz
     (lo, hi.max(lo))
 }
 
-fn parse_filters(v: &Value, id_field: &str) -> Result<Vec<ListFilter>, String> {
+fn parse_filters(v: &Value, id_field: &str) -> Result<Vec<FilterTerm>, String> {
     let mut out = Vec::new();
     let Some(terms) = v.as_array() else {
         return Ok(out);
@@ -273,7 +273,7 @@ fn parse_filters(v: &Value, id_field: &str) -> Result<Vec<ListFilter>, String> {
             Value::String(s) => Some(s.to_ascii_lowercase()),
             other => return Err(format!("unsupported filter value {other}")),
         };
-        out.push(ListFilter {
+        out.push(FilterTerm {
             on_modified,
             op,
             value,

@@ -833,7 +833,7 @@ mod tests {
 
     use super::*;
 
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
+    use crate::TestResult;
 
     /// Entry `i` brings the database to version `i + 1`, and each numbered
     /// file starts with that number.

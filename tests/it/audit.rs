@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 use skillsync::app::oneshot::{OneShot, reconcile_once};
-use skillsync::config::Config;
 use skillsync::model::{DocType, RunKind};
 use skillsync::simulator::{Faults, Simulator};
 use tokio_util::sync::CancellationToken;
@@ -25,25 +24,23 @@ struct Mirror {
     _dir: tempfile::TempDir,
     db: PathBuf,
     config_path: PathBuf,
+    /// The settings written at `config_path`.
+    settings: TestConfig,
     sim: Simulator,
     _token: CancellationToken,
 }
 
-async fn mirror_of(jobs: usize, extra: &str) -> Mirror {
+async fn mirror_of(jobs: usize) -> Mirror {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("skillsync.db");
     let token = CancellationToken::new();
     let sim = start_sim(&token).await;
     sim.seed(DocType::Job, jobs);
-    let toml = config_toml(
-        &db,
-        &sim.base_url(),
-        "concurrency = 8\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1",
-        extra,
-    );
+    let mut settings = TestConfig::new(&db, &sim.base_url());
+    settings.fetch = FetchSettings::quick(8, 3);
     let config_path = dir.path().join("skillsync.toml");
-    std::fs::write(&config_path, &toml).expect("config");
-    let config = Config::from_toml(&toml, None).expect("config");
+    settings.write(&config_path);
+    let config = settings.config();
     let what = OneShot {
         types: vec![DocType::Job],
         ..OneShot::everything(RunKind::Incremental)
@@ -54,6 +51,7 @@ async fn mirror_of(jobs: usize, extra: &str) -> Mirror {
         _dir: dir,
         db,
         config_path,
+        settings,
         sim,
         _token: token,
     };
@@ -164,7 +162,7 @@ fn respelled(doc: &Map<String, Value>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_every_hand_made_corruption_repairs_it_and_then_finds_none() {
-    let m = mirror_of(2000, "").await;
+    let m = mirror_of(2000).await;
     let mut ids: Vec<String> = m.sim.ids(DocType::Job);
     ids.sort();
     let tampered: Vec<String> = ids.iter().step_by(150).take(10).cloned().collect();
@@ -288,7 +286,7 @@ async fn verify_finds_every_hand_made_corruption_repairs_it_and_then_finds_none(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sample_of_200_finds_what_it_sampled_and_bounds_it_consistently() {
-    let m = mirror_of(2000, "").await;
+    let m = mirror_of(2000).await;
     let mut ids: Vec<String> = m.sim.ids(DocType::Job);
     ids.sort();
     // 10% of the mirror wrong, spread over it (ids are random UUIDs).
@@ -362,7 +360,7 @@ async fn a_sample_of_200_finds_what_it_sampled_and_bounds_it_consistently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_a_wrong_path_and_changes_on_their_way_are_not_mismatches() {
-    let m = mirror_of(300, "").await;
+    let m = mirror_of(300).await;
     // 1. A flaky upstream: 5xx, a burst of 429s, cut connections, bodies
     // that are not JSON. The mirror is right: nothing may count as wrong.
     m.sim.set_faults(Faults {
@@ -397,10 +395,10 @@ async fn upstream_failures_a_wrong_path_and_changes_on_their_way_are_not_mismatc
     m.sim.set_faults(Faults::default());
 
     // 2. A wrong job_path: every GET answers 404. Not 300 missing documents.
-    let wrong = std::fs::read_to_string(&m.config_path).expect("config")
-        + "\n[upstream]\njob_path = \"/api/nowhere/{id}\"\n";
+    let mut wrong = m.settings.clone();
+    wrong.upstream.job_path = Some("/api/nowhere/{id}".into());
     let wrong_path = m.config_path.with_file_name("wrong-path.toml");
-    std::fs::write(&wrong_path, wrong).expect("config");
+    wrong.write(&wrong_path);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
         .arg("--config")
         .arg(&wrong_path)

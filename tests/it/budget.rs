@@ -22,11 +22,20 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::*;
 
 /// Fetch settings of the budget tests: the default concurrency, quick retries.
-const FETCH: &str = "concurrency = 8\ntimeout_secs = 5\nmax_attempts = 5\nretry_initial_secs = 1\nretry_max_secs = 2";
+fn budget_fetch() -> FetchSettings {
+    FetchSettings {
+        concurrency: Some(8),
+        timeout_secs: Some(5),
+        max_attempts: Some(5),
+        retry_initial_secs: Some(1),
+        retry_max_secs: Some(2),
+        max_document_bytes: None,
+    }
+}
 
 /// A simulator for tenant `name`'s own account.
 async fn sim_for(name: &str, token: &CancellationToken) -> Simulator {
-    skillsync::upstream::install_crypto();
+    setup();
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind simulator");
@@ -42,26 +51,23 @@ async fn sim_for(name: &str, token: &CancellationToken) -> Simulator {
     .expect("start simulator")
 }
 
-/// A `[[tenant]]` named `name` on `sim`, with `extra` keys.
-fn tenant_toml(name: &str, sim: &Simulator, extra: &str) -> String {
-    let base = sim.base_url();
-    format!(
-        "[[tenant]]\nname = \"{name}\"\nwebhook_secrets = [\"{name}-webhook-secret\"]\napi_base = \"{base}\"\nextraction_base = \"{base}\"\napp_tenant = \"{name}-tenant\"\napp_id = \"acme-app\"\napp_secret = \"{APP_SECRET}\"\nreconcile_schedule = \"off\"\nfull_sweep_schedule = \"off\"\n{extra}\n"
-    )
+/// Tenant `name` on `sim`, with its own account's credentials.
+fn tenant(name: &str, sim: &Simulator) -> TenantSettings {
+    let mut t = TenantSettings::new(name, &format!("{name}-webhook-secret"), &sim.base_url());
+    t.app_tenant = format!("{name}-tenant");
+    t
 }
 
-/// A config for `tenants` (their `[[tenant]]` text) on a database in `dir`.
+/// A config for `tenants` on a database in `dir`, no metrics listener.
 /// Tenant names are unique per test: the metrics recorder is per process.
-fn config(dir: &tempfile::TempDir, tenants: &[String]) -> (Config, std::path::PathBuf) {
-    let db = dir.path().join("skillsync.db");
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[database]\npath = \"{}\"\nbusy_timeout_ms = 1000\n[fetch]\n{FETCH}\n{}",
-        db.display(),
-        tenants.concat()
-    );
+fn config(dir: &tempfile::TempDir, tenants: Vec<TenantSettings>) -> (Config, std::path::PathBuf) {
+    let mut c = TestConfig::new(&dir.path().join("skillsync.db"), "http://127.0.0.1:9");
+    c.server.metrics_listen = "off".into();
+    c.fetch = budget_fetch();
+    c.tenants = tenants;
     let path = dir.path().join("skillsync.toml");
-    std::fs::write(&path, &toml).expect("write config");
-    (Config::from_toml(&toml, None).expect("valid config"), path)
+    c.write(&path);
+    (c.config(), path)
 }
 
 /// Requests per 1 s window from the first request on (the last window may
@@ -120,7 +126,10 @@ async fn a_configured_budget_holds_every_second_to_rate_plus_burst() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, _) = config(
         &dir,
-        &[tenant_toml("rl-a", &sim, "max_requests_per_sec = 20")],
+        vec![TenantSettings {
+            max_requests_per_sec: Some(20.0),
+            ..tenant("rl-a", &sim)
+        }],
     );
     reconcile_jobs(&config).await;
     assert_eq!(mirrored_jobs(&config, "rl-a").await, JOBS as i64);
@@ -164,7 +173,7 @@ async fn a_throttling_upstream_without_a_budget_sees_few_429s_and_status_says_so
         ..Faults::default()
     });
     let dir = tempfile::tempdir().expect("tempdir");
-    let (config, config_path) = config(&dir, &[tenant_toml("rl-b", &sim, "")]);
+    let (config, config_path) = config(&dir, vec![tenant("rl-b", &sim)]);
     reconcile_jobs(&config).await;
     assert_eq!(mirrored_jobs(&config, "rl-b").await, JOBS as i64);
 
@@ -262,13 +271,7 @@ async fn two_tenants_throttled_by_their_own_upstreams_keep_their_own_pace() {
         });
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let (config, _) = config(
-        &dir,
-        &[
-            tenant_toml("rl-c1", &one, ""),
-            tenant_toml("rl-c2", &two, ""),
-        ],
-    );
+    let (config, _) = config(&dir, vec![tenant("rl-c1", &one), tenant("rl-c2", &two)]);
     reconcile_jobs(&config).await;
     for (name, sim) in [("rl-c1", &one), ("rl-c2", &two)] {
         assert_eq!(mirrored_jobs(&config, name).await, JOBS as i64, "{name}");
@@ -319,10 +322,13 @@ async fn two_tenants_throttled_by_their_own_upstreams_keep_their_own_pace() {
 async fn a_webhook_is_fetched_before_a_reconciliations_backlog() {
     const BACKLOG: i64 = 40;
     // 5 requests/s: the backlog takes 8 s; one fetch at a time.
-    let app = spawn_app_with(
-        "concurrency = 1\ntimeout_secs = 5\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1",
-        "max_requests_per_sec = 5",
-    )
+    let app = spawn_app_with(|c| {
+        c.fetch = FetchSettings {
+            timeout_secs: Some(5),
+            ..FetchSettings::quick(1, 3)
+        };
+        c.acme().max_requests_per_sec = Some(5.0);
+    })
     .await;
     app.sim.seed(DocType::Job, BACKLOG as usize);
     let rec = crate::reconcile::reconciler(&app);

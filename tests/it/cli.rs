@@ -269,9 +269,8 @@ fn an_empty_skillsync_config_counts_as_unset() {
 
 fn write_config(dir: &Path, port: u16, sim_base: &str) -> std::path::PathBuf {
     let db = dir.join("skillsync.db");
-    let toml = config_toml_on_port(&db, sim_base, FAST_FETCH, "", port);
     let path = dir.join("skillsync.toml");
-    std::fs::write(&path, toml).unwrap();
+    TestConfig::new(&db, sim_base).on_port(port).write(&path);
     path
 }
 
@@ -296,7 +295,6 @@ async fn wait_healthy(port: u16) {
 
 #[tokio::test]
 async fn sigterm_under_load_loses_nothing_and_exits_zero_and_secrets_stay_out_of_logs_and_db() {
-    skillsync::upstream::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
@@ -480,12 +478,11 @@ async fn status_exit_codes_tell_a_monitor_the_truth() {
     assert!(text.contains("DEGRADED") && text.contains("dead"), "{text}");
 
     // A monitor without access to the secrets: status reads none.
-    let no_secrets = std::fs::read_to_string(&app.config_path).unwrap().replace(
-        &format!("app_secret = \"{APP_SECRET}\""),
-        "app_secret_file = \"/nonexistent/app-secret\"",
-    );
+    let mut no_secrets = app.settings.clone();
+    no_secrets.acme().app_secret = None;
+    no_secrets.acme().app_secret_file = Some("/nonexistent/app-secret".into());
     let monitor_config = app.dir.path().join("monitor.toml");
-    std::fs::write(&monitor_config, no_secrets).unwrap();
+    no_secrets.write(&monitor_config);
     let out = bin()
         .args(["status", "--json", "--config"])
         .arg(&monitor_config)
@@ -557,18 +554,17 @@ fn the_demo_runs_end_to_end() {
     );
 }
 
-/// Starts the binary with JSON logs and the given extra `[server]` lines; returns (child, port, log reader).
+/// Starts the binary with JSON logs and `server.trusted_proxies`; returns (child, port, log reader).
 fn serve_with_json_logs(
     dir: &Path,
-    server_extra: &str,
+    trusted_proxies: &[&str],
     sim_base: &str,
 ) -> (std::process::Child, u16, std::thread::JoinHandle<String>) {
     let port = free_port();
-    let path = write_config(dir, port, sim_base);
-    let toml = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[server]\n", &format!("[server]\n{server_extra}\n"));
-    std::fs::write(&path, toml).unwrap();
+    let mut settings = TestConfig::new(&dir.join("skillsync.db"), sim_base).on_port(port);
+    settings.server.trusted_proxies = Some(trusted_proxies.iter().map(|p| p.to_string()).collect());
+    let path = dir.join("skillsync.toml");
+    settings.write(&path);
     let (child, log) = spawn_logging(
         bin()
             .args(["--log-format", "json", "serve", "--config"])
@@ -581,12 +577,9 @@ fn serve_with_json_logs(
 async fn json_logs_show_the_real_client_only_behind_a_trusted_proxy() {
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
-    for (trusted, expect_forwarded) in [
-        ("trusted_proxies = [\"127.0.0.1/32\"]", true),
-        ("trusted_proxies = [\"10.0.0.0/8\"]", false),
-    ] {
+    for (trusted, expect_forwarded) in [(["127.0.0.1/32"], true), (["10.0.0.0/8"], false)] {
         let dir = tempfile::tempdir().unwrap();
-        let (child, port, log) = serve_with_json_logs(dir.path(), trusted, &sim.base_url());
+        let (child, port, log) = serve_with_json_logs(dir.path(), &trusted, &sim.base_url());
         wait_healthy(port).await;
         let r = reqwest::Client::new()
             .post(format!("http://127.0.0.1:{port}/skillsevent"))
@@ -622,12 +615,12 @@ async fn json_logs_show_the_real_client_only_behind_a_trusted_proxy() {
         assert_eq!(
             client.contains("203.0.113.7"),
             expect_forwarded,
-            "{trusted}: {client}"
+            "{trusted:?}: {client}"
         );
         assert_eq!(
             client.contains("127.0.0.1"),
             !expect_forwarded,
-            "{trusted}: {client}"
+            "{trusted:?}: {client}"
         );
     }
     token.cancel();

@@ -39,7 +39,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 /// `2 × timeout_secs + 5` s (`fetcher::fetch_lease`), so a small timeout keeps the
 /// final drain short; many attempts keep a slow, shared machine's timeouts
 /// from turning into dead events.
-const CRASH_FETCH: &str = "concurrency = 8\ntimeout_secs = 2\nmax_attempts = 50\nretry_initial_secs = 0\nretry_max_secs = 1";
+fn crash_fetch() -> FetchSettings {
+    FetchSettings::quick(8, 50)
+}
 
 /// How long a daemon may take to come up, or work to drain, before a test
 /// gives up (a bound on polling, not a performance claim).
@@ -53,38 +55,27 @@ struct Setup {
     /// Where configs and logs go (never on a test's small filesystem).
     dir: PathBuf,
     db: PathBuf,
-    sim_base: String,
-    fetch: &'static str,
-    busy_timeout_ms: u64,
+    /// The config, but for the port each start picks.
+    settings: TestConfig,
 }
 
 impl Setup {
     /// Configs and logs in `dir`, the database `skillsync.db` in `db_dir`.
-    fn new(dir: &Path, db_dir: &Path, sim: &Simulator, fetch: &'static str, busy: u64) -> Setup {
+    fn new(dir: &Path, db_dir: &Path, sim: &Simulator, fetch: FetchSettings, busy: u64) -> Setup {
+        let db = db_dir.join("skillsync.db");
+        let mut settings = TestConfig::new(&db, &sim.base_url());
+        settings.fetch = fetch;
+        settings.database.busy_timeout_ms = busy;
         Setup {
             dir: dir.to_path_buf(),
-            db: db_dir.join("skillsync.db"),
-            sim_base: sim.base_url(),
-            fetch,
-            busy_timeout_ms: busy,
+            db,
+            settings,
         }
     }
 
-    /// The harness's config with our port and busy timeout.
+    /// The config with the public listener on `port`.
     fn toml(&self, port: u16) -> String {
-        let base = config_toml(&self.db, &self.sim_base, self.fetch, "");
-        let listen = "listen = \"127.0.0.1:0\"";
-        let busy = "busy_timeout_ms = 1000";
-        assert!(
-            base.contains(listen) && base.contains(busy),
-            "helpers::config_toml no longer writes `{listen}` and `{busy}`; update Setup::toml"
-        );
-        base.replacen(listen, &format!("listen = \"127.0.0.1:{port}\""), 1)
-            .replacen(
-                busy,
-                &format!("busy_timeout_ms = {}", self.busy_timeout_ms),
-                1,
-            )
+        self.settings.clone().on_port(port).toml()
     }
 }
 
@@ -209,7 +200,7 @@ impl Drop for Daemon {
 }
 
 fn client() -> reqwest::Client {
-    skillsync::upstream::install_crypto();
+    setup();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -458,7 +449,7 @@ async fn kill_9_while_senders_post_loses_no_acknowledged_event() {
     let sim = start_sim(&token).await;
     let docs = seed_docs(&sim, 100, 0);
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(dir.path(), dir.path(), &sim, CRASH_FETCH, 5000);
+    let setup = Setup::new(dir.path(), dir.path(), &sim, crash_fetch(), 5000);
     let mut rng = seeded_rng("kill_9");
 
     let mut daemon = Daemon::start(&setup).await;
@@ -524,7 +515,7 @@ async fn repeated_kill_9_under_load_loses_nothing_and_finishes_all_work() {
     let sim = start_sim(&token).await;
     let docs = seed_docs(&sim, 120, 40);
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(dir.path(), dir.path(), &sim, CRASH_FETCH, 5000);
+    let setup = Setup::new(dir.path(), dir.path(), &sim, crash_fetch(), 5000);
     let mut rng = seeded_rng("crash_suite");
 
     let mut acked: Vec<i64> = Vec::new();
@@ -642,7 +633,7 @@ async fn database_locked_past_busy_timeout_answers_503_and_records_nothing() {
     let token = CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let setup = Setup::new(dir.path(), dir.path(), &sim, FAST_FETCH, 200);
+    let setup = Setup::new(dir.path(), dir.path(), &sim, FetchSettings::fast(), 200);
     let daemon = Daemon::start(&setup).await;
     let c = client();
 
@@ -836,7 +827,7 @@ async fn full_disk_answers_503_keeps_the_file_intact_and_recovers() {
         Ok(m) => m,
         Err(e) => return cannot_mount(&e),
     };
-    let setup = Setup::new(dir.path(), &small, &sim, FAST_FETCH, 1000);
+    let setup = Setup::new(dir.path(), &small, &sim, FetchSettings::fast(), 1000);
     let daemon = Daemon::start(&setup).await;
     let c = client();
     let url = daemon.webhook_url();
@@ -940,7 +931,7 @@ async fn missing_database_directory_stops_start_up_naming_it() {
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let missing = dir.path().join("no-such-dir");
-    let setup = Setup::new(dir.path(), &missing, &sim, FAST_FETCH, 1000);
+    let setup = Setup::new(dir.path(), &missing, &sim, FetchSettings::fast(), 1000);
     assert_refuses_to_start(&setup, &missing).await;
     assert!(!missing.exists(), "start-up created {}", missing.display());
 }
@@ -951,7 +942,7 @@ async fn read_only_empty_database_directory_stops_start_up_naming_it() {
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = data_dir(dir.path());
-    let setup = Setup::new(dir.path(), &data, &sim, FAST_FETCH, 1000);
+    let setup = Setup::new(dir.path(), &data, &sim, FetchSettings::fast(), 1000);
     let _ro = match make_read_only(&data) {
         Ok(r) => r,
         Err(e) => return cannot_mount(&e),
@@ -968,7 +959,7 @@ async fn read_only_directory_with_a_crashed_database_stops_start_up_naming_it() 
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = data_dir(dir.path());
-    let setup = Setup::new(dir.path(), &data, &sim, FAST_FETCH, 1000);
+    let setup = Setup::new(dir.path(), &data, &sim, FetchSettings::fast(), 1000);
     {
         let mut d = Daemon::start(&setup).await;
         let id = sim.create(DocType::Job);

@@ -14,10 +14,13 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn the_mirror_converges_to_upstream_exactly_under_a_fault_mix() {
-    let app = spawn_app_with(
-        "concurrency = 8\ntimeout_secs = 1\nmax_attempts = 1000\nretry_initial_secs = 0\nretry_max_secs = 1\nmax_document_bytes = 2048",
-        "",
-    )
+    let app = spawn_app_with(|c| {
+        c.fetch = FetchSettings {
+            timeout_secs: Some(1),
+            max_document_bytes: Some(2048),
+            ..FetchSettings::quick(8, 1000)
+        }
+    })
     .await;
     let mixed = Faults {
         error_rate: 0.3,

@@ -258,7 +258,7 @@ async fn server_errors_are_retried_then_dead_then_retry_puts_them_back() {
 
 #[tokio::test]
 async fn a_fraction_of_5xx_still_converges() {
-    let app = spawn_app_with("concurrency = 8\ntimeout_secs = 2\nmax_attempts = 20\nretry_initial_secs = 0\nretry_max_secs = 1", "").await;
+    let app = spawn_app_with(|c| c.fetch = FetchSettings::quick(8, 20)).await;
     app.sim.set_faults(Faults {
         error_rate: 0.3,
         ..Faults::default()
@@ -331,10 +331,13 @@ async fn rate_limits_wait_for_retry_after_and_do_not_use_up_attempts() {
 
 #[tokio::test]
 async fn timeouts_resets_malformed_and_oversized_bodies_are_errors_never_documents() {
-    let app = spawn_app_with(
-        "concurrency = 4\ntimeout_secs = 1\nmax_attempts = 50\nretry_initial_secs = 0\nretry_max_secs = 1\nmax_document_bytes = 1024",
-        "",
-    )
+    let app = spawn_app_with(|c| {
+        c.fetch = FetchSettings {
+            timeout_secs: Some(1),
+            max_document_bytes: Some(1024),
+            ..FetchSettings::quick(4, 50)
+        }
+    })
     .await;
     let cases = [
         (
@@ -443,11 +446,7 @@ async fn a_burst_for_one_document_costs_at_most_two_fetches() {
 /// per event.
 #[tokio::test]
 async fn a_backlog_for_a_few_documents_costs_at_most_two_fetches_each() {
-    let app = spawn_app_with(
-        "concurrency = 1\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1",
-        "",
-    )
-    .await;
+    let app = spawn_app_with(|c| c.fetch = FetchSettings::quick(1, 3)).await;
     app.sim.set_faults(Faults {
         latency: Duration::from_millis(20),
         ..Faults::default()
@@ -531,7 +530,7 @@ async fn an_event_moved_during_a_fetch_that_covers_it_asks_for_no_other_fetch() 
 
 #[tokio::test]
 async fn pending_work_resumes_after_a_restart() {
-    let mut app = spawn_app_with("concurrency = 1\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1", "").await;
+    let mut app = spawn_app_with(|c| c.fetch = FetchSettings::quick(1, 3)).await;
     app.sim.set_faults(Faults {
         latency: Duration::from_millis(150),
         ..Faults::default()
@@ -594,10 +593,15 @@ async fn each_tenant_sends_its_own_credentials_and_app_user() {
     )
     .unwrap();
     let base = other.base_url();
-    let extra = format!(
-        "app_user = \"reporter@acme.example\"\n[[tenant]]\nname = \"beta\"\nwebhook_secrets = [\"{SECRET_BETA}\"]\napi_base = \"{base}\"\nextraction_base = \"{base}\"\napp_tenant = \"beta-tenant\"\napp_id = \"beta-app\"\napp_secret = \"beta-app-secret\"\nreconcile_schedule = \"off\"\nfull_sweep_schedule = \"off\"\n"
-    );
-    let app = spawn_app_with(FAST_FETCH, &extra).await;
+    let app = spawn_app_with(|c| {
+        c.acme().app_user = Some("reporter@acme.example".into());
+        let mut beta = TenantSettings::new("beta", SECRET_BETA, &base);
+        beta.app_tenant = "beta-tenant".into();
+        beta.app_id = "beta-app".into();
+        beta.app_secret = Some("beta-app-secret".into());
+        c.tenants.push(beta);
+    })
+    .await;
     let a = app.sim.create(DocType::Job);
     let b = other.create(DocType::Job);
     notify(&app, DocType::Job, &a, "created").await;

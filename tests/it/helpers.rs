@@ -1,6 +1,7 @@
 //! Shared test harness: a simulator as the upstream, a real SQLite file in a
-//! temp dir, the real daemon (`skillsync::run`) on a loopback port, and
-//! helpers to post webhooks and wait for the mirror.
+//! temp dir, the real daemon ([`Application`]) on a loopback port, its config
+//! as typed settings ([`TestConfig`]), and helpers to post webhooks and wait
+//! for the mirror.
 
 #![allow(dead_code)]
 
@@ -8,7 +9,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::Value;
+use skillsync::app::Application;
 use skillsync::config::Config;
 use skillsync::model::DocType;
 use skillsync::simulator::{SimCredentials, Simulator};
@@ -30,47 +33,269 @@ pub fn creds() -> SimCredentials {
     }
 }
 
+/// The tests' shared set-up, once per test process (every call after the
+/// first does nothing): the TLS crypto provider every HTTPS client
+/// (reqwest, PostgreSQL) uses. [`start_sim`] and so [`spawn_app_with`] call it.
+pub fn setup() {
+    skillsync::upstream::install_crypto();
+}
+
 /// Starts a simulator on a fresh loopback port; it stops with `token`.
 pub async fn start_sim(token: &CancellationToken) -> Simulator {
-    skillsync::upstream::install_crypto();
+    setup();
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind simulator");
     Simulator::start(l, creds(), token.clone()).expect("start simulator")
 }
 
-/// The TOML of a test config: tenant `acme` on `sim_base`; `extra_tenant`
-/// text is appended (e.g. a second `[[tenant]]`), `fetch` replaces the fetch section.
-pub fn config_toml(db: &std::path::Path, sim_base: &str, fetch: &str, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-{metrics_listen}
-[database]
-path = "{db}"
-busy_timeout_ms = 1000
-[fetch]
-{fetch}
-[[tenant]]
-name = "acme"
-webhook_secrets = ["{SECRET_ACME}"]
-api_base = "{sim_base}"
-extraction_base = "{sim_base}"
-app_tenant = "acme-tenant"
-app_id = "acme-app"
-app_secret = "{APP_SECRET}"
-audit_schedule = "off"
-reconcile_schedule = "off"
-full_sweep_schedule = "off"
-{extra}
-"#,
-        db = db.display(),
-        // Port 0: every daemon under test gets its own metrics port. Written
-        // as a literal string so tests that swap `listen = "127.0.0.1:0"`
-        // for a fixed port leave this line alone.
-        metrics_listen = "metrics_listen = '127.0.0.1:0'",
-    )
+/// A test daemon's config as typed settings: tenant `acme` on the
+/// simulator, no schedules, quick retries, every listener on port 0. A test
+/// changes the fields it needs; [`TestConfig::toml`] renders the file the
+/// daemon and the test's `skillsync` commands read, and
+/// [`TestConfig::config`] parses it as `serve` would, so every value goes
+/// through the product's own validation. A setting left `None` is not
+/// written: it takes the product's default.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestConfig {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub fetch: FetchSettings,
+    pub upstream: UpstreamSettings,
+    #[serde(rename = "tenant")]
+    pub tenants: Vec<TenantSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSettings>,
+    /// Whole sections appended as written: `[reporting]` column
+    /// definitions, whose values are data, not settings (and, from the
+    /// tests that pass one around as text, a rendered
+    /// [`PostgresSettings::section`]).
+    #[serde(skip)]
+    pub sections: String,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostgresSettings {
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_alert_secs: Option<u64>,
+}
+
+impl PostgresSettings {
+    /// The server at `url`, every other key at its default.
+    pub fn new(url: &str) -> PostgresSettings {
+        PostgresSettings {
+            url: url.into(),
+            password_env: None,
+            schema: None,
+            batch_size: None,
+            lag_alert_secs: None,
+        }
+    }
+
+    /// The `[postgres]` section's text.
+    pub fn section(&self) -> String {
+        #[derive(Serialize)]
+        struct Section<'a> {
+            postgres: &'a PostgresSettings,
+        }
+        toml::to_string(&Section { postgres: self }).expect("the section renders as TOML")
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerSettings {
+    /// `127.0.0.1:0`; [`TestConfig::on_port`] fixes it.
+    pub listen: String,
+    /// `127.0.0.1:0` (every daemon under test has its own), or `off`.
+    pub metrics_listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_read_timeout_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_proxies: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseSettings {
+    pub path: PathBuf,
+    pub busy_timeout_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_commit: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FetchSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_initial_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_max_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_document_bytes: Option<u64>,
+}
+
+impl FetchSettings {
+    /// Quick retries: 4 workers, 2 s timeout, 3 attempts, retried within a second.
+    pub fn fast() -> FetchSettings {
+        FetchSettings::quick(4, 3)
+    }
+
+    /// `concurrency` workers, `max_attempts` attempts, a 2 s timeout,
+    /// retried within a second.
+    pub fn quick(concurrency: u64, max_attempts: u64) -> FetchSettings {
+        FetchSettings {
+            concurrency: Some(concurrency),
+            timeout_secs: Some(2),
+            max_attempts: Some(max_attempts),
+            retry_initial_secs: Some(0),
+            retry_max_secs: Some(1),
+            max_document_bytes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UpstreamSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listing_retry_secs: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlap_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantSettings {
+    pub name: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhook_secrets: Vec<String>,
+    pub api_base: String,
+    pub extraction_base: String,
+    pub app_tenant: String,
+    pub app_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_user: Option<String>,
+    /// `None` with `app_secret_file` set: the secret is read from that file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_secret_file: Option<PathBuf>,
+    /// `off` unless a test runs schedules.
+    pub audit_schedule: String,
+    pub reconcile_schedule: String,
+    pub full_sweep_schedule: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_sample: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_delete_fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_sec: Option<f64>,
+}
+
+impl TenantSettings {
+    /// Tenant `name` with one webhook secret, on the upstream at `base`, with
+    /// the test simulators' credentials and no schedules.
+    pub fn new(name: &str, secret: &str, base: &str) -> TenantSettings {
+        TenantSettings {
+            name: name.into(),
+            webhook_secrets: vec![secret.into()],
+            api_base: base.into(),
+            extraction_base: base.into(),
+            app_tenant: "acme-tenant".into(),
+            app_id: "acme-app".into(),
+            app_user: None,
+            app_secret: Some(APP_SECRET.into()),
+            app_secret_file: None,
+            audit_schedule: "off".into(),
+            reconcile_schedule: "off".into(),
+            full_sweep_schedule: "off".into(),
+            audit_sample: None,
+            max_delete_fraction: None,
+            max_requests_per_sec: None,
+        }
+    }
+}
+
+impl TestConfig {
+    /// Tenant `acme` on `sim_base`, the database at `db`, [`FetchSettings::fast`].
+    pub fn new(db: &std::path::Path, sim_base: &str) -> TestConfig {
+        TestConfig {
+            server: ServerSettings {
+                listen: "127.0.0.1:0".into(),
+                metrics_listen: "127.0.0.1:0".into(),
+                max_connections: None,
+                header_read_timeout_secs: None,
+                trusted_proxies: None,
+                tls_cert_file: None,
+                tls_key_file: None,
+            },
+            database: DatabaseSettings {
+                path: db.to_path_buf(),
+                busy_timeout_ms: 1000,
+                group_commit: None,
+            },
+            fetch: FetchSettings::fast(),
+            upstream: UpstreamSettings::default(),
+            tenants: vec![TenantSettings::new("acme", SECRET_ACME, sim_base)],
+            postgres: None,
+            sections: String::new(),
+        }
+    }
+
+    /// This config with the public listener on `port`.
+    pub fn on_port(mut self, port: u16) -> TestConfig {
+        self.server.listen = format!("127.0.0.1:{port}");
+        self
+    }
+
+    /// Tenant `acme`'s settings.
+    pub fn acme(&mut self) -> &mut TenantSettings {
+        self.tenants
+            .iter_mut()
+            .find(|t| t.name == "acme")
+            .expect("the test config has tenant acme")
+    }
+
+    /// The config file's text.
+    pub fn toml(&self) -> String {
+        let mut text = toml::to_string(self).expect("the test config renders as TOML");
+        if !self.sections.is_empty() {
+            text.push('\n');
+            text.push_str(&self.sections);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// The config as `serve` would load it from [`TestConfig::toml`].
+    pub fn config(&self) -> Config {
+        Config::from_toml(&self.toml(), None).expect("valid test config")
+    }
+
+    /// Writes [`TestConfig::toml`] to `path`.
+    pub fn write(&self, path: &std::path::Path) {
+        std::fs::write(path, self.toml()).expect("write the test config");
+    }
 }
 
 /// A free loopback port (bound, read, released), for a daemon started as a
@@ -82,28 +307,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// [`config_toml`] with the public listener on `port`.
-pub fn config_toml_on_port(
-    db: &std::path::Path,
-    sim_base: &str,
-    fetch: &str,
-    extra: &str,
-    port: u16,
-) -> String {
-    config_toml(db, sim_base, fetch, extra).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    )
-}
-
-/// Fetch settings that make retries quick in tests.
-pub const FAST_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1";
-
 /// A daemon under test with its simulator.
 pub struct TestApp {
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
+    /// The settings the daemon runs on, written at `config_path`.
+    pub settings: TestConfig,
     pub config: Config,
     pub config_path: PathBuf,
     pub sim: Simulator,
@@ -118,53 +327,34 @@ pub struct TestApp {
     pub client: reqwest::Client,
 }
 
-/// Spawns the daemon with the default fast-fetch config.
+/// Spawns the daemon on the default [`TestConfig`].
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(FAST_FETCH, "").await
+    spawn_app_with(|_| {}).await
 }
 
-/// Spawns the daemon with a custom `[fetch]` body and extra config text.
-pub async fn spawn_app_with(fetch: &str, extra: &str) -> TestApp {
-    spawn_app_edited(fetch, extra, |toml| toml).await
-}
-
-/// [`spawn_app_with`], with the config text passed through `edit` first
-/// (for keys inside the sections the helper writes).
-pub async fn spawn_app_edited(
-    fetch: &str,
-    extra: &str,
-    edit: impl FnOnce(String) -> String,
-) -> TestApp {
-    skillsync::upstream::install_crypto();
+/// Spawns the daemon on the default [`TestConfig`] changed by `edit`.
+pub async fn spawn_app_with(edit: impl FnOnce(&mut TestConfig)) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("skillsync.db");
     let sim_token = CancellationToken::new();
     let sim = start_sim(&sim_token).await;
-    let toml = edit(config_toml(&db, &sim.base_url(), fetch, extra));
+    let mut settings = TestConfig::new(&db, &sim.base_url());
+    edit(&mut settings);
     let config_path = dir.path().join("skillsync.toml");
-    std::fs::write(&config_path, &toml).expect("write config");
-    let config = Config::from_toml(&toml, None).expect("valid test config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind daemon");
-    let addr = listener.local_addr().expect("addr");
-    let metrics_listener = skillsync::app::bind_metrics(&config)
+    settings.write(&config_path);
+    let config = settings.config();
+    let app = Application::build(config.clone())
         .await
-        .expect("bind metrics listener");
-    let metrics_url = metrics_listener
-        .as_ref()
-        .map(|l| format!("http://{}", l.local_addr().expect("metrics addr")));
+        .expect("build the daemon");
+    let addr = app.address().expect("addr");
+    let metrics_url = app.metrics_address().map(|a| format!("http://{a}"));
+    let store = app.store().clone();
     let token = CancellationToken::new();
-    let handle = tokio::spawn(skillsync::app::run_with(
-        config.clone(),
-        listener,
-        metrics_listener,
-        token.clone(),
-    ));
-    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
-        .await
-        .expect("open store");
+    let handle = tokio::spawn(app.run(token.clone()));
     TestApp {
         dir,
         db,
+        settings,
         config,
         config_path,
         sim,

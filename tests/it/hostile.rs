@@ -10,8 +10,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, TestRunner};
 use serde_json::{Value, json};
-use skillsync::config::Config;
-use skillsync::http::{WebhookState, routes};
+use skillsync::http::{WebhookParts, WebhookState, routes};
 use skillsync::metrics::Metrics;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -145,21 +144,20 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let base = "https://integration-api-we.skillsworkflow.com".to_string();
-    let toml = config_toml(&dir.path().join("p.db"), &base, FAST_FETCH, "");
-    let config = Arc::new(Config::from_toml(&toml, None).unwrap());
+    let config = Arc::new(TestConfig::new(&dir.path().join("p.db"), &base).config());
     let store = rt
         .block_on(skillsync::app::open_store(
             &config,
             skillsync::store::report::ReportRole::Owner,
         ))
         .unwrap();
-    let state = WebhookState::new(
-        config.clone(),
-        store.clone(),
-        Arc::new(HashMap::new()),
-        Metrics::install(),
-        skillsync::health::Health::new(Duration::from_secs(5), Duration::from_secs(1)),
-    );
+    let state = WebhookState::new(WebhookParts {
+        config: config.clone(),
+        store: store.clone(),
+        wake: Arc::new(HashMap::new()),
+        metrics: Metrics::install(),
+        health: skillsync::health::Health::new(Duration::from_secs(5), Duration::from_secs(1)),
+    });
     let filter = routes(state);
     let mut runner = TestRunner::new(PtConfig {
         cases: 400,
@@ -247,21 +245,16 @@ async fn oversized_headers_are_refused() {
 #[tokio::test]
 async fn a_slow_loris_client_is_dropped_and_does_not_hold_the_server() {
     // Two connection slots and a one-second header deadline.
-    let extra = "";
-    let app = spawn_app_with(FAST_FETCH, extra).await;
-    let toml = std::fs::read_to_string(&app.config_path).unwrap().replace(
-        "[server]\n",
-        "[server]\nmax_connections = 2\nheader_read_timeout_secs = 1\n",
-    );
-    let config = Config::from_toml(&toml, None).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let token = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(skillsync::run(config, listener, token.clone()));
+    let mut app = spawn_app_with(|c| {
+        c.server.max_connections = Some(2);
+        c.server.header_read_timeout_secs = Some(1);
+    })
+    .await;
+    let addr = app.base_url.trim_start_matches("http://").to_string();
     // Two slow clients take both slots, sending a header byte now and then.
     let mut slow = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = TcpStream::connect(&addr).await.unwrap();
         s.write_all(b"POST /skillsevent HTTP/1.1\r\nhost: x\r\n")
             .await
             .unwrap();
@@ -292,6 +285,5 @@ async fn a_slow_loris_client_is_dropped_and_does_not_hold_the_server() {
             "{answer}"
         );
     }
-    token.cancel();
-    handle.await.unwrap().unwrap();
+    app.stop().await;
 }

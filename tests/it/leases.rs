@@ -142,13 +142,11 @@ async fn a_slow_404_then_a_200_never_ends_marked_deleted() {
         ..Faults::default()
     });
     let base = beta_sim.base_url();
-    let extra = format!(
-        "[[tenant]]\nname = \"beta\"\nwebhook_secrets = [\"{SECRET_BETA}\"]\napi_base = \"{base}\"\nextraction_base = \"{base}\"\napp_tenant = \"acme-tenant\"\napp_id = \"acme-app\"\napp_secret = \"{APP_SECRET}\"\nreconcile_schedule = \"off\"\nfull_sweep_schedule = \"off\"\n"
-    );
-    let app = spawn_app_with(
-        "concurrency = 16\ntimeout_secs = 2\nmax_attempts = 1000\nretry_initial_secs = 0\nretry_max_secs = 1",
-        &extra,
-    )
+    let app = spawn_app_with(|c| {
+        c.fetch = FetchSettings::quick(16, 1000);
+        c.tenants
+            .push(TenantSettings::new("beta", SECRET_BETA, &base));
+    })
     .await;
     // acme: D and three others, mirrored by another process (this daemon has
     // served nothing, so D's 404 needs a control check).

@@ -65,7 +65,7 @@ fn sorted_jobs(sim: &Simulator, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn jobs_edited_right_after_their_page_do_not_make_a_sweep_skip_their_tie_group() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(3)).await;
     let rec = reconciler(&app);
     // x at T0, then a tie group of six at T (a b | c d e f), then y.
     let ids = sorted_jobs(&app.sim, 8);
@@ -110,7 +110,7 @@ async fn jobs_edited_right_after_their_page_do_not_make_a_sweep_skip_their_tie_g
 
 #[tokio::test]
 async fn a_tie_group_larger_than_a_page_is_listed_whole_while_it_shrinks() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 2").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(2)).await;
     let rec = reconciler(&app);
     let ids = sorted_jobs(&app.sim, 9);
     for id in &ids {
@@ -141,13 +141,7 @@ async fn a_tie_group_larger_than_a_page_is_listed_whole_while_it_shrinks() {
 
 #[tokio::test]
 async fn a_server_page_cap_does_not_end_the_listing() {
-    let app = spawn_app_edited(FAST_FETCH, "", |toml| {
-        toml.replace(
-            "full_sweep_schedule = \"off\"",
-            "full_sweep_schedule = \"off\"\nmax_delete_fraction = 1.0",
-        )
-    })
-    .await;
+    let app = spawn_app_with(|c| c.acme().max_delete_fraction = Some(1.0)).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 10);
     // Asked for 500 a page, the server answers 3 (totalCount says 10).
@@ -208,7 +202,7 @@ async fn a_listing_that_lags_gets_cannot_delete_a_job_it_does_not_show_yet() {
 
 #[tokio::test]
 async fn a_429_and_a_short_outage_are_retried_at_the_failed_page() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(3)).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 10);
     let before = app.sim.listing_calls();
@@ -247,10 +241,10 @@ async fn a_429_and_a_short_outage_are_retried_at_the_failed_page() {
 
 #[tokio::test]
 async fn a_listing_failing_past_its_retry_budget_fails_with_the_page_reached() {
-    let app = spawn_app_with(
-        FAST_FETCH,
-        "[upstream]\npage_size = 3\nlisting_retry_secs = 2",
-    )
+    let app = spawn_app_with(|c| {
+        c.upstream.page_size = Some(3);
+        c.upstream.listing_retry_secs = Some(2);
+    })
     .await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 7);
@@ -307,7 +301,7 @@ async fn a_job_dated_in_the_future_does_not_blind_later_runs() {
 
 #[tokio::test]
 async fn a_run_that_loses_its_lock_stops_and_advances_nothing() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(3)).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 9);
     let db = app.db.clone();
@@ -379,13 +373,9 @@ async fn every_get_answering_404_does_not_empty_the_mirror() {
         assert!(app.sim.update(DocType::Job, id));
     }
     assert!(app.sim.delete(DocType::Job, &ids[9]));
-    let toml = std::fs::read_to_string(&app.config_path)
-        .expect("config")
-        .replace(
-            "full_sweep_schedule = \"off\"",
-            "full_sweep_schedule = \"off\"\n[upstream]\njob_path = \"/api/wrong/{id}\"",
-        );
-    let wrong = skillsync::config::Config::from_toml(&toml, None).expect("config");
+    let mut wrong = app.settings.clone();
+    wrong.upstream.job_path = Some("/api/wrong/{id}".into());
+    let wrong = wrong.config();
     for kind in [Kind::Incremental, Kind::Full] {
         skillsync::cli::reconcile_now(
             Arc::new(wrong.clone()),
@@ -433,16 +423,10 @@ async fn every_get_answering_404_does_not_empty_the_mirror() {
 async fn random_case(seed: u64) -> Result<(), String> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let page_size = rng.usize(1..=5);
-    let app = spawn_app_edited(
-        FAST_FETCH,
-        &format!("[upstream]\npage_size = {page_size}"),
-        |t| {
-            t.replace(
-                "full_sweep_schedule = \"off\"",
-                "full_sweep_schedule = \"off\"\nmax_delete_fraction = 1.0",
-            )
-        },
-    )
+    let app = spawn_app_with(|c| {
+        c.upstream.page_size = Some(page_size as u64);
+        c.acme().max_delete_fraction = Some(1.0);
+    })
     .await;
     let rec = reconciler(&app);
     let n = rng.usize(4..=24);
@@ -623,7 +607,7 @@ async fn a_storm_of_untrusted_404s_logs_one_line_per_interval_with_a_count() {
     });
     let gets_before = app.sim.total_gets();
     // `reconcile` lists the six changes and fetches each until it is dead
-    // (FAST_FETCH: 3 attempts), then exits.
+    // (FetchSettings::fast: 3 attempts), then exits.
     let (child, log) = spawn_logging(
         std::process::Command::new(env!("CARGO_BIN_EXE_skillsync"))
             .args(["--log-format", "json", "--config"])
@@ -677,7 +661,7 @@ async fn a_storm_of_untrusted_404s_logs_one_line_per_interval_with_a_count() {
 /// padding skipped.
 #[tokio::test]
 async fn a_listing_page_too_large_for_its_take_is_refused() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\nlisting_retry_secs = 1").await;
+    let app = spawn_app_with(|c| c.upstream.listing_retry_secs = Some(1)).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 3);
     app.sim.set_faults(Faults {

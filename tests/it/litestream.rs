@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::start_sim;
+use crate::helpers::{TestConfig, start_sim};
 use crate::process::{Process, Stream, integrity, missing_events, terminate};
 
 /// The Litestream binary: `SKILLSYNC_LITESTREAM`, else beside the readers'
@@ -98,13 +98,7 @@ async fn litestream_replicates_beside_serve_and_its_restore_holds_every_acknowle
     // A long busy timeout: a stop that waited it out would be plain to see.
     let extra = "";
     let busy = Duration::from_secs(30);
-    let edit = |toml: &str| {
-        toml.replacen(
-            "busy_timeout_ms = 1000",
-            &format!("busy_timeout_ms = {}", busy.as_millis()),
-            1,
-        )
-    };
+    let edit = |c: &mut TestConfig| c.database.busy_timeout_ms = busy.as_millis() as u64;
     let p = Process::spawn_edited(dir.path(), &db, &sim, extra, 0, edit);
     p.ready().await;
     let log = std::fs::File::create(dir.path().join("litestream.log")).expect("log");

@@ -2,6 +2,7 @@
 //! files in temp dirs, the simulator as the upstream, and the real binary
 //! where a process boundary matters (kill -9, CLI exit codes).
 
+mod application;
 mod audit;
 mod backup;
 mod budget;

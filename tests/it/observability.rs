@@ -203,10 +203,7 @@ async fn healthz_answers_from_the_probe_without_writing() {
 
 #[tokio::test]
 async fn metrics_listen_off_serves_no_metrics() {
-    let mut app = spawn_app_edited(FAST_FETCH, "", |t| {
-        t.replace("metrics_listen = '127.0.0.1:0'", "metrics_listen = \"off\"")
-    })
-    .await;
+    let mut app = spawn_app_with(|c| c.server.metrics_listen = "off".into()).await;
     assert_eq!(app.config.server.metrics_listen, None);
     assert!(app.metrics_url.is_none());
     let (_, s, _) = app.create_and_notify(DocType::Job).await;
@@ -386,12 +383,11 @@ async fn the_alert_rules_cover_the_failures_and_use_only_exported_metrics() {
     // names are left unchecked, after the notice `server` prints).
     let test = "observability::the_alert_rules_cover_the_failures_and_use_only_exported_metrics";
     let server = crate::postgres::server(test);
-    let section = match &server {
-        Some(s) => s.section(&s.direct(), &crate::postgres::fresh_schema()),
-        None => "[postgres]\nurl = \"postgres://skillsync@127.0.0.1:1/reports?sslmode=disable\"\n"
-            .to_string(),
+    let postgres = match &server {
+        Some(s) => s.postgres(&s.direct(), &crate::postgres::fresh_schema()),
+        None => PostgresSettings::new("postgres://skillsync@127.0.0.1:1/reports?sslmode=disable"),
     };
-    let mut app = spawn_app_with(FAST_FETCH, &section).await;
+    let mut app = spawn_app_with(|c| c.postgres = Some(postgres)).await;
     let mut scrape = busy_scrape(&app).await;
     let url = app.metrics_url.clone().expect("a metrics listener");
     let wanted: &[&str] = if server.is_some() {

@@ -33,10 +33,7 @@ const ACK_BOUND: Duration = Duration::from_secs(1);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_beside_serve_and_a_reader_never_stalls_intake() {
     // The daemon's default busy_timeout, so a stall is unmistakable.
-    let app = spawn_app_edited(FAST_FETCH, "", |t| {
-        t.replace("busy_timeout_ms = 1000", "busy_timeout_ms = 5000")
-    })
-    .await;
+    let app = spawn_app_with(|c| c.database.busy_timeout_ms = 5000).await;
     app.sim.seed(DocType::Job, 40);
     app.sim.seed(DocType::Project, 20);
     let (_, s, _) = app.create_and_notify(DocType::Job).await;
@@ -106,7 +103,7 @@ async fn sighup_reloads_and_never_stops_serve_without_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let db = dir.path().join("skillsync.db");
-    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
+    let toml = TestConfig::new(&db, &sim.base_url()).on_port(port).toml();
     let config = dir.path().join("skillsync.toml");
     std::fs::write(&config, toml).expect("write config");
     let log = dir.path().join("serve.log");
@@ -228,12 +225,7 @@ async fn piped_output_carries_no_colour_codes() {
     sim.seed(DocType::Job, 3);
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("skillsync.toml");
-    let toml = config_toml(
-        &dir.path().join("skillsync.db"),
-        &sim.base_url(),
-        FAST_FETCH,
-        "",
-    );
+    let toml = TestConfig::new(&dir.path().join("skillsync.db"), &sim.base_url()).toml();
     std::fs::write(&config, toml).expect("write config");
 
     // `serve` until it says it is serving, then SIGTERM; `JOURNAL_STREAM`

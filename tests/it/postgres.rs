@@ -16,11 +16,10 @@ use skillsync::model::DocType;
 use skillsync::pgmirror::check::{Report, compare};
 use skillsync::pgmirror::sink;
 use skillsync::simulator::Simulator;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml, count, start_sim, wait_until};
+use crate::helpers::{PostgresSettings, SECRET_ACME, TestConfig, count, start_sim, wait_until};
 use crate::process::{Process, terminate};
 use crate::proxy::Proxy;
 
@@ -61,18 +60,23 @@ pub(crate) fn server(test: &str) -> Option<Server> {
 }
 
 impl Server {
-    /// The `[postgres]` section for `schema`, reaching the server at `host_port`.
+    /// The `[postgres]` settings for `schema`, reaching the server at `host_port`.
+    pub(crate) fn postgres(&self, host_port: &str, schema: &str) -> PostgresSettings {
+        PostgresSettings {
+            password_env: self.has_password.then(|| "PGPASSWORD".into()),
+            schema: Some(schema.into()),
+            batch_size: Some(50),
+            lag_alert_secs: Some(2),
+            ..PostgresSettings::new(&format!(
+                "postgres://{}@{host_port}/{}?sslmode=disable",
+                self.user, self.database
+            ))
+        }
+    }
+
+    /// [`Server::postgres`] as the section's text.
     pub(crate) fn section(&self, host_port: &str, schema: &str) -> String {
-        format!(
-            "[postgres]\nurl = \"postgres://{}@{host_port}/{}?sslmode=disable\"\n{}schema = \"{schema}\"\nbatch_size = 50\nlag_alert_secs = 2\n",
-            self.user,
-            self.database,
-            if self.has_password {
-                "password_env = \"PGPASSWORD\"\n"
-            } else {
-                ""
-            }
-        )
+        self.postgres(host_port, schema).section()
     }
 
     pub(crate) fn direct(&self) -> String {
@@ -160,16 +164,9 @@ async fn pg_i64(pg: &PostgresConfig, sql: String) -> i64 {
 
 /// The `[postgres]` config for `schema` reaching the server directly.
 fn direct_config(server: &Server, db: &Path, sim: &Simulator, schema: &str) -> PostgresConfig {
-    let toml = config_toml(
-        db,
-        &sim.base_url(),
-        FAST_FETCH,
-        &server.section(&server.direct(), schema),
-    );
-    Config::from_toml(&toml, None)
-        .expect("config")
-        .postgres
-        .expect("postgres")
+    let mut settings = TestConfig::new(db, &sim.base_url());
+    settings.postgres = Some(server.postgres(&server.direct(), schema));
+    settings.config().postgres.expect("postgres")
 }
 
 /// A daemon run in-process on a database of the test's choosing.
@@ -183,23 +180,20 @@ struct Daemon {
 
 impl Daemon {
     async fn start(dir: &Path, db: &Path, sim: &Simulator, extra: &str) -> Daemon {
-        let toml = config_toml(db, &sim.base_url(), FAST_FETCH, extra);
-        std::fs::write(dir.join("skillsync.toml"), &toml).expect("write config");
-        let config = Config::from_toml(&toml, None).expect("valid config");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let metrics = skillsync::app::bind_metrics(&config)
+        let mut settings = TestConfig::new(db, &sim.base_url());
+        settings.sections = extra.to_string();
+        settings.write(&dir.join("skillsync.toml"));
+        let config = settings.config();
+        let app = skillsync::app::Application::build(config.clone())
             .await
-            .expect("metrics")
-            .expect("metrics on");
-        let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("addr"));
+            .expect("build the daemon");
+        let addr = app.address().expect("addr");
+        let metrics_url = format!(
+            "http://{}/metrics",
+            app.metrics_address().expect("metrics on")
+        );
         let token = CancellationToken::new();
-        let handle = tokio::spawn(skillsync::app::run_with(
-            config.clone(),
-            listener,
-            Some(metrics),
-            token.clone(),
-        ));
+        let handle = tokio::spawn(app.run(token.clone()));
         let d = Daemon {
             config,
             webhook_url: format!("http://{addr}/skillsevent"),
@@ -523,9 +517,11 @@ async fn sink_killed_at_random_points_resumes_from_the_postgres_cursor() {
     plain.stop().await;
 
     let schema = fresh_schema();
-    let extra = server
-        .section(&server.direct(), &schema)
-        .replace("batch_size = 50", "batch_size = 7");
+    let extra = PostgresSettings {
+        batch_size: Some(7),
+        ..server.postgres(&server.direct(), &schema)
+    }
+    .section();
     let pg = direct_config(&server, &db, &sim, &schema);
     let client = reqwest::Client::new();
     // Kill -9 the daemon at random moments of the backfill and of the stream
@@ -1043,16 +1039,9 @@ async fn property_case(server: &Server, ops: Vec<Op>) {
     let mut d = Daemon::start(dir.path(), &db, &sim, "").await;
     // The test owns the sink (to crash it at chosen steps); the daemon stores.
     let schema = fresh_schema();
-    let config = Config::from_toml(
-        &config_toml(
-            &db,
-            &sim.base_url(),
-            FAST_FETCH,
-            &server.section(&server.direct(), &schema),
-        ),
-        None,
-    )
-    .expect("config");
+    let mut settings = TestConfig::new(&db, &sim.base_url());
+    settings.postgres = Some(server.postgres(&server.direct(), &schema));
+    let config = settings.config();
     let pg = config.postgres.clone().expect("postgres");
     let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
         .await

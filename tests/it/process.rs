@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use skillsync::model::DocType;
 use skillsync::simulator::Simulator;
 
-use crate::helpers::{FAST_FETCH, SECRET_ACME, config_toml_on_port, free_port, wait_until};
+use crate::helpers::{SECRET_ACME, TestConfig, free_port, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -30,14 +30,14 @@ impl Process {
         Process::spawn_env(dir, db, sim, extra, n, &[])
     }
 
-    /// [`Process::spawn`] with the config text passed through `edit` first.
+    /// [`Process::spawn`] with the settings changed by `edit` first.
     pub fn spawn_edited(
         dir: &Path,
         db: &Path,
         sim: &Simulator,
         extra: &str,
         n: usize,
-        edit: impl Fn(&str) -> String,
+        edit: impl Fn(&mut TestConfig),
     ) -> Process {
         Process::spawn_full(dir, db, sim, extra, n, &[], edit)
     }
@@ -51,7 +51,7 @@ impl Process {
         n: usize,
         env: &[(&str, &Path)],
     ) -> Process {
-        Process::spawn_full(dir, db, sim, extra, n, env, |t| t.to_string())
+        Process::spawn_full(dir, db, sim, extra, n, env, |_| {})
     }
 
     fn spawn_full(
@@ -61,18 +61,14 @@ impl Process {
         extra: &str,
         n: usize,
         env: &[(&str, &Path)],
-        edit: impl Fn(&str) -> String,
+        edit: impl Fn(&mut TestConfig),
     ) -> Process {
         let port = free_port();
-        let toml = edit(&config_toml_on_port(
-            db,
-            &sim.base_url(),
-            FAST_FETCH,
-            extra,
-            port,
-        ));
+        let mut settings = TestConfig::new(db, &sim.base_url()).on_port(port);
+        settings.sections = extra.to_string();
+        edit(&mut settings);
         let config = dir.join(format!("serve-{n}.toml"));
-        std::fs::write(&config, toml).expect("write config");
+        settings.write(&config);
         let log = dir.join(format!("serve-{n}.log"));
         let child = Command::new(BIN)
             .args(["serve", "--config"])

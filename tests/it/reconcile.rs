@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use skillsync::config::Config;
 use skillsync::model::DocType;
 use skillsync::reconcile::{Kind, Reconciler, RunError, RunSummary};
 use skillsync::simulator::{Faults, Simulator};
@@ -28,11 +27,23 @@ use crate::helpers::*;
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Fetch settings that keep a failed fetch queued (not dead) for a long time.
-const SLOW_RETRY_FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 1000\nretry_initial_secs = 600\nretry_max_secs = 3600";
+fn slow_retry_fetch() -> FetchSettings {
+    FetchSettings {
+        max_attempts: Some(1000),
+        retry_initial_secs: Some(600),
+        retry_max_secs: Some(3600),
+        ..FetchSettings::fast()
+    }
+}
 
 /// Fetch settings whose upstream timeout outlasts the simulator latency that
 /// keeps a run holding its lock.
-const PATIENT_FETCH: &str = "concurrency = 4\ntimeout_secs = 20\nmax_attempts = 3\nretry_initial_secs = 0\nretry_max_secs = 1";
+fn patient_fetch() -> FetchSettings {
+    FetchSettings {
+        timeout_secs: Some(20),
+        ..FetchSettings::fast()
+    }
+}
 
 static OWNER_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -326,7 +337,7 @@ async fn missed_creations_and_updates_are_recovered_by_an_incremental_run() {
 
 #[tokio::test]
 async fn a_change_announced_by_a_webhook_is_not_counted_missed() {
-    let app = spawn_app_with(SLOW_RETRY_FETCH, "").await;
+    let app = spawn_app_with(|c| c.fetch = slow_retry_fetch()).await;
     let rec = reconciler(&app);
     // Fetches fail, so the announced document stays queued through the run.
     app.sim.set_faults(Faults {
@@ -423,7 +434,7 @@ async fn a_webhook_recorded_but_not_yet_queued_is_not_counted_missed() {
 /// settled without a fetch, and the change was lost until a full sweep.)
 #[tokio::test]
 async fn a_covered_recorded_webhook_does_not_hide_a_later_silent_change() {
-    let mut app = spawn_app_with(FAST_FETCH, "[upstream]\noverlap_secs = 0").await;
+    let mut app = spawn_app_with(|c| c.upstream.overlap_secs = Some(0)).await;
     app.stop().await;
     let id = app.sim.create(DocType::Job);
     let store = &app.store;
@@ -783,10 +794,10 @@ async fn the_reconcile_command_fetches_what_it_enqueued_before_exiting() {
 #[tokio::test]
 async fn the_watermark_is_not_advanced_when_the_listing_fails_half_way() {
     // A listing that keeps failing: retried for one second, then the run fails.
-    let app = spawn_app_with(
-        FAST_FETCH,
-        "[upstream]\npage_size = 3\nlisting_retry_secs = 1",
-    )
+    let app = spawn_app_with(|c| {
+        c.upstream.page_size = Some(3);
+        c.upstream.listing_retry_secs = Some(1);
+    })
     .await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 4);
@@ -846,7 +857,7 @@ async fn the_watermark_is_not_advanced_when_the_listing_fails_half_way() {
 
 #[tokio::test]
 async fn equal_timestamps_across_page_boundaries_are_all_listed() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(3)).await;
     let rec = reconciler(&app);
     let ids = app.sim.seed(DocType::Job, 11);
     // Pages of three: [a b e1] [e2 e3 e4] [e5 e6 e7] [c d]; e1..e7 share one time.
@@ -891,7 +902,7 @@ async fn equal_timestamps_across_page_boundaries_are_all_listed() {
 
 #[tokio::test]
 async fn seven_documents_with_one_timestamp_and_pages_of_three_are_all_mirrored() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 3").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(3)).await;
     let rec = reconciler(&app);
     let ids = app.sim.seed(DocType::Job, 7);
     for id in &ids {
@@ -909,7 +920,7 @@ async fn seven_documents_with_one_timestamp_and_pages_of_three_are_all_mirrored(
 
 #[tokio::test]
 async fn a_stopped_run_is_interrupted_and_keeps_the_watermark() {
-    let app = spawn_app_with(FAST_FETCH, "[upstream]\npage_size = 1").await;
+    let app = spawn_app_with(|c| c.upstream.page_size = Some(1)).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 5);
     app.sim.set_faults(Faults {
@@ -978,7 +989,7 @@ async fn start_slow_run(
 
 #[tokio::test]
 async fn two_runs_of_one_tenant_and_type_from_two_owners_do_not_overlap() {
-    let app = spawn_app_with(PATIENT_FETCH, "").await;
+    let app = spawn_app_with(|c| c.fetch = patient_fetch()).await;
     app.sim.seed(DocType::Job, 2);
     let a = reconciler(&app);
     let b = reconciler(&app);
@@ -1030,7 +1041,7 @@ async fn two_runs_sharing_one_reconciler_do_not_overlap() {
     // `serve` shares one Reconciler (one lock owner) between every schedule:
     // an incremental run and a full sweep of one type can fire together
     // (02:30:00 matches both default schedules).
-    let app = spawn_app_with(PATIENT_FETCH, "").await;
+    let app = spawn_app_with(|c| c.fetch = patient_fetch()).await;
     app.sim.seed(DocType::Job, 2);
     let rec = reconciler(&app);
     let first = start_slow_run(&app, &rec).await;
@@ -1108,18 +1119,14 @@ async fn the_reconcile_command_skips_a_type_whose_lock_another_process_holds() {
 
 #[tokio::test]
 async fn a_scheduled_run_mirrors_a_change_no_webhook_announced() {
-    skillsync::upstream::install_crypto();
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("skillsync.db");
     let sim_token = CancellationToken::new();
     let _stop_sim = sim_token.clone().drop_guard();
     let sim = start_sim(&sim_token).await;
-    let toml = config_toml(&db, &sim.base_url(), FAST_FETCH, "").replace(
-        "reconcile_schedule = \"off\"",
-        "reconcile_schedule = \"* * * * * *\"",
-    );
-    assert!(toml.contains("\"* * * * * *\""), "{toml}");
-    let config = Config::from_toml(&toml, None).expect("valid config");
+    let mut settings = TestConfig::new(&db, &sim.base_url());
+    settings.acme().reconcile_schedule = "* * * * * *".into();
+    let config = settings.config();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let token = CancellationToken::new();
     let _stop_daemon = token.clone().drop_guard();
@@ -1219,7 +1226,7 @@ async fn complete_as_of_is_the_last_successful_start_when_nothing_is_pending() {
 
 #[tokio::test]
 async fn complete_as_of_is_earlier_while_an_announced_fetch_waits() {
-    let app = spawn_app_with(SLOW_RETRY_FETCH, "").await;
+    let app = spawn_app_with(|c| c.fetch = slow_retry_fetch()).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 2);
     assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);
@@ -1257,7 +1264,7 @@ async fn complete_as_of_is_earlier_while_an_announced_fetch_waits() {
 
 #[tokio::test]
 async fn complete_as_of_stays_before_a_change_the_run_found_but_has_not_fetched() {
-    let app = spawn_app_with(SLOW_RETRY_FETCH, "").await;
+    let app = spawn_app_with(|c| c.fetch = slow_retry_fetch()).await;
     let rec = reconciler(&app);
     app.sim.seed(DocType::Job, 2);
     assert!(reconcile_jobs_now(&app, Kind::Incremental, false).await);

@@ -17,21 +17,11 @@ use crate::helpers::*;
 const NEW_SECRET: &str = "acme-webhook-secret-2-rotated";
 
 /// The beta tenant on the same simulator, reconciling every 2 seconds.
-fn beta(sim_base: &str) -> String {
-    format!(
-        r#"
-[[tenant]]
-name = "beta"
-webhook_secrets = ["{SECRET_BETA}"]
-api_base = "{sim_base}"
-extraction_base = "{sim_base}"
-app_tenant = "acme-tenant"
-app_id = "acme-app"
-app_secret = "{APP_SECRET}"
-reconcile_schedule = "*/2 * * * * *"
-full_sweep_schedule = "off"
-"#
-    )
+fn beta(sim_base: &str) -> TenantSettings {
+    TenantSettings {
+        reconcile_schedule: "*/2 * * * * *".into(),
+        ..TenantSettings::new("beta", SECRET_BETA, sim_base)
+    }
 }
 
 struct Daemon {
@@ -72,16 +62,16 @@ impl Daemon {
 }
 
 /// `serve` (the binary) on a free port with a database and config in `dir`,
-/// once it answers `/healthz`; with the config text and the database path.
+/// once it answers `/healthz`; with its settings and the database path.
 async fn start_daemon(
     sim: &Simulator,
     dir: &std::path::Path,
-) -> (Daemon, String, std::path::PathBuf, u16) {
+) -> (Daemon, TestConfig, std::path::PathBuf) {
     let port = free_port();
     let db = dir.join("skillsync.db");
-    let base = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", port);
+    let base = TestConfig::new(&db, &sim.base_url()).on_port(port);
     let config = dir.join("skillsync.toml");
-    std::fs::write(&config, &base).expect("write config");
+    base.write(&config);
     let log = dir.join("serve.log");
     let d = Daemon {
         child: serve(&config, &log),
@@ -96,7 +86,7 @@ async fn start_daemon(
         async move { c.get(u).send().await.is_ok_and(|r| r.status() == 200) }
     })
     .await;
-    (d, base, db, port)
+    (d, base, db)
 }
 
 async fn post(client: &reqwest::Client, url: &str, secret: &str, body: String) -> (u16, i64) {
@@ -146,7 +136,7 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (d, base, db, _) = start_daemon(&sim, dir.path()).await;
+    let (d, base, db) = start_daemon(&sim, dir.path()).await;
     let client = reqwest::Client::new();
     let payload = |sim: &Simulator| {
         let id = sim.create(DocType::Job);
@@ -170,12 +160,9 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     );
 
     // 1. Both secrets listed: both accepted from the reload on.
-    let both = base.replace(
-        &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
-        &format!("webhook_secrets = [\"{SECRET_ACME}\", \"{NEW_SECRET}\"]"),
-    );
-    assert_ne!(both, base, "the test's config edit applies");
-    d.reload(&both, 1).await;
+    let mut both = base.clone();
+    both.acme().webhook_secrets.push(NEW_SECRET.into());
+    d.reload(&both.toml(), 1).await;
     assert_eq!(
         post(&client, &d.url, NEW_SECRET, payload(&sim)).await.0,
         200
@@ -188,14 +175,10 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // 2. The old secret removed and a tenant added.
-    let rotated = format!(
-        "{}{}",
-        base.replace(
-            &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
-            &format!("webhook_secrets = [\"{NEW_SECRET}\"]"),
-        ),
-        beta(&sim.base_url())
-    );
+    let mut rotated = base.clone();
+    rotated.acme().webhook_secrets = vec![NEW_SECRET.into()];
+    rotated.tenants.push(beta(&sim.base_url()));
+    let rotated = rotated.toml();
     d.reload(&rotated, 2).await;
     assert_eq!(
         post(&client, &d.url, SECRET_ACME, payload(&sim)).await.0,
@@ -212,7 +195,8 @@ async fn sighup_rotates_secrets_adds_a_tenant_and_keeps_the_old_config_on_a_brok
     let (status, beta_event) = post(&client, &d.url, SECRET_BETA, beta_body).await;
     assert_eq!(status, 200, "the added tenant's webhook");
 
-    // 3. A broken file: refused, the previous config keeps serving.
+    // 3. A broken file: refused, the previous config keeps serving. (Text,
+    // not settings: no typed value can be of the wrong type.)
     let broken = rotated.replacen("concurrency = 4", "concurrency = \"many\"", 1);
     assert_ne!(broken, rotated, "the test's config edit applies");
     d.reload(&broken, 3).await;
@@ -296,19 +280,14 @@ async fn a_reload_names_settings_that_need_a_restart_and_applies_the_rest_report
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (d, base, db, port) = start_daemon(&sim, dir.path()).await;
+    let (d, base, db) = start_daemon(&sim, dir.path()).await;
     let client = reqwest::Client::new();
     // Another listen port (needs a restart) and a new secret (does not).
     let other_port = free_port();
-    let next =
-        base.replace(
-            &format!("listen = \"127.0.0.1:{port}\""),
-            &format!("listen = \"127.0.0.1:{other_port}\""),
-        )
-        .replace(
-            &format!("webhook_secrets = [\"{SECRET_ACME}\"]"),
-            &format!("webhook_secrets = [\"{NEW_SECRET}\"]"),
-        ) + REPORTING_CHANGE;
+    let mut next = base.clone().on_port(other_port);
+    next.acme().webhook_secrets = vec![NEW_SECRET.into()];
+    next.sections = REPORTING_CHANGE.into();
+    let next = next.toml();
     let c = rusqlite::Connection::open(&db).expect("open");
     assert!(c.prepare("SELECT budget FROM job_report").is_err());
     d.reload(&next, 1).await;
@@ -370,9 +349,10 @@ async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
     let db = dir.path().join("skillsync.db");
     skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", JOBS, 2).expect("fill");
     let port = free_port();
-    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, REPORTING_CHANGE, port);
+    let mut settings = TestConfig::new(&db, &sim.base_url()).on_port(port);
+    settings.sections = REPORTING_CHANGE.into();
     let config = dir.path().join("skillsync.toml");
-    std::fs::write(&config, toml).expect("write config");
+    settings.write(&config);
     let log = dir.path().join("serve.log");
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
@@ -503,7 +483,7 @@ async fn sighup_starts_and_stops_the_audit_schedule() {
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (d, base, db, _) = start_daemon(&sim, dir.path()).await;
+    let (d, base, db) = start_daemon(&sim, dir.path()).await;
     let client = reqwest::Client::new();
     for _ in 0..5 {
         let id = sim.create(DocType::Job);
@@ -526,12 +506,10 @@ async fn sighup_starts_and_stops_the_audit_schedule() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(audits(&c), 0, "audit_schedule = \"off\": no audit");
 
-    let every_second = base.replace(
-        "audit_schedule = \"off\"",
-        "audit_schedule = \"*/1 * * * * *\"\naudit_sample = 3",
-    );
-    assert_ne!(every_second, base);
-    d.reload(&every_second, 1).await;
+    let mut every_second = base.clone();
+    every_second.acme().audit_schedule = "*/1 * * * * *".into();
+    every_second.acme().audit_sample = Some(3);
+    d.reload(&every_second.toml(), 1).await;
     wait_until(Duration::from_secs(20), "scheduled audits", || async {
         count(
             &c,
@@ -540,7 +518,7 @@ async fn sighup_starts_and_stops_the_audit_schedule() {
     })
     .await;
 
-    d.reload(&base, 2).await;
+    d.reload(&base.toml(), 2).await;
     // An audit that had started finishes; then none starts.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = audits(&c);

@@ -18,6 +18,9 @@ owner = "$.Owner.Name"
 hours = { path = "$.Hours", type = "integer" }
 "#;
 
+/// A `[reporting]` section adding one column, `budget`.
+const BUDGET_COLUMN: &str = "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n";
+
 /// Stores `n` jobs through webhooks and waits until they are mirrored.
 async fn mirror_jobs(app: &TestApp, ids: &[String]) {
     for s in app.notify_all(DocType::Job, ids, "updated").await {
@@ -55,7 +58,7 @@ fn rows(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<String>> {
 
 #[tokio::test]
 async fn report_views_type_the_simulators_documents_and_configured_columns() {
-    let app = spawn_app_with(FAST_FETCH, REPORTING).await;
+    let app = spawn_app_with(|c| c.sections = REPORTING.into()).await;
     let ids = app.sim.seed(DocType::Job, 4);
     let projects = app.sim.seed(DocType::Project, 2);
     // One job with the configured fields, spelled in other cases, and odd dates.
@@ -239,8 +242,9 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
     };
     let before = mirror(&app.db);
     let open = |extra: &str| {
-        let toml = config_toml(&app.db, &app.sim.base_url(), FAST_FETCH, extra);
-        let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
+        let mut settings = app.settings.clone();
+        settings.sections = extra.into();
+        let config = settings.config();
         skillsync::store::Store::open_with_report(
             &app.db,
             Duration::from_secs(5),
@@ -269,9 +273,7 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
         ),
         1
     );
-    drop(open(
-        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
-    ));
+    drop(open(BUDGET_COLUMN));
     let c = app.sql();
     assert_eq!(
         count(
@@ -296,18 +298,14 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
 #[tokio::test]
 async fn an_operator_command_with_another_reporting_config_never_rebuilds_under_serve() {
     // serve runs with an extra `budget` column.
-    let app = spawn_app_with(
-        FAST_FETCH,
-        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
-    )
-    .await;
+    let app = spawn_app_with(|c| c.sections = BUDGET_COLUMN.into()).await;
     let ids = app.sim.seed(DocType::Job, 3);
     mirror_jobs(&app, &ids).await;
     // `skillsync reconcile` with the default [reporting] (no budget) beside it.
     let plain = tempfile::NamedTempFile::new().expect("config file");
     std::fs::write(
         plain.path(),
-        config_toml(&app.db, &app.sim.base_url(), FAST_FETCH, ""),
+        TestConfig::new(&app.db, &app.sim.base_url()).toml(),
     )
     .expect("write config");
     app.sim.update(DocType::Job, &ids[0]);
@@ -382,13 +380,9 @@ async fn stage_history_outlives_pruned_history_through_a_column_change() {
         .expect("prune");
     }
     // A [reporting] column change rebuilds the value tables at the next start.
-    let toml = config_toml(
-        &app.db,
-        &app.sim.base_url(),
-        FAST_FETCH,
-        "[reporting.job]\nbudget = { path = \"$.Budget\", type = \"real\" }\n",
-    );
-    let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
+    let mut settings = app.settings.clone();
+    settings.sections = BUDGET_COLUMN.into();
+    let config = settings.config();
     drop(
         skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
             .await
@@ -450,8 +444,9 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
     assert!(lines.contains(&"stage_type = \"$.StageType\""), "{text}");
 
     // Pasted into the config as printed, they validate and become columns.
-    let toml = config_toml(&app.db, &app.sim.base_url(), FAST_FETCH, &lines.join("\n"));
-    std::fs::write(&app.config_path, &toml).expect("write config");
+    let mut pasted = app.settings.clone();
+    pasted.sections = lines.join("\n");
+    pasted.write(&app.config_path);
     let check = Command::new(env!("CARGO_BIN_EXE_skillsync"))
         .args(["check-config", "--config"])
         .arg(&app.config_path)
@@ -462,7 +457,7 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
+    let config = pasted.config();
     drop(
         skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
             .await

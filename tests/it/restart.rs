@@ -175,7 +175,7 @@ async fn restarts_under_load_lose_no_webhook() {
     let db = dir.path().join("skillsync.db");
     // server.listen is ignored: the passed socket wins.
     let config = dir.path().join("skillsync.toml");
-    std::fs::write(&config, config_toml(&db, &sim.base_url(), FAST_FETCH, "")).expect("config");
+    std::fs::write(&config, TestConfig::new(&db, &sim.base_url()).toml()).expect("config");
     // The socket a socket unit would hold: bound once, for every process.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!(

@@ -20,7 +20,7 @@ fn make_cert() -> (String, String) {
 }
 
 fn https_client(cert_pem: &str) -> reqwest::Client {
-    skillsync::upstream::install_crypto();
+    setup();
     reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap()])
         .timeout(Duration::from_secs(10))
@@ -37,16 +37,11 @@ fn write_tls_config(
 ) -> std::path::PathBuf {
     std::fs::write(dir.join("cert.pem"), cert).unwrap();
     std::fs::write(dir.join("key.pem"), key).unwrap();
-    let toml = config_toml(&dir.join("skillsync.db"), sim_base, FAST_FETCH, "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!(
-            "listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        ),
-    );
+    let mut settings = TestConfig::new(&dir.join("skillsync.db"), sim_base).on_port(port);
+    settings.server.tls_cert_file = Some(dir.join("cert.pem"));
+    settings.server.tls_key_file = Some(dir.join("key.pem"));
     let path = dir.join("skillsync.toml");
-    std::fs::write(&path, toml).unwrap();
+    settings.write(&path);
     path
 }
 
@@ -233,7 +228,7 @@ async fn socket_activation_uses_the_passed_socket() {
     // server.listen names a port nobody will use: the passed socket must win.
     let unused = free_port();
     let db = dir.path().join("skillsync.db");
-    let toml = config_toml_on_port(&db, &sim.base_url(), FAST_FETCH, "", unused);
+    let toml = TestConfig::new(&db, &sim.base_url()).on_port(unused).toml();
     let path = dir.path().join("skillsync.toml");
     std::fs::write(&path, toml).unwrap();
     let mut child = Command::new(activate)

@@ -20,7 +20,14 @@ use skillsync::store::{MIGRATIONS, SCHEMA_VERSION};
 use crate::helpers::*;
 
 /// Retries enough that the fixtures' failed attempts never make an event dead.
-const FETCH: &str = "concurrency = 4\ntimeout_secs = 2\nmax_attempts = 10\nretry_initial_secs = 0\nretry_max_secs = 1";
+/// The settings of an upgraded daemon: tenant `demo` (the fixtures' tenant)
+/// on `sim_base`, listening on `port`.
+fn settings(db: &Path, sim_base: &str, port: u16) -> TestConfig {
+    let mut c = TestConfig::new(db, sim_base).on_port(port);
+    c.fetch = FetchSettings::quick(4, 10);
+    c.acme().name = "demo".into();
+    c
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -130,17 +137,9 @@ async fn upgrade_from(version: i64) {
     std::fs::copy(fixture(&format!("schema-{version}.db")), &db).expect("copy fixture");
     let token = tokio_util::sync::CancellationToken::new();
     let sim = start_sim(&token).await;
-    let port = free_port();
     let config = dir.path().join("skillsync.toml");
-    std::fs::write(
-        &config,
-        config_toml_on_port(&db, &sim.base_url(), FETCH, "", port).replacen(
-            "name = \"acme\"",
-            "name = \"demo\"",
-            1,
-        ),
-    )
-    .expect("config");
+    let port = free_port();
+    settings(&db, &sim.base_url(), port).write(&config);
     let before = read_kept(&db);
     assert_eq!(before.pending.len(), 3, "the fixture's pending documents");
     let version_in = |db: &Path| -> i64 {
@@ -379,11 +378,9 @@ fn the_reverted_schema_6_is_refused_and_left_untouched() {
     std::fs::copy(fixture("schema-6-reverted.db"), &db).expect("copy fixture");
     let bytes = std::fs::read(&db).expect("read");
     let config = dir.path().join("skillsync.toml");
-    std::fs::write(
-        &config,
-        config_toml_on_port(&db, "http://127.0.0.1:9", FETCH, "", free_port()),
-    )
-    .expect("config");
+    let mut acme = settings(&db, "http://127.0.0.1:9", free_port());
+    acme.tenants[0].name = "acme".into();
+    acme.write(&config);
     let dry = skillsync(&["migrate", "--dry-run"], &db, &config);
     assert_eq!(dry.status.code(), Some(2), "{}", text(&dry));
     assert!(
@@ -428,15 +425,7 @@ fn migrate_runs_the_upgrade_and_refuses_beside_a_running_serve() {
     let db = dir.path().join("skillsync.db");
     std::fs::copy(fixture("schema-2.db"), &db).expect("copy fixture");
     let config = dir.path().join("skillsync.toml");
-    std::fs::write(
-        &config,
-        config_toml_on_port(&db, "http://127.0.0.1:9", FETCH, "", free_port()).replacen(
-            "name = \"acme\"",
-            "name = \"demo\"",
-            1,
-        ),
-    )
-    .expect("config");
+    settings(&db, "http://127.0.0.1:9", free_port()).write(&config);
     let migrate = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_skillsync"))
             .arg("migrate")

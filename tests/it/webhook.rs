@@ -48,13 +48,7 @@ async fn valid_event_is_committed_before_200() {
 /// store: concurrent events are all committed before their 200 and mirrored.
 #[tokio::test]
 async fn one_commit_per_event_mode_commits_every_event_before_200() {
-    let app = spawn_app_edited(FAST_FETCH, "", |toml| {
-        toml.replace(
-            "busy_timeout_ms = 1000",
-            "busy_timeout_ms = 1000\ngroup_commit = false",
-        )
-    })
-    .await;
+    let app = spawn_app_with(|c| c.database.group_commit = Some(false)).await;
     assert!(!app.config.database.group_commit);
     let ids = app.sim.seed(DocType::Job, 40);
     let payloads: Vec<Value> = ids
@@ -294,22 +288,21 @@ async fn oversized_body_gets_413_and_wrong_content_type_415() {
     assert_eq!(event_rows(&app), 0);
 }
 
-const BETA: &str = r#"
-[[tenant]]
-name = "beta"
-webhook_secrets = ["beta-webhook-secret-1", "beta-webhook-secret-rotated"]
-api_base = "http://127.0.0.1:9"
-extraction_base = "http://127.0.0.1:9"
-app_tenant = "beta-tenant"
-app_id = "beta-app"
-app_secret = "beta-app-secret"
-reconcile_schedule = "off"
-full_sweep_schedule = "off"
-"#;
+/// A second tenant, `beta`, with two webhook secrets (the second after a
+/// rotation) and an upstream nobody answers on.
+fn with_beta(c: &mut TestConfig) {
+    let mut beta = TenantSettings::new("beta", SECRET_BETA, "http://127.0.0.1:9");
+    beta.webhook_secrets
+        .push("beta-webhook-secret-rotated".into());
+    beta.app_tenant = "beta-tenant".into();
+    beta.app_id = "beta-app".into();
+    beta.app_secret = Some("beta-app-secret".into());
+    c.tenants.push(beta);
+}
 
 #[tokio::test]
 async fn two_tenants_on_one_path_are_routed_by_secret() {
-    let app = spawn_app_with(FAST_FETCH, BETA).await;
+    let app = spawn_app_with(with_beta).await;
     let id = uuid::Uuid::new_v4().to_string();
     let beta_payload = json!({"action": "updated", "document": {"type": "SkillsWorkflow.Job", "id": id, "url": format!("http://127.0.0.1:9/api/jobs/{id}")}});
     for secret in [SECRET_BETA, "beta-webhook-secret-rotated"] {
@@ -337,7 +330,7 @@ async fn two_tenants_on_one_path_are_routed_by_secret() {
 
 #[tokio::test]
 async fn tenant_path_refuses_another_tenants_secret() {
-    let app = spawn_app_with(FAST_FETCH, BETA).await;
+    let app = spawn_app_with(with_beta).await;
     let id = app.sim.create(DocType::Job);
     let p = job_payload(&app, &id);
     let (s, _) = app.post("/beta", Some(SECRET_ACME), &p).await;
