@@ -43,7 +43,7 @@ use crate::config::Config;
 use crate::health::{Health, PROBE_INTERVAL};
 use crate::http::{WebhookState, metrics_routes, routes};
 use crate::server::{self, Limits};
-use crate::store::report::ReportRole;
+use crate::store::ReportRole;
 use crate::store::run_blocking;
 
 /// Binds `server.metrics_listen` (`None` when it is "off"); the error names the key.

@@ -69,7 +69,7 @@ async fn wait_for(
     store: &Store,
     what: &str,
     deadline: Duration,
-    pred: impl Fn(&[crate::store::status::StatusRow]) -> bool,
+    pred: impl Fn(&[crate::store::StatusRow]) -> bool,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
@@ -85,9 +85,9 @@ async fn wait_for(
 }
 
 fn count(
-    rows: &[crate::store::status::StatusRow],
+    rows: &[crate::store::StatusRow],
     ty: DocType,
-    f: impl Fn(&crate::store::status::StatusRow) -> i64,
+    f: impl Fn(&crate::store::StatusRow) -> i64,
 ) -> i64 {
     rows.iter()
         .filter(|r| r.tenant == TENANT && r.doc_type == ty.as_str())
@@ -130,7 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         config.server.webhook_path
     );
     let daemon = tokio::spawn(crate::run(config.clone(), listener, token.clone()));
-    let store = crate::app::open_store(&config, crate::store::report::ReportRole::Follower).await?;
+    let store = crate::app::open_store(&config, crate::store::ReportRole::Follower).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
     if daemon.is_finished() {
         return daemon

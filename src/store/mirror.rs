@@ -159,7 +159,7 @@ impl Store {
         // Any outbox row (a trigger: a new revision, or an undeletion even
         // when unchanged or stale) committed with the change: wake the PostgreSQL sink.
         if outcome.is_ok() {
-            self.inner.outbox_wake.notify();
+            self.inner.outbox_signal.notify();
         }
         outcome
     }
@@ -211,7 +211,7 @@ impl Store {
         })
         .await;
         if matches!(outcome, Ok(GoneOutcome::Marked)) {
-            self.inner.outbox_wake.notify();
+            self.inner.outbox_signal.notify();
         }
         outcome
     }

@@ -20,16 +20,31 @@
 //! `backup` (the online copy behind `skillsync backup`), `audit` (the
 //! accuracy audit's sample, refetches and `audits` rows).
 
-pub mod audit;
-pub mod backup;
-pub mod mirror;
-pub mod outbox;
-pub mod queue;
-pub mod report;
-pub mod retention;
-pub mod status;
-pub mod sync;
-pub mod upgrade;
+mod audit;
+mod backup;
+mod mirror;
+mod outbox;
+mod queue;
+mod read_only;
+mod report;
+mod retention;
+mod status;
+mod sync;
+mod upgrade;
+
+pub use audit::{AuditCounts, AuditRow, MirrorView, Sample, SamplePlan};
+pub use backup::{
+    Done as BackupDone, Progress as BackupProgress, backup, reporter as backup_reporter,
+};
+pub use mirror::{FetchedDoc, GoneOutcome, SampleRow, StoreOutcome, fill_synthetic_jobs};
+pub use outbox::{DocRow, HistoryRow, Lag, OutboxBatch, OutboxSignal, QueueRow, RunRow, SinkState};
+pub use queue::{FailureResult, FetchFailure, NewEvent};
+pub use read_only::ReadOnlyStore;
+pub use report::{RebuildReason, RebuildState, ReportRole, ReportWork};
+pub use retention::Aged;
+pub use status::{MetricsSnapshot, StatusRow, Throttling};
+pub use sync::{Finished, MirrorState, PageState, RunCounts, RunEnd, RunRef};
+pub use upgrade::{PlannedMigration, Rows, UpgradePlan, plan as upgrade_plan};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -172,7 +187,7 @@ struct Inner {
     /// whose `[reporting]` differs from the tables'; see [`report::ReportRole`]).
     report: ReportSlot,
     /// Wakes the PostgreSQL sink after a mirror change commits (see [`outbox`]).
-    outbox_wake: Arc<outbox::Wake>,
+    outbox_signal: Arc<outbox::OutboxSignal>,
     /// Dropped with the store, which stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
@@ -347,23 +362,10 @@ impl Store {
                 report: Arc::new(std::sync::RwLock::new(
                     record_values.then(|| Arc::new(report)),
                 )),
-                outbox_wake: Arc::default(),
+                outbox_signal: Arc::default(),
                 _checkpointer: checkpointer,
             }),
         })
-    }
-
-    /// Opens an existing database for reading only (used by `status`); never
-    /// creates the file or runs migrations, and refuses a too-new schema.
-    pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
-        let (conn, version) = open_read_only_versioned(path)?;
-        if version == 0 {
-            return Err(StoreError::Other(format!(
-                "{} is not a skillsync database (no schema)",
-                path.display()
-            )));
-        }
-        Ok(conn)
     }
 
     /// The database file's path.
@@ -373,7 +375,7 @@ impl Store {
 
     /// Runs `f` on the writer inside the current batch's transaction (in a
     /// savepoint of its own) and resolves once the batch is committed.
-    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -384,7 +386,7 @@ impl Store {
     /// [`Store::write`] for a write that is exactly one SQL statement: SQLite
     /// undoes a failed statement by itself, so it needs no savepoint (two
     /// statements of the writer's time per write, a third of an inbox insert).
-    pub(crate) async fn write_one<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn write_one<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -392,7 +394,36 @@ impl Store {
         self.submit(f, false).await
     }
 
+    /// [`Store::write`] for a plain thread outside the runtime (the
+    /// PostgreSQL sink's): it blocks that thread until the batch is
+    /// committed. Never call it on a runtime thread (tokio panics there).
+    fn write_blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.enqueue(f, true)?
+            .blocking_recv()
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
     async fn submit<R, F>(&self, f: F, savepoint: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.enqueue(f, savepoint)?
+            .await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// Hands `f` to the writer (refused at once when its queue is full);
+    /// the receiver yields `f`'s result once its batch committed.
+    fn enqueue<R, F>(
+        &self,
+        f: F,
+        savepoint: bool,
+    ) -> Result<oneshot::Receiver<Result<R, StoreError>>, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -421,12 +452,11 @@ impl Store {
                     StoreError::Unavailable("database writer has stopped".into())
                 }
             })?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+        Ok(rx)
     }
 
     /// Runs `f` with a pooled connection on a blocking thread.
-    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,

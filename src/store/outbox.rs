@@ -1,30 +1,54 @@
-//! The SQLite side of the PostgreSQL mirror: the outbox (`pg_outbox`, filled
-//! by triggers in the same transaction as every revision or `deleted_at`
-//! change, see migration 004), the sink's bookkeeping row (`pg_sink`), the
-//! database's identity, and the reads the sink and `postgres-check` make.
+//! The SQLite side of the PostgreSQL mirror: the outbox (`pg_outbox`), the
+//! sink's bookkeeping row (`pg_sink`), the database's identity, and the
+//! reads the sink and `postgres-check` make.
 //!
-//! The reads are plain functions over a [`Connection`] because their callers
-//! are blocking threads with their own read-only connection (the sink's
-//! thread, `postgres-check`); writes go through the store's writer.
-//! Nothing here knows about PostgreSQL.
+//! **The outbox is written by triggers, not by this code.** Migration 004
+//! created the four triggers named in [`OUTBOX_TRIGGERS`]: while `pg_sink`
+//! has its row (the sink was switched on), every insert into `jobs` /
+//! `projects`, and every update that changes a row's `revision` or
+//! `deleted_at`, appends `(doc_type, tenant, id, revision, changed_at)` to
+//! `pg_outbox` in the same transaction as the change. So no Rust code
+//! appends to the outbox: the mirror's writes (`store::mirror`, the
+//! reconciliation's deletions in `store::sync`) cannot forget to, and a
+//! change and its outbox row commit or roll back together. What the Rust
+//! code relies on: (1) a change is in the outbox once its commit returns
+//! (the writer then calls [`OutboxSignal::notify`]); (2) nothing is
+//! appended while the sink is off ([`Store::pg_switch_off`] deletes the
+//! `pg_sink` row); (3) `seq` (AUTOINCREMENT) is never given out twice, which
+//! the lineage check's fingerprints ([`ReadOnlyStore::tip`]) depend on. A
+//! test checks the triggers exist under these names on a new database.
+//!
+//! The reads are [`ReadOnlyStore`] methods because their callers are
+//! blocking threads with their own read-only connection (the sink's thread,
+//! `postgres-check`); writes go through the store's writer, the sink's in
+//! blocking form (its thread is not a runtime thread). Nothing here knows
+//! about PostgreSQL.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Store, StoreError};
+use super::{ReadOnlyStore, Store, StoreError};
 use crate::model::DocType;
+
+/// The triggers (migration 004) that append to `pg_outbox`: see the module doc.
+pub(crate) const OUTBOX_TRIGGERS: [&str; 4] = [
+    "jobs_pg_outbox_insert",
+    "jobs_pg_outbox_update",
+    "projects_pg_outbox_insert",
+    "projects_pg_outbox_update",
+];
 
 /// Wakes the sink after a commit that may have appended to the outbox.
 /// A counter under a mutex, so a wake-up between two waits is never lost.
 #[derive(Default)]
-pub struct Wake {
+pub struct OutboxSignal {
     changes: Mutex<u64>,
     signal: Condvar,
 }
 
-impl Wake {
+impl OutboxSignal {
     /// Says something was committed.
     pub fn notify(&self) {
         if let Ok(mut n) = self.changes.lock() {
@@ -33,7 +57,7 @@ impl Wake {
         }
     }
 
-    /// The current change count (pass it to [`Wake::wait`]).
+    /// The current change count (pass it to [`OutboxSignal::wait`]).
     pub fn seen(&self) -> u64 {
         self.changes.lock().map(|n| *n).unwrap_or(0)
     }
@@ -115,7 +139,7 @@ pub struct QueueRow {
 pub struct OutboxBatch {
     /// The highest seq read (the cursor after this batch); 0 when empty.
     pub last_seq: i64,
-    /// The fingerprint of the outbox row at `last_seq` (see [`tip`]).
+    /// The fingerprint of the outbox row at `last_seq` (see [`ReadOnlyStore::tip`]).
     pub last_tip: Option<String>,
     /// Outbox rows read (before collapsing).
     pub changes: usize,
@@ -182,7 +206,7 @@ fn read_rows<T>(
 }
 
 /// The sink's state: identity, switch-on point, acknowledged seq.
-pub fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
+fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
     let database_id: Option<String> = c
         .query_row(
             "SELECT value FROM daemon_state WHERE key = 'database_id'",
@@ -219,7 +243,7 @@ fn fingerprint(seq: i64, ty: &str, tenant: &str, id: &str, revision: i64, at: &s
 /// The fingerprint of the outbox row at `seq`; `{seq}:-` when it is not in
 /// the outbox (pruned after PostgreSQL acknowledged it, or never written: a
 /// seq is never given out twice, so its absence is as stable as a row).
-pub fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
+fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
     Ok(c.query_row(
         "SELECT doc_type, tenant, id, revision, changed_at FROM pg_outbox WHERE seq = ?1",
         [seq],
@@ -244,13 +268,30 @@ pub fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
 const PROBLEM_KEY: &str = "pg_sink_problem";
 
 /// Why the PostgreSQL copy is not following, if the sink said so.
-pub fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
+fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
     Ok(c.query_row(
         "SELECT value FROM daemon_state WHERE key = ?1",
         [PROBLEM_KEY],
         |r| r.get(0),
     )
     .optional()?)
+}
+
+/// Refuses to switch the outbox on when its triggers are gone (a database
+/// edited by hand): the sink would follow an outbox that never fills.
+fn check_triggers(c: &Connection) -> Result<(), StoreError> {
+    let found: i64 = c.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN (?1, ?2, ?3, ?4)",
+        OUTBOX_TRIGGERS,
+        |r| r.get(0),
+    )?;
+    if found != OUTBOX_TRIGGERS.len() as i64 {
+        return Err(StoreError::Other(format!(
+            "the database lacks the triggers that fill the PostgreSQL outbox ({}; migration 004): no change would reach PostgreSQL",
+            OUTBOX_TRIGGERS.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn max_seq(c: &Connection) -> Result<i64, StoreError> {
@@ -265,7 +306,7 @@ fn max_seq(c: &Connection) -> Result<i64, StoreError> {
 
 /// Reads the outbox after `after` (up to `limit` rows) and the current rows
 /// and history they name, in one read transaction.
-pub fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
     c.execute_batch("BEGIN")?;
     let r = outbox_batch_in(c, after, limit);
     let _ = c.execute_batch("COMMIT");
@@ -330,7 +371,7 @@ fn outbox_batch_in(c: &Connection, after: i64, limit: usize) -> Result<OutboxBat
 
 /// Up to `limit` rows of a mirror table after `after` in (tenant, id) order
 /// (the backfill and `postgres-check` page through the tables with it).
-pub fn mirror_page(
+fn mirror_page(
     c: &Connection,
     ty: DocType,
     after: Option<&(String, String)>,
@@ -351,7 +392,7 @@ pub fn mirror_page(
 }
 
 /// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
-pub fn history_page(
+fn history_page(
     c: &Connection,
     after_rowid: i64,
     limit: usize,
@@ -382,7 +423,7 @@ pub fn history_page(
 }
 
 /// `sync_runs` rows with `id >= floor`.
-pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
+fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
     read_rows(
         c,
         "SELECT id, tenant, doc_type, kind, started_at, finished_at, status, listed, enqueued,
@@ -410,7 +451,7 @@ pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError>
 }
 
 /// The highest `sync_runs` id (0 when none).
-pub fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
+fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
     Ok(
         c.query_row("SELECT coalesce(max(id), 0) FROM sync_runs", [], |r| {
             r.get(0)
@@ -419,7 +460,7 @@ pub fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
 }
 
 /// The queue figures of `sync_status`, per tenant and type.
-pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
+fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
     read_rows(
         c,
         "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
@@ -443,7 +484,7 @@ pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
 }
 
 /// When the oldest change after `seq` was written (`None` when none waits).
-pub fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
+fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
     Ok(c.query_row(
         "SELECT changed_at FROM pg_outbox WHERE seq > ?1 ORDER BY seq LIMIT 1",
         [seq],
@@ -453,7 +494,7 @@ pub fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, S
 }
 
 /// The sink's lag, or `None` when no sink was ever switched on for this database.
-pub fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
+fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
     let sink: Option<(i64, Option<String>)> = c
         .query_row(
             "SELECT acked_seq, target FROM pg_sink WHERE id = 1",
@@ -476,17 +517,90 @@ pub fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
     }))
 }
 
+impl ReadOnlyStore {
+    /// The sink's state: identity, switch-on point, acknowledged seq.
+    pub fn sink_state(&self) -> Result<SinkState, StoreError> {
+        sink_state(&self.conn)
+    }
+
+    /// The fingerprint of the outbox change at `seq` (the lineage check's):
+    /// `{seq}:-` when it is not in the outbox (pruned after PostgreSQL
+    /// acknowledged it, or never written).
+    pub fn tip(&self, seq: i64) -> Result<String, StoreError> {
+        tip(&self.conn, seq)
+    }
+
+    /// Why the PostgreSQL copy is not following, if the sink said so.
+    pub fn sink_problem(&self) -> Result<Option<String>, StoreError> {
+        sink_problem(&self.conn)
+    }
+
+    /// The outbox after `after` (up to `limit` rows), collapsed to one
+    /// current row per document, with the history rows it names; read in
+    /// one read transaction.
+    pub fn outbox_batch(&self, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+        outbox_batch(&self.conn, after, limit)
+    }
+
+    /// Up to `limit` rows of a mirror table after `after` in (tenant, id)
+    /// order (the backfill and `postgres-check` page through the tables).
+    pub fn mirror_page(
+        &self,
+        ty: DocType,
+        after: Option<&(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<DocRow>, StoreError> {
+        mirror_page(&self.conn, ty, after, limit)
+    }
+
+    /// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
+    pub fn history_page(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, HistoryRow)>, StoreError> {
+        history_page(&self.conn, after_rowid, limit)
+    }
+
+    /// `sync_runs` rows with `id >= floor`.
+    pub fn runs_since(&self, floor: i64) -> Result<Vec<RunRow>, StoreError> {
+        runs_since(&self.conn, floor)
+    }
+
+    /// The highest `sync_runs` id (0 when none).
+    pub fn max_run_id(&self) -> Result<i64, StoreError> {
+        max_run_id(&self.conn)
+    }
+
+    /// The queue figures of `sync_status`, per tenant and type.
+    pub fn queue_rows(&self) -> Result<Vec<QueueRow>, StoreError> {
+        queue_rows(&self.conn)
+    }
+
+    /// When the oldest change after `seq` was written (`None` when none waits).
+    pub fn oldest_change_after(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        oldest_change_after(&self.conn, seq)
+    }
+
+    /// The sink's lag, or `None` when no sink was ever switched on here.
+    pub fn lag(&self) -> Result<Option<Lag>, StoreError> {
+        lag(&self.conn)
+    }
+}
+
 impl Store {
     /// The commit signal the PostgreSQL sink waits on.
-    pub fn outbox_wake(&self) -> Arc<Wake> {
-        self.inner.outbox_wake.clone()
+    pub fn outbox_signal(&self) -> Arc<OutboxSignal> {
+        self.inner.outbox_signal.clone()
     }
 
     /// Switches the outbox on (idempotent): from the next change on, every
-    /// revision or `deleted_at` change appends a row. Records the target
-    /// (never a password) for `status`.
-    pub async fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
-        self.write(move |c| {
+    /// revision or `deleted_at` change appends a row ([`OUTBOX_TRIGGERS`]).
+    /// Records the target (never a password) for `status`. Blocking, for
+    /// the sink's thread (never a runtime thread).
+    pub fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
+        self.write_blocking(move |c| {
+            check_triggers(c)?;
             let next = max_seq(c)? + 1;
             c.execute(
                 "INSERT INTO pg_sink (id, since_seq, acked_seq, target) VALUES (1, ?1, ?2, ?3)
@@ -495,7 +609,6 @@ impl Store {
             )?;
             sink_state(c)
         })
-        .await
     }
 
     /// Switches the outbox off and empties it (`serve` without `[postgres]`),
@@ -512,9 +625,9 @@ impl Store {
     }
 
     /// Records that PostgreSQL holds every change up to `seq` and prunes
-    /// the outbox up to there (never further).
-    pub async fn pg_ack(&self, seq: i64, now: String) -> Result<(), StoreError> {
-        self.write(move |c| {
+    /// the outbox up to there (never further). Blocking, for the sink's thread.
+    pub fn pg_ack(&self, seq: i64, now: String) -> Result<(), StoreError> {
+        self.write_blocking(move |c| {
             c.prepare_cached(
                 "UPDATE pg_sink SET acked_seq = max(acked_seq, ?1), acked_at = ?2 WHERE id = 1",
             )?
@@ -525,13 +638,12 @@ impl Store {
             .execute([seq])?;
             Ok(())
         })
-        .await
     }
 
     /// Records why the PostgreSQL copy is not following (`None`: it follows
-    /// again), for `status`.
-    pub async fn pg_set_problem(&self, problem: Option<String>) -> Result<(), StoreError> {
-        self.write(move |c| {
+    /// again), for `status`. Blocking, for the sink's thread.
+    pub fn pg_set_problem(&self, problem: Option<String>) -> Result<(), StoreError> {
+        self.write_blocking(move |c| {
             match problem {
                 Some(p) => c.execute(
                     "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
@@ -542,7 +654,6 @@ impl Store {
             };
             Ok(())
         })
-        .await
     }
 
     /// The sink's lag (for `/metrics`).

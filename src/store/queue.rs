@@ -34,7 +34,7 @@ pub struct NewEvent {
 
 /// How a failed fetch is to be settled.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub struct FetchFailure {
     pub class: ErrorClass,
     pub message: String,
     /// When to try again if the document is not dead.
@@ -494,7 +494,7 @@ impl Store {
     pub async fn finish_failed(
         &self,
         claim: Claim,
-        f: Failure,
+        f: FetchFailure,
         now: DateTime<Utc>,
     ) -> Result<FailureResult, StoreError> {
         self.write(move |c| {

@@ -159,7 +159,7 @@ pub async fn spawn_app_edited(
         metrics_listener,
         token.clone(),
     ));
-    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+    let store = skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
         .await
         .expect("open store");
     TestApp {
@@ -302,8 +302,8 @@ pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
 }
 
 /// An `updated` webhook for job `id` of tenant acme, as the handler records it.
-pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::queue::NewEvent {
-    skillsync::store::queue::NewEvent {
+pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::NewEvent {
+    skillsync::store::NewEvent {
         tenant: "acme".into(),
         received_at: chrono::Utc::now(),
         action: "updated".into(),
@@ -315,7 +315,7 @@ pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::queue::New
 }
 
 /// Job `id` as the simulator serves it now, as a fetch would store it.
-pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::mirror::FetchedDoc {
+pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::FetchedDoc {
     let d = app
         .sim
         .documents(DocType::Job)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use skillsync::config::Config;
 use skillsync::model::DocType;
-use skillsync::pgmirror::check::{Report, compare};
+use skillsync::pgmirror::check::{Comparison, compare};
 use skillsync::pgmirror::{PostgresConfig, sink};
 use skillsync::simulator::Simulator;
 use tokio::net::TcpListener;
@@ -115,7 +115,7 @@ async fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) ->
 }
 
 /// `postgres-check`'s comparison, with the default `[reporting]`.
-async fn check(db: &Path, pg: &PostgresConfig) -> Report {
+async fn check(db: &Path, pg: &PostgresConfig) -> Comparison {
     check_with(db, pg, &skillsync::reporting::ReportingConfig::default()).await
 }
 
@@ -123,14 +123,14 @@ async fn check_with(
     db: &Path,
     pg: &PostgresConfig,
     reporting: &skillsync::reporting::ReportingConfig,
-) -> Report {
+) -> Comparison {
     let (db, pg) = (db.to_path_buf(), pg.clone());
     let spec = skillsync::reporting::ReportSpec::new(reporting);
     on_thread(move || compare(&db, &pg, &spec).expect("postgres-check comparison ran")).await
 }
 
 /// Waits until PostgreSQL equals SQLite (by `postgres-check`'s comparison).
-async fn wait_equal(db: &Path, pg: &PostgresConfig, timeout: Duration) -> Report {
+async fn wait_equal(db: &Path, pg: &PostgresConfig, timeout: Duration) -> Comparison {
     let start = Instant::now();
     loop {
         let r = check(db, pg).await;
@@ -1054,12 +1054,12 @@ async fn property_case(server: &Server, ops: Vec<Op>) {
     )
     .expect("config");
     let pg = config.postgres.clone().expect("postgres");
-    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+    let store = skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
         .await
         .expect("store");
     let spec = skillsync::reporting::ReportSpec::new(&config.reporting);
-    let handle = tokio::runtime::Handle::current();
-    let sink = on_thread(move || sink::start(pg, store, spec, handle).expect("sink")).await;
+    // Started from a runtime thread: the sink's thread needs no runtime.
+    let sink = sink::start(pg, store, spec).expect("sink");
     let pg = config.postgres.clone().expect("postgres");
     let ids: Vec<String> = (0..8).map(|_| sim.create(DocType::Job)).collect();
     let mut known = vec![false; ids.len()];

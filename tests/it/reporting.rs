@@ -246,7 +246,7 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
             Duration::from_secs(5),
             true,
             skillsync::reporting::ReportSpec::new(&config.reporting),
-            skillsync::store::report::ReportRole::Owner,
+            skillsync::store::ReportRole::Owner,
         )
         .expect("open")
     };
@@ -390,7 +390,7 @@ async fn stage_history_outlives_pruned_history_through_a_column_change() {
     );
     let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
     drop(
-        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+        skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
             .await
             .expect("open"),
     );
@@ -464,7 +464,7 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
     );
     let config = skillsync::config::Config::from_toml(&toml, None).expect("config");
     drop(
-        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+        skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
             .await
             .expect("open"),
     );
