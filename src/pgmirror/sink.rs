@@ -46,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::model::{DocType, RunStatus};
 use crate::reporting::{ColumnType, ReportSpec, Typed};
 use crate::store::{
-    DocRow, HistoryRow, OutboxBatch, OutboxSignal, QueueRow, ReadOnlyStore, RunRow, SinkState,
+    DocRow, HistoryRow, OutboxBatch, OutboxSignal, ReadOnlyStore, RunRow, SinkState, StatusRow,
     Store,
 };
 
@@ -961,9 +961,10 @@ impl Sink {
         &self,
         sqlite: &ReadOnlyStore,
         last: &StatusCopy,
-    ) -> Result<(Vec<RunRow>, Vec<QueueRow>), SessionError> {
+    ) -> Result<(Vec<RunRow>, Vec<StatusRow>), SessionError> {
         let runs = sqlite.runs_since(last.runs_floor)?;
-        let queue = sqlite.queue_rows()?;
+        // The queue side of `sync_status` (what only SQLite knows).
+        let queue = sqlite.status_rows()?;
         Ok((runs, queue))
     }
 
@@ -971,7 +972,7 @@ impl Sink {
         &self,
         tx: &mut Transaction<'_>,
         runs: &[RunRow],
-        queue: &[QueueRow],
+        queue: &[StatusRow],
         sqlite: &ReadOnlyStore,
         copied_to: i64,
     ) -> Result<(), SessionError> {

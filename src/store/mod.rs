@@ -18,7 +18,15 @@
 //! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
 //! `upgrade` (what opening a database would migrate or rebuild, read-only),
 //! `backup` (the online copy behind `skillsync backup`), `audit` (the
-//! accuracy audit's sample, refetches and `audits` rows).
+//! accuracy audit's sample, refetches and `audits` rows), `read_only`
+//! ([`ReadOnlyStore`], an existing database opened read-only for the
+//! read-only commands and the PostgreSQL sink's thread).
+//!
+//! The submodules are private and no `rusqlite` type leaves this module:
+//! callers get [`Store`] (its async methods, and the few blocking ones the
+//! sink's thread calls), [`ReadOnlyStore`] and the row and outcome types
+//! re-exported below. `Store::read` and `Store::write` take closures
+//! over a connection, so they stay private to the store.
 
 mod audit;
 mod backup;
@@ -37,7 +45,7 @@ pub use backup::{
     Done as BackupDone, Progress as BackupProgress, backup, reporter as backup_reporter,
 };
 pub use mirror::{FetchedDoc, GoneOutcome, SampleRow, StoreOutcome, fill_synthetic_jobs};
-pub use outbox::{DocRow, HistoryRow, Lag, OutboxBatch, OutboxSignal, QueueRow, RunRow, SinkState};
+pub use outbox::{DocRow, HistoryRow, Lag, OutboxBatch, OutboxSignal, RunRow, SinkState};
 pub use queue::{FailureResult, FetchFailure, NewEvent};
 pub use read_only::ReadOnlyStore;
 pub use report::{RebuildReason, RebuildState, ReportRole, ReportWork};
@@ -281,7 +289,7 @@ impl Store {
     }
 
     /// [`Store::open_with`], with the report views built for `report` (the
-    /// `[reporting]` config): see [`report`].
+    /// `[reporting]` config): see the store's `report` module.
     pub fn open_with_report(
         path: &Path,
         busy_timeout: Duration,

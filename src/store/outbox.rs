@@ -118,21 +118,6 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-/// The queue side of `sync_status` for one tenant and type (what only
-/// SQLite knows: events and fetches waiting).
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueRow {
-    pub tenant: String,
-    pub doc_type: String,
-    pub pending_events: i64,
-    pub queued_fetches: i64,
-    pub retrying_fetches: i64,
-    pub dead_events: i64,
-    pub dead_documents: i64,
-    pub oldest_pending_at: Option<String>,
-    pub complete_as_of: Option<String>,
-}
-
 /// Changes to send: the outbox rows after a cursor, collapsed to one current
 /// row per document, with the history rows they name.
 #[derive(Debug, Default)]
@@ -459,30 +444,6 @@ fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
     )
 }
 
-/// The queue figures of `sync_status`, per tenant and type.
-fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
-    read_rows(
-        c,
-        "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
-                dead_documents, oldest_pending_at, complete_as_of
-         FROM sync_status ORDER BY tenant, doc_type",
-        [],
-        |r| {
-            Ok(QueueRow {
-                tenant: r.get(0)?,
-                doc_type: r.get(1)?,
-                pending_events: r.get(2)?,
-                queued_fetches: r.get(3)?,
-                retrying_fetches: r.get(4)?,
-                dead_events: r.get(5)?,
-                dead_documents: r.get(6)?,
-                oldest_pending_at: r.get(7)?,
-                complete_as_of: r.get(8)?,
-            })
-        },
-    )
-}
-
 /// When the oldest change after `seq` was written (`None` when none waits).
 fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
     Ok(c.query_row(
@@ -572,11 +533,6 @@ impl ReadOnlyStore {
         max_run_id(&self.conn)
     }
 
-    /// The queue figures of `sync_status`, per tenant and type.
-    pub fn queue_rows(&self) -> Result<Vec<QueueRow>, StoreError> {
-        queue_rows(&self.conn)
-    }
-
     /// When the oldest change after `seq` was written (`None` when none waits).
     pub fn oldest_change_after(&self, seq: i64) -> Result<Option<String>, StoreError> {
         oldest_change_after(&self.conn, seq)
@@ -595,7 +551,7 @@ impl Store {
     }
 
     /// Switches the outbox on (idempotent): from the next change on, every
-    /// revision or `deleted_at` change appends a row ([`OUTBOX_TRIGGERS`]).
+    /// revision or `deleted_at` change appends a row (the triggers `OUTBOX_TRIGGERS` names).
     /// Records the target (never a password) for `status`. Blocking, for
     /// the sink's thread (never a runtime thread).
     pub fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
@@ -659,5 +615,83 @@ impl Store {
     /// The sink's lag (for `/metrics`).
     pub async fn pg_lag(&self) -> Result<Option<Lag>, StoreError> {
         self.read(lag).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The triggers that fill the outbox on a new database are exactly the
+    /// ones [`OUTBOX_TRIGGERS`] names (the Rust code relies on them).
+    #[test]
+    fn the_outbox_is_filled_by_the_named_triggers() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        drop(Store::open(&path, Duration::from_secs(5))?);
+        let c = Connection::open(&path)?;
+        let mut names: Vec<String> = c
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND sql LIKE '%INSERT INTO pg_outbox%' ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let mut want: Vec<String> = OUTBOX_TRIGGERS.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(names, want);
+        Ok(())
+    }
+
+    /// The sink's whole round (switch on, read a batch, acknowledge) works
+    /// from a plain thread with no tokio runtime anywhere: the reads through
+    /// a [`ReadOnlyStore`], the writes blocking on the writer.
+    #[test]
+    fn the_sink_round_needs_no_runtime() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, Duration::from_secs(5))?;
+        let state = store.pg_switch_on("pg.example/reports/skillsync".into())?;
+        assert_eq!(state.max_seq, 0);
+        // Three jobs written by another connection: the triggers fill the outbox.
+        super::super::fill_synthetic_jobs(&path, "acme", 3, 1)?;
+        let reader = ReadOnlyStore::of(&store)?;
+        let batch = reader.outbox_batch(0, 100)?;
+        assert_eq!((batch.changes, batch.docs.len()), (3, 3));
+        assert_eq!(batch.history.len(), 3);
+        assert_eq!(reader.lag()?.map(|l| l.rows), Some(3));
+        assert_eq!(
+            reader.tip(batch.last_seq)?,
+            batch.last_tip.clone().unwrap_or_default()
+        );
+        store.pg_ack(batch.last_seq, crate::model::now_ts())?;
+        assert_eq!(reader.lag()?.map(|l| l.rows), Some(0));
+        assert_eq!(reader.outbox_batch(batch.last_seq, 100)?.changes, 0);
+        // The change at the acknowledged seq is pruned: its fingerprint says so.
+        assert_eq!(reader.tip(batch.last_seq)?, format!("{}:-", batch.last_seq));
+        store.pg_set_problem(Some("copying".into()))?;
+        assert_eq!(reader.sink_problem()?.as_deref(), Some("copying"));
+        store.pg_set_problem(None)?;
+        assert_eq!(reader.sink_problem()?, None);
+        Ok(())
+    }
+
+    /// A database whose outbox triggers were dropped (edited by hand) is
+    /// refused at switch-on, naming the triggers, instead of feeding a sink
+    /// that would never see a change.
+    #[test]
+    fn switching_on_without_the_triggers_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, Duration::from_secs(5))?;
+        Connection::open(&path)?.execute_batch("DROP TRIGGER jobs_pg_outbox_update")?;
+        let e = store
+            .pg_switch_on("t".into())
+            .err()
+            .ok_or("switched on without its triggers")?;
+        assert!(e.to_string().contains("jobs_pg_outbox_update"), "{e}");
+        let reader = ReadOnlyStore::of(&store)?;
+        assert_eq!(reader.lag()?, None, "the outbox was not switched on");
+        Ok(())
     }
 }

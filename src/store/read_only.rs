@@ -88,3 +88,49 @@ impl ReadOnlyStore {
         super::report::for_each_live_document(&self.conn, ty, f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_file_is_an_error_and_is_not_created() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("missing.db");
+        let e = ReadOnlyStore::open(&path)
+            .err()
+            .ok_or("opened a missing file")?;
+        assert!(e.to_string().contains("missing.db"), "{e}");
+        assert!(!path.exists(), "a read-only open created the file");
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_without_a_schema_is_not_a_skillsync_database()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("other.db");
+        Connection::open(&path)?.execute_batch("CREATE TABLE t (x)")?;
+        let e = ReadOnlyStore::open(&path)
+            .err()
+            .ok_or("opened a foreign file")?;
+        assert!(e.to_string().contains("not a skillsync database"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_database_reads_empty() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("new.db");
+        let store = Store::open(&path, std::time::Duration::from_secs(5))?;
+        let db = ReadOnlyStore::of(&store)?;
+        assert_eq!(db.path(), path.as_path());
+        assert!(db.status_rows()?.is_empty());
+        assert!(db.last_audits()?.is_empty());
+        assert!(db.report_rebuild()?.is_none());
+        let mut seen = 0;
+        db.survey(DocType::Job, |_| seen += 1)?;
+        assert_eq!(seen, 0);
+        Ok(())
+    }
+}

@@ -21,7 +21,9 @@ use serde_json::{Map, Value};
 
 use super::StoreError;
 use crate::model::{DocKey, DocType};
-use crate::reporting::{ReportSpec, Typed, quote_ident};
+use crate::reporting::{
+    ReportSpec, SqlDialect, Typed, quote_ident, report_view_sql, stages_view_sql,
+};
 
 /// `daemon_state` key holding the hash of the extraction rules the derived tables were built with.
 const HASH_KEY: &str = "reporting_values_hash";
@@ -101,52 +103,13 @@ fn table_sql(spec: &ReportSpec) -> Vec<String> {
 fn view_sql(spec: &ReportSpec) -> Vec<(String, String)> {
     let mut out = vec![("sync_status".to_string(), SYNC_STATUS.trim().to_string())];
     for ty in DocType::ALL {
-        let cols = spec.view_select_list(ty);
-        let name = format!("{ty}_report");
         out.push((
-            name.clone(),
-            format!(
-                "CREATE VIEW {name} AS\nSELECT d.tenant AS tenant, d.id AS id,\n       {}\nFROM {} AS d\nLEFT JOIN {} AS v ON v.tenant = d.tenant AND v.id = d.id\nWHERE d.deleted_at IS NULL",
-                cols.join(",\n       "),
-                ty.table(),
-                values_table(ty)
-            ),
+            format!("{ty}_report"),
+            report_view_sql(spec, SqlDialect::Sqlite, ty, ""),
         ));
-        let name = format!("{ty}_stages");
         out.push((
-            name.clone(),
-            format!(
-                "CREATE VIEW {name} AS
-WITH revisions AS (
-    SELECT s.tenant, s.id, s.revision, s.stage, s.fetched_at,
-           lag(s.stage) OVER (PARTITION BY s.tenant, s.id ORDER BY s.revision) AS previous_stage,
-           row_number() OVER (PARTITION BY s.tenant, s.id ORDER BY s.revision) AS n
-    FROM document_stages AS s
-    WHERE s.doc_type = '{ty}'
-),
-entered AS (
-    -- a revision starts a stay when its stage differs from the one before (NULLs equal)
-    SELECT tenant, id, revision, stage, fetched_at AS entered_at
-    FROM revisions
-    WHERE n = 1
-       OR (CASE WHEN stage IS NULL AND previous_stage IS NULL THEN 0
-                WHEN stage IS NULL OR previous_stage IS NULL THEN 1
-                WHEN stage <> previous_stage THEN 1
-                ELSE 0 END) = 1
-),
-stays AS (
-    SELECT tenant, id, stage, entered_at,
-           lead(entered_at) OVER (PARTITION BY tenant, id ORDER BY revision) AS next_entered_at
-    FROM entered
-)
-SELECT t.tenant AS tenant, t.id AS id, d.number AS number, t.stage AS stage,
-       t.entered_at AS entered_at,
-       -- the next stay's start; for the current stay, when the document was deleted upstream (else NULL)
-       CASE WHEN t.next_entered_at IS NULL THEN d.deleted_at ELSE t.next_entered_at END AS left_at
-FROM stays AS t
-JOIN {} AS d ON d.tenant = t.tenant AND d.id = t.id",
-                ty.table()
-            ),
+            format!("{ty}_stages"),
+            stages_view_sql(SqlDialect::Sqlite, ty, ""),
         ));
     }
     out

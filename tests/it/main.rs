@@ -4,6 +4,7 @@
 
 mod audit;
 mod backup;
+mod boundary;
 mod budget;
 mod cli;
 mod crash;
