@@ -48,7 +48,7 @@
 //!   it names), retention's statements, and the read-only upgrade plan. Its
 //!   submodules are private: callers get [`store::Store`] (the writer side),
 //!   [`store::ReadOnlyStore`] (typed reads for the read-only commands and
-//!   the PostgreSQL sink's thread) and row types; no `rusqlite` type leaves it.
+//!   the PostgreSQL sink's thread) and row types; no SQLite type leaves it.
 //!
 //! Beside it:
 //! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.

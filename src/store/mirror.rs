@@ -62,7 +62,7 @@ fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i6
 }
 
 /// Upserts one document; the heart of the mirror. Runs inside a write.
-pub(crate) fn upsert_document(
+pub(super) fn upsert_document(
     c: &Connection,
     key: &DocKey,
     doc: &FetchedDoc,

@@ -204,7 +204,7 @@ struct Inner {
 type ReportSlot = Arc<std::sync::RwLock<Option<Arc<crate::reporting::ReportSpec>>>>;
 
 /// The spec in `slot` now (a poisoned lock still holds a whole value).
-pub(crate) fn current_report(slot: &ReportSlot) -> Option<Arc<crate::reporting::ReportSpec>> {
+fn current_report(slot: &ReportSlot) -> Option<Arc<crate::reporting::ReportSpec>> {
     match slot.read() {
         Ok(g) => g.clone(),
         Err(p) => p.into_inner().clone(),
@@ -796,7 +796,7 @@ impl<'c> Batch<'c> {
 /// Opens `path` read-only and reads its schema version, refusing one this
 /// binary cannot use ([`check_version`]); version 0 (a new or foreign file)
 /// is the caller's to judge.
-pub(crate) fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64), StoreError> {
+fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64), StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -812,7 +812,7 @@ pub(crate) fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64),
 
 /// Refuses a schema this binary cannot use: newer than [`SCHEMA_VERSION`],
 /// or the reverted version 6 (an `inbox_cursor` table at user_version 6).
-pub(crate) fn check_version(conn: &Connection, found: i64) -> Result<(), StoreError> {
+fn check_version(conn: &Connection, found: i64) -> Result<(), StoreError> {
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             found,

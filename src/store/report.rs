@@ -141,7 +141,7 @@ fn stored_hash(conn: &Connection) -> Result<Option<String>, StoreError> {
 /// Idempotent and safe when two processes start at once. Returns whether
 /// this process should record report values for the revisions it stores
 /// (always for an owner; for a follower only when its config matches).
-pub(crate) fn ensure(
+pub(super) fn ensure(
     conn: &Connection,
     spec: &ReportSpec,
     role: ReportRole,
@@ -327,7 +327,7 @@ fn up_to_date(c: &Connection, spec: &ReportSpec) -> Result<bool, StoreError> {
 /// changed, the old tables are renamed aside (dropped later in batches) and
 /// new empty ones created; [`rebuild_step`] fills them after the daemon
 /// serves. Revisions stored meanwhile record their values at once.
-pub(crate) fn apply(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
+pub(super) fn apply(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
     if up_to_date(conn, spec)? {
         return Ok(());
     }
@@ -489,7 +489,7 @@ fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
 }
 
 /// Documents plus history revisions: what a rebuild reads (on a reader).
-pub fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
+pub(super) fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
     let n: i64 = conn.query_row(
         "SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM projects)
               + (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
@@ -500,7 +500,7 @@ pub fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
 }
 
 /// The rebuild in progress, if any (any connection, read-only too).
-pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
+pub(super) fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
     let text: Option<String> = conn
         .query_row(
             "SELECT value FROM daemon_state WHERE key = ?1",
@@ -514,7 +514,7 @@ pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreErr
 /// One batch of the rebuild in progress, inside the caller's write: at most
 /// `batch` rows. Returns the state after it, or `None` when no rebuild is
 /// in progress (or it just finished).
-pub(crate) fn rebuild_step(
+pub(super) fn rebuild_step(
     conn: &Connection,
     spec: &ReportSpec,
     batch: usize,
@@ -704,7 +704,7 @@ pub(crate) struct Revision<'a> {
 
 /// Records a stored revision's report values and stage (inside the write
 /// that stored it, so the views never lag the mirror).
-pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
+pub(super) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
     let doc = parse(r.document);
     write_values(conn, spec, r.key, &doc)?;
     conn.prepare_cached(
@@ -724,7 +724,7 @@ pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Resu
 
 /// Calls `f` with every live document of a type (for `skillsync columns`),
 /// on a read-only connection.
-pub fn for_each_live_document(
+pub(super) fn for_each_live_document(
     conn: &Connection,
     ty: DocType,
     mut f: impl FnMut(&Map<String, Value>),
