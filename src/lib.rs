@@ -37,11 +37,11 @@
 //!   429, foreground before background); every upstream call takes a permit.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`health`]: the periodic durable-write probe that `/healthz` answers from.
-//! - [`metrics`]: the Prometheus recorder, counters, HELP text, scrape-time
-//!   gauges (the PostgreSQL lag among them).
 //! - [`pgmirror`]: the PostgreSQL copy: the sink thread fed by the outbox
 //!   (read through `ReadOnlyStore`, acknowledged through `Store`), its
 //!   schema and views in PostgreSQL, `postgres-check`.
+//! - [`metrics`]: the Prometheus recorder, counters, HELP text, scrape-time
+//!   gauges (the PostgreSQL lag among them).
 //! - [`store`]: the only place with SQL: pool, single group-committing writer,
 //!   schema and migrations; events, fetch queue, mirror, reconciliation
 //!   state, report tables, the PostgreSQL outbox (filled by SQLite triggers

@@ -207,7 +207,7 @@ impl Metrics {
                     }
                 }
                 if let Ok(Some(lag)) = store.pg_lag().await {
-                    let secs = crate::pgmirror::lag_seconds(&lag, chrono::Utc::now());
+                    let secs = lag.seconds(chrono::Utc::now());
                     gauge!("skillsync_postgres_lag_rows").set(lag.rows as f64);
                     gauge!("skillsync_postgres_lag_seconds").set(secs);
                 }

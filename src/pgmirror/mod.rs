@@ -25,15 +25,6 @@ use std::time::Duration;
 pub use crate::config::PostgresConfig;
 use crate::config::postgres_config::{Tls, normalise_url};
 
-/// Seconds since the oldest change PostgreSQL has not acknowledged (0 when none).
-pub fn lag_seconds(lag: &crate::store::Lag, now: chrono::DateTime<chrono::Utc>) -> f64 {
-    lag.oldest_changed_at
-        .as_deref()
-        .and_then(crate::model::parse_upstream_ts)
-        .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
-        .unwrap_or(0.0)
-}
-
 /// Why PostgreSQL could not be used; never carries the password.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -195,7 +186,7 @@ pub fn status_of(
         Ok((lag, problem)) => {
             if let Some(l) = &lag {
                 st.lag_rows = l.rows;
-                st.lag_secs = lag_seconds(l, now);
+                st.lag_secs = l.seconds(now);
             }
             // Both when both hold: a copy cut short by an outage is still
             // "being copied", and the lag says how long it has been stuck.

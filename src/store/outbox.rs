@@ -157,6 +157,18 @@ pub struct Lag {
     pub target: Option<String>,
 }
 
+impl Lag {
+    /// Seconds since the oldest change PostgreSQL has not acknowledged
+    /// (0 when none).
+    pub fn seconds(&self, now: chrono::DateTime<chrono::Utc>) -> f64 {
+        self.oldest_changed_at
+            .as_deref()
+            .and_then(crate::model::parse_upstream_ts)
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    }
+}
+
 const DOC_COLUMNS: &str = "tenant, id, document, number, name, modified_on, version, revision, first_seen_at, fetched_at, deleted_at";
 
 fn doc_row(ty: DocType, r: &rusqlite::Row) -> rusqlite::Result<DocRow> {
