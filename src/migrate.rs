@@ -3,7 +3,7 @@
 //! `serve` of any version), or doing it now while the service is stopped.
 //!
 //! The plan (migrations, report-table rebuild, row counts) comes from
-//! [`crate::store::upgrade`]; this module turns the row counts into a rough
+//! [`crate::store::upgrade_plan`]; this module turns the row counts into a rough
 //! time and prints it. The estimate is rows × a per-row cost measured on a
 //! small VM (see the constants): an order of magnitude, which is what
 //! deciding between "just restart" and "plan a window" needs.
