@@ -1006,8 +1006,7 @@ fn storm(sim: &Simulator, dir: &Path, script: &Path, runs: usize, secs: u64) {
     for round in 0..runs {
         for (i, gone) in [false, true].into_iter().enumerate() {
             let db = dir.join(format!("storm{round}-{i}.db"));
-            skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", 100, 1)
-                .expect("100 live jobs");
+            skillsync::store::fill_synthetic_jobs(&db, "acme", 100, 1).expect("100 live jobs");
             sim.set_faults(Faults {
                 all_gone: gone,
                 ..healthy.clone()

@@ -8,7 +8,7 @@
 //!
 //! The release binary (`CARGO_BIN_EXE_skillsync`) runs `serve` as a
 //! process; the database is filled once by
-//! `skillsync::store::mirror::fill_synthetic_jobs`, and each round changes
+//! `skillsync::store::fill_synthetic_jobs`, and each round changes
 //! `[reporting]` (a column renamed) so that each start rebuilds.
 //!
 //! Knobs: `STARTUP_DOCS` (1000000), `STARTUP_REVISIONS` (3), `STARTUP_RUNS` (3).
@@ -52,9 +52,9 @@ fn serve(config: &Path, log: &Path) -> Child {
         .expect("start serve")
 }
 
-fn rebuilding(db: &Path) -> Option<skillsync::store::report::RebuildState> {
-    let c = skillsync::store::Store::open_read_only(db).ok()?;
-    skillsync::store::report::rebuild_state(&c).ok()?
+fn rebuilding(db: &Path) -> Option<skillsync::store::RebuildState> {
+    let c = skillsync::store::ReadOnlyStore::open(db).ok()?;
+    c.report_rebuild().ok()?
 }
 
 /// One webhook; its latency when answered 200.
@@ -121,7 +121,7 @@ async fn main() {
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("tempdir");
     let db = dir.path().join("startup.db");
     let t = Instant::now();
-    skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", docs, revisions).expect("fill");
+    skillsync::store::fill_synthetic_jobs(&db, "acme", docs, revisions).expect("fill");
     let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
     println!(
         "filled {docs} jobs × {revisions} revisions in {:.1} s ({:.0} MB)",

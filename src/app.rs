@@ -51,8 +51,7 @@ use crate::config::Config;
 use crate::health::{Health, PROBE_INTERVAL};
 use crate::http::{WebhookParts, WebhookState, metrics_routes, routes};
 use crate::server::{self, Limits};
-use crate::store::report::ReportRole;
-use crate::store::{Store, run_blocking};
+use crate::store::{ReportRole, Store, run_blocking};
 
 /// Binds `server.metrics_listen` (`None` when it is "off"); the error names the key.
 pub async fn bind_metrics(config: &Config) -> anyhow::Result<Option<TcpListener>> {

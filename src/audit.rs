@@ -61,7 +61,7 @@ use tokio_util::task::TaskTracker;
 use crate::budget::Priority;
 use crate::config::{Config, TenantConfig};
 use crate::model::{DocType, fmt_ts};
-use crate::store::audit::{AuditCounts, MirrorView, SamplePlan};
+use crate::store::{AuditCounts, MirrorView, SamplePlan};
 use crate::store::{Store, StoreError};
 use crate::upstream::{Fetched, Upstream};
 use crate::wake::Wake;

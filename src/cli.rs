@@ -420,7 +420,13 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Command::Status { json, db } => {
             let (path, config) = database_to_read(&cli.config, db)?;
-            Ok(crate::status::print_status(&path, config.as_ref(), json))
+            Ok(
+                match crate::status::print_status(&path, config.as_ref(), json) {
+                    crate::status::StatusOutcome::Healthy => ExitCode::SUCCESS,
+                    crate::status::StatusOutcome::Degraded => ExitCode::from(1),
+                    crate::status::StatusOutcome::Unreadable => ExitCode::from(2),
+                },
+            )
         }
         Command::Migrate {
             dry_run: true,
@@ -445,17 +451,17 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 Some(t) => vec![t.into()],
                 None => DocType::ALL.to_vec(),
             };
-            Ok(crate::columns::print_columns(
-                &path,
-                config.as_ref(),
-                &types,
-            ))
+            crate::columns::print_columns(&path, config.as_ref(), &types).map_err(|e| {
+                eprintln!("skillsync: {e}");
+                ExitCode::from(2)
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Backup { path, db } => {
             let (source, _) = database_to_read(&cli.config, db)?;
             use std::io::IsTerminal;
-            let report = crate::store::backup::reporter(std::io::stderr().is_terminal());
-            match crate::store::backup::backup(&source, &path, report) {
+            let report = crate::store::backup_reporter(std::io::stderr().is_terminal());
+            match crate::store::backup(&source, &path, report) {
                 Ok(done) => {
                     tracing::info!(
                         path = %done.path.display(),
@@ -488,13 +494,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             let config = load(&cli.config)?;
             let rt = runtime()?;
             rt.block_on(async move {
-                let store =
-                    crate::app::open_store(&config, crate::store::report::ReportRole::Follower)
-                        .await
-                        .map_err(|e| {
-                            eprintln!("skillsync: {e:#}");
-                            ExitCode::FAILURE
-                        })?;
+                let store = crate::app::open_store(&config, crate::store::ReportRole::Follower)
+                    .await
+                    .map_err(|e| {
+                        eprintln!("skillsync: {e:#}");
+                        ExitCode::FAILURE
+                    })?;
                 match store.retry_dead(event, chrono::Utc::now()).await {
                     Ok(n) => {
                         println!(
@@ -568,7 +573,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
         }
         Command::PostgresCheck { wait } => {
             let config = load(&cli.config)?;
-            Ok(crate::pgmirror::check::run_cli(&config, wait))
+            use crate::pgmirror::check::CheckOutcome;
+            Ok(match crate::pgmirror::check::run_cli(&config, wait) {
+                CheckOutcome::Equal => ExitCode::SUCCESS,
+                CheckOutcome::Different => ExitCode::from(1),
+                CheckOutcome::Failed => ExitCode::from(2),
+            })
         }
         Command::Demo(args) => {
             let rt = runtime()?;

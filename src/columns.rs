@@ -6,36 +6,28 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::ExitCode;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::model::DocType;
 use crate::reporting::{ColumnType, ReportSpec, Source, Survey, snake_case};
-use crate::store::{Store, report};
+use crate::store::ReadOnlyStore;
 
-/// Surveys `types` in the database at `path` and prints the result; exit 0,
-/// or 2 when the database cannot be read.
-pub fn print_columns(path: &Path, config: Option<&Config>, types: &[DocType]) -> ExitCode {
-    let conn = match Store::open_read_only(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("skillsync: {e}");
-            return ExitCode::from(2);
-        }
-    };
+/// Surveys `types` in the database at `path` and prints the result; the
+/// error (the CLI prints it and exits 2) says why the database could not be
+/// read. A type surveyed before the failure is already printed.
+pub fn print_columns(
+    path: &Path,
+    config: Option<&Config>,
+    types: &[DocType],
+) -> Result<(), String> {
+    let db = ReadOnlyStore::open(path).map_err(|e| e.to_string())?;
     let spec = config
         .map(|c| ReportSpec::new(&c.reporting))
         .unwrap_or_default();
     for (i, ty) in types.iter().enumerate() {
         let mut survey = Survey::default();
-        if let Err(e) = report::for_each_live_document(&conn, *ty, |d| survey.add(d)) {
-            eprintln!(
-                "skillsync: cannot read {} from {}: {e}",
-                ty.table(),
-                path.display()
-            );
-            return ExitCode::from(2);
-        }
+        db.survey(*ty, |d| survey.add(d))
+            .map_err(|e| format!("cannot read {} from {}: {e}", ty.table(), path.display()))?;
         if i > 0 {
             println!();
         }
@@ -44,7 +36,7 @@ pub fn print_columns(path: &Path, config: Option<&Config>, types: &[DocType]) ->
             render(*ty, &survey, &spec, config.map(|c| &c.upstream), path)
         );
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// What a field is already shown as, if anything.

@@ -70,7 +70,7 @@ async fn wait_for(
     store: &Store,
     what: &str,
     deadline: Duration,
-    pred: impl Fn(&[crate::store::status::StatusRow]) -> bool,
+    pred: impl Fn(&[crate::store::StatusRow]) -> bool,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
@@ -86,9 +86,9 @@ async fn wait_for(
 }
 
 fn count(
-    rows: &[crate::store::status::StatusRow],
+    rows: &[crate::store::StatusRow],
     ty: DocType,
-    f: impl Fn(&crate::store::status::StatusRow) -> i64,
+    f: impl Fn(&crate::store::StatusRow) -> i64,
 ) -> i64 {
     rows.iter()
         .filter(|r| r.tenant == TENANT && r.doc_type == ty.as_str())

@@ -32,9 +32,7 @@ use crate::budget::Priority;
 use crate::config::{Config, FetchConfig, TenantConfig, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::model::{Claim, DocType, ErrorClass, get_ci, normalize_ts, parse_upstream_ts};
-use crate::store::Store;
-use crate::store::mirror::{FetchedDoc, GoneOutcome, StoreOutcome};
-use crate::store::queue::{Failure, FailureResult};
+use crate::store::{FailureResult, FetchFailure, FetchedDoc, GoneOutcome, Store, StoreOutcome};
 use crate::upstream::{Fetched, MAX_PERMIT_WAIT, Upstream};
 
 /// How long fetches in flight may take to finish after a stop signal before
@@ -680,7 +678,7 @@ impl Fetcher {
         }
         let retry_at: DateTime<Utc> =
             now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-        let failure = Failure {
+        let failure = FetchFailure {
             class: err.class,
             message: err.message.clone(),
             retry_at,

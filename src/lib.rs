@@ -10,7 +10,8 @@
 //! Entry points (on top):
 //! - [`cli`]: the command line: subcommands, exit codes, printing. Nothing imports it.
 //! - [`demo`]: `skillsync demo`, the whole pipeline against the simulator.
-//! - [`status`], [`columns`]: the read-only `status` and `columns` commands.
+//! - [`status`], [`columns`]: the read-only `status` and `columns` commands
+//!   (they say what they found; `cli` turns it into the exit code).
 //! - [`migrate`]: `skillsync migrate [--dry-run]`, the upgrade work this
 //!   binary will run on a database and its estimated time.
 //! - [`app`]: [`app::Application`], the whole daemon built in one place
@@ -41,14 +42,18 @@
 //!   429, foreground before background); every upstream call takes a permit.
 //! - [`retention`]: pruning old events and history in small batches.
 //! - [`health`]: the periodic durable-write probe that `/healthz` answers from.
+//! - [`pgmirror`]: the PostgreSQL copy: the sink thread fed by the outbox
+//!   (read through `ReadOnlyStore`, acknowledged through `Store`), its
+//!   schema and views in PostgreSQL, `postgres-check`.
 //! - [`metrics`]: the Prometheus recorder, counters, HELP text, scrape-time
 //!   gauges (the PostgreSQL lag among them).
-//! - [`pgmirror`]: the PostgreSQL copy: the sink thread fed by the outbox,
-//!   its schema and views in PostgreSQL, `postgres-check`.
 //! - [`store`]: the only place with SQL: pool, single group-committing writer,
 //!   schema and migrations; events, fetch queue, mirror, reconciliation
-//!   state, report tables, the PostgreSQL outbox, retention's statements,
-//!   and the read-only upgrade plan (`store::upgrade`).
+//!   state, report tables, the PostgreSQL outbox (filled by SQLite triggers
+//!   it names), retention's statements, and the read-only upgrade plan. Its
+//!   submodules are private: callers get [`store::Store`] (the writer side),
+//!   [`store::ReadOnlyStore`] (typed reads for the read-only commands and
+//!   the PostgreSQL sink's thread) and row types; no SQLite type leaves it.
 //!
 //! Beside it:
 //! - [`server`]: the accept loop with connection limits, optional TLS and graceful stop.
@@ -64,7 +69,8 @@
 //!   `skillsync.toml(5)` come from that declaration.
 //! - [`tls`]: built-in TLS (rustls), certificate loading and rotation
 //!   without a restart.
-//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey.
+//! - [`reporting`]: report view columns (defaults, `[reporting]`), typed values, the field survey,
+//!   and the report and stage view SQL that SQLite and PostgreSQL share.
 //! - [`model`]: shared domain types, the timestamp format, case-insensitive field lookup.
 
 pub mod app;

@@ -120,6 +120,26 @@ impl Metrics {
             .set(per_sec);
     }
 
+    /// Whether the PostgreSQL sink's session is up (connected, following).
+    pub fn postgres_up(&self, up: bool) {
+        gauge!("skillsync_postgres_up").set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// One PostgreSQL sink batch and how it ended (`ok`, `failed`).
+    pub fn postgres_batch(&self, outcome: &'static str) {
+        counter!("skillsync_postgres_batches_total", "outcome" => outcome).increment(1);
+    }
+
+    /// Documents one sink batch wrote to PostgreSQL.
+    pub fn postgres_documents_written(&self, n: u64) {
+        counter!("skillsync_postgres_documents_written_total").increment(n);
+    }
+
+    /// How long the oldest change of a batch waited before PostgreSQL held it.
+    pub fn postgres_sink_delay(&self, secs: f64) {
+        histogram!("skillsync_postgres_sink_delay_seconds").record(secs);
+    }
+
     /// Prometheus text, with the database-derived gauges refreshed first.
     pub async fn render(&self, store: &Store) -> String {
         match store.metrics_snapshot().await {
@@ -187,7 +207,7 @@ impl Metrics {
                     }
                 }
                 if let Ok(Some(lag)) = store.pg_lag().await {
-                    let secs = crate::pgmirror::lag_seconds(&lag, chrono::Utc::now());
+                    let secs = lag.seconds(chrono::Utc::now());
                     gauge!("skillsync_postgres_lag_rows").set(lag.rows as f64);
                     gauge!("skillsync_postgres_lag_seconds").set(secs);
                 }

@@ -3,7 +3,7 @@
 //! `serve` of any version), or doing it now while the service is stopped.
 //!
 //! The plan (migrations, report-table rebuild, row counts) comes from
-//! [`crate::store::upgrade`]; this module turns the row counts into a rough
+//! [`crate::store::upgrade_plan`]; this module turns the row counts into a rough
 //! time and prints it. The estimate is rows × a per-row cost measured on a
 //! small VM (see the constants): an order of magnitude, which is what
 //! deciding between "just restart" and "plan a window" needs.
@@ -22,8 +22,8 @@ use serde_json::json;
 use crate::config::Config;
 use crate::reporting::ReportSpec;
 use crate::store::StoreError;
-use crate::store::report::{RebuildReason, ReportWork};
-use crate::store::upgrade::{UpgradePlan, plan};
+use crate::store::{RebuildReason, ReportWork};
+use crate::store::{UpgradePlan, upgrade_plan as plan};
 
 /// Seconds per row of a table a migration reads whole (an index build over
 /// `events`). Measured: migration 5's partial index over 1,000,000 events
@@ -373,7 +373,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
         }
     }
     let started = Instant::now();
-    match crate::app::open_store(config, crate::store::report::ReportRole::Owner).await {
+    match crate::app::open_store(config, crate::store::ReportRole::Owner).await {
         Ok(store) => {
             // A rebuild serve would run after READY runs here to the end:
             // the service is stopped, nothing waits.
@@ -415,7 +415,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::upgrade::{PlannedMigration, Rows};
+    use crate::store::{PlannedMigration, Rows};
 
     fn sample(report: ReportWork) -> UpgradePlan {
         UpgradePlan {

@@ -79,7 +79,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, TenantConfig};
 use crate::model::{DocType, ErrorClass, IdSet, RunKind, RunStatus, fmt_ts, parse_upstream_ts};
 use crate::store::Store;
-use crate::store::sync::{PageState, RunCounts, RunEnd, RunRef};
+use crate::store::{PageState, RunCounts, RunEnd, RunRef};
 use crate::upstream::{CallError, ListField, ListFilter, ListPage, ListedDoc, Upstream};
 use crate::wake::Wake;
 
@@ -968,7 +968,7 @@ enum Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sync::MirrorState;
+    use crate::store::MirrorState;
 
     /// 200 tenants on the default schedules start their runs spread over the
     /// window, each at the same offset every time; a schedule that ticks

@@ -1,7 +1,9 @@
 //! Report columns: which typed columns `job_report` and `project_report`
 //! show, where each value comes from in a document, and how it is typed;
-//! plus the field survey behind `skillsync columns`. Pure: no SQL and no I/O
-//! (the store writes and reads what this computes).
+//! plus the field survey behind `skillsync columns`, and the text of the
+//! report and stage views, written once for SQLite and PostgreSQL
+//! ([`report_view_sql`], [`stages_view_sql`]). Pure: no I/O, nothing runs
+//! SQL here (the store and the PostgreSQL mirror run what this writes).
 //!
 //! Values are taken at write time, in Rust, with the same case-insensitive
 //! "first present wins" rule as the `number`/`name`/`modified_on` columns,
@@ -481,6 +483,93 @@ impl Survey {
             _ => {}
         }
     }
+}
+
+/// The SQL dialects the shared view text is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlDialect {
+    /// SQLite's view, which older sqlite3, Datasette and DuckDB also parse.
+    Sqlite,
+    Postgres,
+}
+
+/// `CREATE VIEW {prefix}{ty}_report`: the live documents of a type with one
+/// typed column per report column ([`ReportSpec::view_select_list`]), the
+/// one text both databases' report views come from (`prefix` as for
+/// [`stages_view_sql`]; only PostgreSQL's ends with `;`).
+pub fn report_view_sql(
+    spec: &ReportSpec,
+    dialect: SqlDialect,
+    ty: DocType,
+    prefix: &str,
+) -> String {
+    format!(
+        "CREATE VIEW {prefix}{ty}_report AS\nSELECT d.tenant AS tenant, d.id AS id,\n       {}\nFROM {prefix}{} AS d\nLEFT JOIN {prefix}{ty}_report_values AS v ON v.tenant = d.tenant AND v.id = d.id\nWHERE d.deleted_at IS NULL{}",
+        spec.view_select_list(ty).join(",\n       "),
+        ty.table(),
+        match dialect {
+            SqlDialect::Sqlite => "",
+            SqlDialect::Postgres => ";\n",
+        }
+    )
+}
+
+/// `CREATE VIEW {prefix}{ty}_stages`: each stay of a document in a stage,
+/// from the stage recorded for each revision (`document_stages`), with when
+/// it entered and left it. The one text both databases' views come from:
+/// the store's (SQLite, `prefix` empty) and the PostgreSQL mirror's
+/// (`prefix` the quoted schema and a dot). They differ only where a
+/// dialect must: SQLite's spells "NULLs compare equal" and `coalesce` as
+/// `CASE` (readers with an older SQLite parse it), PostgreSQL's ends with
+/// `;` (it is one statement of a script). Each database hashes its text to
+/// decide whether to rebuild, so a change here rebuilds both.
+pub fn stages_view_sql(dialect: SqlDialect, ty: DocType, prefix: &str) -> String {
+    let (a, changed, left_at, end) = match dialect {
+        SqlDialect::Sqlite => (
+            "s",
+            "n = 1
+       OR (CASE WHEN stage IS NULL AND previous_stage IS NULL THEN 0
+                WHEN stage IS NULL OR previous_stage IS NULL THEN 1
+                WHEN stage <> previous_stage THEN 1
+                ELSE 0 END) = 1",
+            "CASE WHEN t.next_entered_at IS NULL THEN d.deleted_at ELSE t.next_entered_at END",
+            "",
+        ),
+        SqlDialect::Postgres => (
+            "st",
+            "n = 1 OR stage IS DISTINCT FROM previous_stage",
+            "coalesce(t.next_entered_at, d.deleted_at)",
+            ";\n",
+        ),
+    };
+    format!(
+        "CREATE VIEW {prefix}{ty}_stages AS
+WITH revisions AS (
+    SELECT {a}.tenant, {a}.id, {a}.revision, {a}.stage, {a}.fetched_at,
+           lag({a}.stage) OVER (PARTITION BY {a}.tenant, {a}.id ORDER BY {a}.revision) AS previous_stage,
+           row_number() OVER (PARTITION BY {a}.tenant, {a}.id ORDER BY {a}.revision) AS n
+    FROM {prefix}document_stages AS {a}
+    WHERE {a}.doc_type = '{ty}'
+),
+entered AS (
+    -- a revision starts a stay when its stage differs from the one before (NULLs equal)
+    SELECT tenant, id, revision, stage, fetched_at AS entered_at
+    FROM revisions
+    WHERE {changed}
+),
+stays AS (
+    SELECT tenant, id, stage, entered_at,
+           lead(entered_at) OVER (PARTITION BY tenant, id ORDER BY revision) AS next_entered_at
+    FROM entered
+)
+SELECT t.tenant AS tenant, t.id AS id, d.number AS number, t.stage AS stage,
+       t.entered_at AS entered_at,
+       -- the next stay's start; for the current stay, when the document was deleted upstream (else NULL)
+       {left_at} AS left_at
+FROM stays AS t
+JOIN {prefix}{table} AS d ON d.tenant = t.tenant AND d.id = t.id{end}",
+        table = ty.table()
+    )
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::store::Aged;
 use crate::store::Store;
-use crate::store::retention::Aged;
 
 const BATCH: usize = 500;
 const FIRST_RUN_AFTER: Duration = Duration::from_secs(60);

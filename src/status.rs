@@ -14,16 +14,13 @@
 //! budget slows down and nothing is lost.
 
 use std::path::Path;
-use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::config::{Config, cron_parser};
 use crate::model::{RunStatus, parse_upstream_ts};
-use crate::store::Store;
-use crate::store::audit::{AuditRow, last_audits};
-use crate::store::status::{StatusRow, Throttling, status_rows, throttling_rows};
+use crate::store::{AuditRow, ReadOnlyStore, StatusRow, Throttling};
 
 /// How far back a 429 counts as "throttled recently".
 const THROTTLED_WITHIN: chrono::Duration = chrono::Duration::hours(1);
@@ -108,16 +105,26 @@ pub fn problems(
     p
 }
 
-/// Prints the status and returns the exit code (0 healthy, 1 degraded, 2 unreadable).
-pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> ExitCode {
-    let read = Store::open_read_only(path).and_then(|c| {
-        let rebuild = crate::store::report::rebuild_state(&c)?;
+/// What `status` found; the CLI turns it into the exit code (0 healthy,
+/// 1 degraded, 2 unreadable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    Healthy,
+    Degraded,
+    /// The database could not be read.
+    Unreadable,
+}
+
+/// Prints the status and says what it found.
+pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> StatusOutcome {
+    let read = ReadOnlyStore::open(path).and_then(|db| {
+        let rebuild = db.report_rebuild()?;
         // A database from before schema 7 has no throttling table: nothing
         // recorded, not unreadable.
-        let throttling = throttling_rows(&c).unwrap_or_default();
+        let throttling = db.throttling().unwrap_or_default();
         // Before schema 8 there is no audits table: no audit yet.
-        let audits = last_audits(&c)?;
-        Ok((status_rows(&c)?, rebuild, throttling, audits))
+        let audits = db.last_audits()?;
+        Ok((db.status_rows()?, rebuild, throttling, audits))
     });
     let (rows, rebuild, throttling, audits) = match read {
         Ok(r) => r,
@@ -130,7 +137,7 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
             } else {
                 eprintln!("skillsync status: cannot read {}: {e}", path.display());
             }
-            return ExitCode::from(2);
+            return StatusOutcome::Unreadable;
         }
     };
     let now = Utc::now();
@@ -287,8 +294,8 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Exit
         println!("{}", if healthy { "healthy" } else { "DEGRADED" });
     }
     if healthy {
-        ExitCode::SUCCESS
+        StatusOutcome::Healthy
     } else {
-        ExitCode::from(1)
+        StatusOutcome::Degraded
     }
 }

@@ -14,7 +14,7 @@ use crate::app::Pipeline;
 use crate::config::Config;
 use crate::model::{DocType, RunKind, RunStatus};
 use crate::reconcile::{RunError, RunSummary};
-use crate::store::report::ReportRole;
+use crate::store::ReportRole;
 
 /// How one tenant and type's run went.
 #[derive(Debug)]

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::fetcher::Fetcher;
 use crate::metrics::Metrics;
 use crate::reconcile::Reconciler;
-use crate::store::report::ReportRole;
+use crate::store::ReportRole;
 use crate::store::{Store, run_blocking};
 use crate::upstream::Upstream;
 use crate::wake::{self, Wake};

@@ -15,7 +15,7 @@ use crate::app::Pipeline;
 use crate::audit::{AuditError, AuditReport};
 use crate::config::Config;
 use crate::model::DocType;
-use crate::store::report::ReportRole;
+use crate::store::ReportRole;
 
 /// How many wrong documents the report names per audit.
 const NAMED: usize = 20;

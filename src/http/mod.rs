@@ -1,6 +1,6 @@
 //! The HTTP edge: warp routes for the two listeners, and nothing the rest of
 //! the crate depends on. HTTP types stop here; the store sees a
-//! [`NewEvent`](crate::store::queue::NewEvent), the payload checks are pure
+//! [`NewEvent`](crate::store::NewEvent), the payload checks are pure
 //! ([`crate::payload`]).
 //!
 //! - The public listener ([`routes`]): `POST {webhook_path}[/{tenant}]` and

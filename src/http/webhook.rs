@@ -19,8 +19,8 @@ use super::auth::authenticate;
 use super::error::WebhookError;
 use super::{Live, WebhookState};
 use crate::payload::parse_payload;
+use crate::store::NewEvent;
 use crate::store::StoreError;
-use crate::store::queue::NewEvent;
 
 /// A client gets this long to send its body once the headers arrived.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);

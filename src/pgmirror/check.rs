@@ -19,8 +19,7 @@ use serde_json::Value;
 use super::{PgError, PostgresConfig, schema};
 use crate::model::DocType;
 use crate::reporting::{ColumnType, ReportSpec, Typed};
-use crate::store::Store;
-use crate::store::outbox;
+use crate::store::ReadOnlyStore;
 
 /// What one side holds for one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +35,7 @@ pub type Key = (DocType, String, String);
 
 /// The comparison's result.
 #[derive(Debug, Default)]
-pub struct Report {
+pub struct Comparison {
     /// Documents in SQLite.
     pub sqlite_documents: usize,
     /// Documents in PostgreSQL.
@@ -49,7 +48,7 @@ pub struct Report {
     pub cursor: Option<i64>,
 }
 
-impl Report {
+impl Comparison {
     pub fn equal(&self) -> bool {
         self.differences.is_empty()
     }
@@ -100,7 +99,7 @@ fn report_select(name: &str, ty: ColumnType) -> String {
 }
 
 /// Adds a difference, or counts it once `shown` of its kind were listed.
-fn note(report: &mut Report, hidden: &mut usize, shown: &mut usize, line: String) {
+fn note(report: &mut Comparison, hidden: &mut usize, shown: &mut usize, line: String) {
     if *shown < 20 {
         *shown += 1;
         report.differences.push(line);
@@ -111,15 +110,15 @@ fn note(report: &mut Report, hidden: &mut usize, shown: &mut usize, line: String
 
 /// Reads both sides and lists every difference; `spec` is the
 /// `[reporting]` the report tables must follow.
-pub fn compare(db: &Path, cfg: &PostgresConfig, spec: &ReportSpec) -> Result<Report, PgError> {
-    let sqlite = Store::open_read_only(db)?;
+pub fn compare(db: &Path, cfg: &PostgresConfig, spec: &ReportSpec) -> Result<Comparison, PgError> {
+    let sqlite = ReadOnlyStore::open(db)?;
     let mut left: BTreeMap<Key, Fingerprint> = BTreeMap::new();
     let mut values: BTreeMap<Key, Vec<Option<String>>> = BTreeMap::new();
     let mut stages: BTreeMap<(DocType, String, String, i64), Option<String>> = BTreeMap::new();
     for ty in DocType::ALL {
         let mut after: Option<(String, String)> = None;
         loop {
-            let page = outbox::mirror_page(&sqlite, ty, after.as_ref(), 2000)?;
+            let page = sqlite.mirror_page(ty, after.as_ref(), 2000)?;
             let Some(last) = page.last() else { break };
             after = Some((last.tenant.clone(), last.id.clone()));
             let types: Vec<ColumnType> = spec.stored_columns(ty).map(|(c, _)| c.ty).collect();
@@ -147,7 +146,7 @@ pub fn compare(db: &Path, cfg: &PostgresConfig, spec: &ReportSpec) -> Result<Rep
     let mut history: HashSet<(DocType, String, String, i64)> = HashSet::new();
     let mut after = 0;
     loop {
-        let page = outbox::history_page(&sqlite, after, 5000)?;
+        let page = sqlite.history_page(after, 5000)?;
         let Some((last, _)) = page.last() else { break };
         after = *last;
         for (_, h) in page {
@@ -161,7 +160,7 @@ pub fn compare(db: &Path, cfg: &PostgresConfig, spec: &ReportSpec) -> Result<Rep
             history.insert((h.doc_type, h.tenant, h.id, h.revision));
         }
     }
-    let lag = outbox::lag(&sqlite)?;
+    let lag = sqlite.lag()?;
 
     let mut client = cfg.connect()?;
     let s = schema::quoted(&cfg.schema);
@@ -173,10 +172,10 @@ pub fn compare(db: &Path, cfg: &PostgresConfig, spec: &ReportSpec) -> Result<Rep
         )
         .map_err(pg)?
         .get(0);
-    let mut report = Report {
+    let mut report = Comparison {
         sqlite_documents: left.len(),
         in_flight: lag.map(|l| l.rows).unwrap_or(0),
-        ..Report::default()
+        ..Comparison::default()
     };
     if !exists {
         report.differences.push(format!(
@@ -295,7 +294,7 @@ fn compare_reports(
     spec: &ReportSpec,
     values: &BTreeMap<Key, Vec<Option<String>>>,
     stages: &BTreeMap<(DocType, String, String, i64), Option<String>>,
-    report: &mut Report,
+    report: &mut Comparison,
 ) -> Result<(), PgError> {
     let s = schema::quoted(&cfg.schema);
     let pg = |e: postgres::Error| cfg.error(&e);
@@ -416,7 +415,7 @@ fn compare_reports(
 }
 
 /// Prints the report the way `postgres-check` shows it; returns whether equal.
-pub fn print(report: &Report, target: &str) -> bool {
+pub fn print(report: &Comparison, target: &str) -> bool {
     println!(
         "SQLite: {} documents; PostgreSQL ({target}): {} documents; cursor at outbox seq {}; {} change(s) not yet acknowledged",
         report.sqlite_documents,
@@ -453,12 +452,21 @@ pub fn print(report: &Report, target: &str) -> bool {
     }
 }
 
-/// `skillsync postgres-check [--wait SECS]`: exit 0 equal, 1 different, 2 unreadable or not configured.
-pub fn run_cli(config: &crate::config::Config, wait_secs: u64) -> std::process::ExitCode {
-    use std::process::ExitCode;
+/// What `postgres-check` found; the CLI turns it into the exit code
+/// (0 equal, 1 different, 2 unreadable or not configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Equal,
+    Different,
+    /// Not configured, or a side could not be read (the reason is printed).
+    Failed,
+}
+
+/// `skillsync postgres-check [--wait SECS]`: compares, printing the result.
+pub fn run_cli(config: &crate::config::Config, wait_secs: u64) -> CheckOutcome {
     let Some(pg) = &config.postgres else {
         eprintln!("skillsync postgres-check: the config has no [postgres] section");
-        return ExitCode::from(2);
+        return CheckOutcome::Failed;
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
     loop {
@@ -466,15 +474,15 @@ pub fn run_cli(config: &crate::config::Config, wait_secs: u64) -> std::process::
         match compare(&config.database.path, pg, &spec) {
             Ok(r) if r.equal() || std::time::Instant::now() >= deadline => {
                 return if print(&r, &pg.target) {
-                    ExitCode::SUCCESS
+                    CheckOutcome::Equal
                 } else {
-                    ExitCode::from(1)
+                    CheckOutcome::Different
                 };
             }
             Ok(_) => std::thread::sleep(std::time::Duration::from_millis(500)),
             Err(e) => {
                 eprintln!("skillsync postgres-check: {e}");
-                return ExitCode::from(2);
+                return CheckOutcome::Failed;
             }
         }
     }

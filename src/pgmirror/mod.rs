@@ -2,8 +2,10 @@
 //! PostgreSQL database, for reporting tools on other machines.
 //!
 //! SQLite stays the source of truth; PostgreSQL is fed from the outbox
-//! (see [`crate::store::outbox`]) by one sink thread. This module owns the
-//! connection (rustls, the certificate verified, plain text only with
+//! (`pg_outbox`, which SQLite triggers fill in the same transaction as each
+//! mirror change; the store's outbox module names them) by one sink thread,
+//! which reads it through [`crate::store::ReadOnlyStore`] and acknowledges
+//! through [`crate::store::Store`]. This module owns the connection (rustls, the certificate verified, plain text only with
 //! `sslmode=disable`; the `[postgres]` section itself
 //! is validated in [`crate::config`]), and the
 //! submodules: [`schema`] (tables and views in PostgreSQL, versioned),
@@ -23,15 +25,6 @@ use std::time::Duration;
 // Not re-exported: the one path is `config::PostgresConfig` (sink and
 // check name it through `super`).
 use crate::config::{PostgresConfig, SslMode, normalise_url};
-
-/// Seconds since the oldest change PostgreSQL has not acknowledged (0 when none).
-pub fn lag_seconds(lag: &crate::store::outbox::Lag, now: chrono::DateTime<chrono::Utc>) -> f64 {
-    lag.oldest_changed_at
-        .as_deref()
-        .and_then(crate::model::parse_upstream_ts)
-        .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
-        .unwrap_or(0.0)
-}
 
 /// Why PostgreSQL could not be used; never carries the password.
 #[derive(Debug, thiserror::Error)]
@@ -181,12 +174,8 @@ pub fn status_of(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<SinkStatus> {
     let pg = config?.postgres.as_ref()?;
-    let read = crate::store::Store::open_read_only(path).and_then(|c| {
-        Ok((
-            crate::store::outbox::lag(&c)?,
-            crate::store::outbox::sink_problem(&c)?,
-        ))
-    });
+    let read =
+        crate::store::ReadOnlyStore::open(path).and_then(|db| Ok((db.lag()?, db.sink_problem()?)));
     let mut st = SinkStatus {
         target: pg.target.clone(),
         lag_rows: 0,
@@ -198,7 +187,7 @@ pub fn status_of(
         Ok((lag, problem)) => {
             if let Some(l) = &lag {
                 st.lag_rows = l.rows;
-                st.lag_secs = lag_seconds(l, now);
+                st.lag_secs = l.seconds(now);
             }
             // Both when both hold: a copy cut short by an outage is still
             // "being copied", and the lag says how long it has been stuck.

@@ -22,7 +22,9 @@
 use postgres::Transaction;
 
 use crate::model::DocType;
-use crate::reporting::{ColumnType, ReportSpec, quote_ident};
+use crate::reporting::{
+    ColumnType, ReportSpec, SqlDialect, quote_ident, report_view_sql, stages_view_sql,
+};
 
 /// The version of the fixed tables this binary writes.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -140,47 +142,9 @@ fn report_sql(s: &str, spec: &ReportSpec) -> String {
 "
     ));
     for ty in DocType::ALL {
-        let cols = spec.view_select_list(ty);
-        out.push_str(&format!(
-            "CREATE VIEW {s}.{ty}_report AS
-SELECT d.tenant AS tenant, d.id AS id,
-       {}
-FROM {s}.{} AS d
-LEFT JOIN {s}.{ty}_report_values AS v ON v.tenant = d.tenant AND v.id = d.id
-WHERE d.deleted_at IS NULL;
-",
-            cols.join(",\n       "),
-            ty.table()
-        ));
-        out.push_str(&format!(
-            "CREATE VIEW {s}.{ty}_stages AS
-WITH revisions AS (
-    SELECT st.tenant, st.id, st.revision, st.stage, st.fetched_at,
-           lag(st.stage) OVER (PARTITION BY st.tenant, st.id ORDER BY st.revision) AS previous_stage,
-           row_number() OVER (PARTITION BY st.tenant, st.id ORDER BY st.revision) AS n
-    FROM {s}.document_stages AS st
-    WHERE st.doc_type = '{ty}'
-),
-entered AS (
-    -- a revision starts a stay when its stage differs from the one before (NULLs equal)
-    SELECT tenant, id, revision, stage, fetched_at AS entered_at
-    FROM revisions
-    WHERE n = 1 OR stage IS DISTINCT FROM previous_stage
-),
-stays AS (
-    SELECT tenant, id, stage, entered_at,
-           lead(entered_at) OVER (PARTITION BY tenant, id ORDER BY revision) AS next_entered_at
-    FROM entered
-)
-SELECT t.tenant AS tenant, t.id AS id, d.number AS number, t.stage AS stage,
-       t.entered_at AS entered_at,
-       -- the next stay's start; for the current stay, when the document was deleted upstream (else NULL)
-       coalesce(t.next_entered_at, d.deleted_at) AS left_at
-FROM stays AS t
-JOIN {s}.{} AS d ON d.tenant = t.tenant AND d.id = t.id;
-",
-            ty.table()
-        ));
+        let prefix = format!("{s}.");
+        out.push_str(&report_view_sql(spec, SqlDialect::Postgres, ty, &prefix));
+        out.push_str(&stages_view_sql(SqlDialect::Postgres, ty, &prefix));
     }
     out.push_str(&format!(
         "CREATE VIEW {s}.sync_status AS

@@ -26,8 +26,11 @@
 //! Any failure ends the session; the thread backs off (0.5 s doubling to
 //! 10 s) and starts a new one that resumes from the cursor. PostgreSQL being
 //! down never touches intake: the outbox simply grows in SQLite.
-//! It wakes on each mirror commit ([`crate::store::outbox::Wake`]) and polls
-//! every second for changes made by other processes.
+//! It wakes on each mirror commit ([`OutboxSignal`]) and polls every second
+//! for changes made by other processes. It reads SQLite through a
+//! [`ReadOnlyStore`] of its own and writes its bookkeeping (switch-on,
+//! acknowledgements, the problem `status` shows) through the store's writer
+//! in blocking form: the thread is a plain thread, never a runtime's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -35,15 +38,17 @@ use std::time::{Duration, Instant};
 
 use postgres::Transaction;
 use postgres::types::ToSql;
-use rusqlite::Connection;
 use serde_json::{Map, Value};
 
 use super::schema::{self, Ensured};
 use super::{PgError, PostgresConfig};
+use crate::metrics::Metrics;
 use crate::model::{DocType, RunStatus};
 use crate::reporting::{ColumnType, ReportSpec, Typed};
-use crate::store::Store;
-use crate::store::outbox::{self, DocRow, HistoryRow, OutboxBatch, QueueRow, RunRow, Wake};
+use crate::store::{
+    DocRow, HistoryRow, OutboxBatch, OutboxSignal, ReadOnlyStore, RunRow, SinkState, StatusRow,
+    Store,
+};
 
 /// How often the sink looks at the outbox when nothing woke it (changes by
 /// `reconcile` in another process) and refreshes the queue figures.
@@ -87,11 +92,11 @@ impl From<crate::store::StoreError> for SessionError {
 /// PostgreSQL's cursor row: which SQLite database feeds the schema, up to
 /// which outbox seq, and the fingerprint of the change at that seq.
 #[derive(Debug, Clone)]
-pub struct Cursor {
+pub struct PgCursor {
     pub source_db: String,
     /// `None` while a whole copy runs.
     pub seq: Option<i64>,
-    /// [`outbox::tip`] of SQLite's change at `seq` when it was copied.
+    /// [`ReadOnlyStore::tip`] of SQLite's change at `seq` when it was copied.
     pub tip: Option<String>,
 }
 
@@ -119,8 +124,8 @@ pub enum Resume {
 /// Each is a whole copy from SQLite, the source of truth. Pure, so every case
 /// is unit-tested.
 pub fn resume(
-    cursor: Option<&Cursor>,
-    state: &outbox::SinkState,
+    cursor: Option<&PgCursor>,
+    state: &SinkState,
     tip_here: Option<&str>,
     rebuilt: bool,
     schema: &str,
@@ -180,7 +185,7 @@ pub fn resume(
 /// A running sink; stop it with [`SinkHandle::stop`].
 pub struct SinkHandle {
     stop: Arc<AtomicBool>,
-    wake: Arc<Wake>,
+    signal: Arc<OutboxSignal>,
     crash_in: Arc<AtomicI64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -190,7 +195,7 @@ impl SinkHandle {
     /// Blocking: call it from a blocking context.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.wake.notify();
+        self.signal.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -214,13 +219,8 @@ pub async fn serve_start(
     match &config.postgres {
         Some(pg) => {
             let spec = ReportSpec::new(&config.reporting);
-            let handle = start(
-                pg.clone(),
-                store.clone(),
-                spec,
-                tokio::runtime::Handle::current(),
-            )
-            .map_err(|e| anyhow::anyhow!("cannot start the PostgreSQL sink thread: {e}"))?;
+            let handle = start(pg.clone(), store.clone(), spec)
+                .map_err(|e| anyhow::anyhow!("cannot start the PostgreSQL sink thread: {e}"))?;
             Ok(Some(handle))
         }
         None => {
@@ -234,24 +234,19 @@ pub async fn serve_start(
     }
 }
 
-/// Starts the sink thread. `rt` is the daemon's runtime, used only to wait
-/// for the store's writer; PostgreSQL calls never run inside it.
-pub fn start(
-    cfg: PostgresConfig,
-    store: Store,
-    spec: ReportSpec,
-    rt: tokio::runtime::Handle,
-) -> std::io::Result<SinkHandle> {
+/// Starts the sink thread (callable from anywhere: the thread needs no
+/// runtime, and PostgreSQL calls never run inside one).
+pub fn start(cfg: PostgresConfig, store: Store, spec: ReportSpec) -> std::io::Result<SinkHandle> {
     let stop = Arc::new(AtomicBool::new(false));
-    let wake = store.outbox_wake();
+    let signal = store.outbox_signal();
     let crash_in = Arc::new(AtomicI64::new(-1));
     let sink = Sink {
         cfg,
         store,
         spec,
-        rt,
+        metrics: Metrics::install(),
         stop: stop.clone(),
-        wake: wake.clone(),
+        signal: signal.clone(),
         crash_in: crash_in.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -259,7 +254,7 @@ pub fn start(
         .spawn(move || sink.run())?;
     Ok(SinkHandle {
         stop,
-        wake,
+        signal,
         crash_in,
         thread: Some(thread),
     })
@@ -267,11 +262,13 @@ pub fn start(
 
 struct Sink {
     cfg: PostgresConfig,
+    /// The writer, for the sink's bookkeeping (blocking calls).
     store: Store,
     spec: ReportSpec,
-    rt: tokio::runtime::Handle,
+    metrics: Metrics,
     stop: Arc<AtomicBool>,
-    wake: Arc<Wake>,
+    /// Rung by the writer after each mirror commit.
+    signal: Arc<OutboxSignal>,
     crash_in: Arc<AtomicI64>,
 }
 
@@ -303,21 +300,8 @@ impl Sink {
 
     /// Tells `status` why the copy is not following (`None`: it follows).
     fn set_problem(&self, problem: Option<String>) -> Result<(), SessionError> {
-        self.rt.block_on(self.store.pg_set_problem(problem))?;
+        self.store.pg_set_problem(problem)?;
         Ok(())
-    }
-
-    /// Test failpoint: a whole copy waits before it starts while the file
-    /// named by `SKILLSYNC_FAILPOINT_HOLD_COPY` exists, so a test can look
-    /// at `status` (or kill the process) at that point deterministically.
-    fn hold_failpoint(&self) {
-        let Some(path) = std::env::var_os("SKILLSYNC_FAILPOINT_HOLD_COPY") else {
-            return;
-        };
-        let path = std::path::PathBuf::from(path);
-        while path.exists() && !self.stopped() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     /// Sleeps `d`, or less when stopped (commits wake the wait; it resumes).
@@ -328,7 +312,7 @@ impl Sink {
             if now >= until {
                 return;
             }
-            self.wake.wait(self.wake.seen(), until - now);
+            self.signal.wait(self.signal.seen(), until - now);
         }
     }
 
@@ -341,7 +325,7 @@ impl Sink {
             match self.session() {
                 Ok(()) => break,
                 Err(SessionError::Refused(why)) => {
-                    metrics::gauge!("skillsync_postgres_up").set(0.0);
+                    self.metrics.postgres_up(false);
                     if let Err(e) =
                         self.set_problem(Some(format!("the PostgreSQL copy is stopped: {why}")))
                     {
@@ -351,9 +335,8 @@ impl Sink {
                     self.sleep(Duration::from_secs(60));
                 }
                 Err(e) => {
-                    metrics::gauge!("skillsync_postgres_up").set(0.0);
-                    metrics::counter!("skillsync_postgres_batches_total", "outcome" => "failed")
-                        .increment(1);
+                    self.metrics.postgres_up(false);
+                    self.metrics.postgres_batch("failed");
                     if started.elapsed() > Duration::from_secs(30) {
                         backoff = BACKOFF_MIN;
                     }
@@ -392,23 +375,21 @@ impl Sink {
             tx.commit().map_err(pg)?;
             r
         };
-        let sqlite = Store::open_read_only(self.store.path())?;
-        let state = self
-            .rt
-            .block_on(self.store.pg_switch_on(self.cfg.target.clone()))?;
-        let cursor: Option<Cursor> = client
+        let sqlite = ReadOnlyStore::of(&self.store)?;
+        let state = self.store.pg_switch_on(self.cfg.target.clone())?;
+        let cursor: Option<PgCursor> = client
             .query_opt(
                 &format!("SELECT source_db, seq, tip FROM {s}.sink_cursor WHERE id = 1"),
                 &[],
             )
             .map_err(pg)?
-            .map(|r| Cursor {
+            .map(|r| PgCursor {
                 source_db: r.get(0),
                 seq: r.get(1),
                 tip: r.get(2),
             });
         let tip_here = match cursor.as_ref().and_then(|c| c.seq) {
-            Some(p) => Some(outbox::tip(&sqlite, p)?),
+            Some(p) => Some(sqlite.tip(p)?),
             None => None,
         };
         let plan = resume(
@@ -434,13 +415,12 @@ impl Sink {
                     "PostgreSQL is being copied whole from SQLite (started {}): {why}",
                     crate::model::fmt_ts(chrono::Utc::now())
                 )))?;
-                self.hold_failpoint();
                 let seq = self.backfill(&mut client, &sqlite, &state.database_id)?;
                 self.set_problem(None)?;
                 (seq, true)
             }
         };
-        metrics::gauge!("skillsync_postgres_up").set(1.0);
+        self.metrics.postgres_up(true);
         // After a whole copy every SQLite run is copied again (a restored
         // database may reuse ids PostgreSQL holds from the abandoned history).
         let runs_floor: i64 = if copied {
@@ -471,8 +451,8 @@ impl Sink {
                     std::thread::sleep(rest);
                 }
             }
-            let seen = self.wake.seen();
-            let batch = outbox::outbox_batch(&sqlite, at, self.cfg.batch_size)?;
+            let seen = self.signal.seen();
+            let batch = sqlite.outbox_batch(at, self.cfg.batch_size)?;
             let due = status.last.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
             if batch.changes == 0 && !due {
                 last_batch = None;
@@ -480,7 +460,7 @@ impl Sink {
                     self.ack(at)?;
                     acked = (at, Instant::now());
                 }
-                self.wake.wait(seen, POLL);
+                self.signal.wait(seen, POLL);
                 continue;
             }
             let refresh = if due {
@@ -533,10 +513,9 @@ impl Sink {
                     acked = (next, Instant::now());
                 }
                 self.record_delay(&batch);
-                metrics::counter!("skillsync_postgres_batches_total", "outcome" => "ok")
-                    .increment(1);
-                metrics::counter!("skillsync_postgres_documents_written_total")
-                    .increment(batch.docs.len() as u64);
+                self.metrics.postgres_batch("ok");
+                self.metrics
+                    .postgres_documents_written(batch.docs.len() as u64);
             }
             at = next;
         }
@@ -550,15 +529,13 @@ impl Sink {
             .and_then(crate::model::parse_upstream_ts)
         {
             let secs = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
-            metrics::histogram!("skillsync_postgres_sink_delay_seconds").record(secs);
+            self.metrics.postgres_sink_delay(secs);
         }
     }
 
     fn ack(&self, seq: i64) -> Result<(), SessionError> {
-        self.rt.block_on(
-            self.store
-                .pg_ack(seq, crate::model::fmt_ts(chrono::Utc::now())),
-        )?;
+        self.store
+            .pg_ack(seq, crate::model::fmt_ts(chrono::Utc::now()))?;
         self.step()
     }
 
@@ -605,14 +582,14 @@ impl Sink {
     fn backfill(
         &self,
         client: &mut postgres::Client,
-        sqlite: &Connection,
+        sqlite: &ReadOnlyStore,
         database_id: &str,
     ) -> Result<i64, SessionError> {
         let pg = |e: postgres::Error| SessionError::Retry(self.cfg.error(&e).to_string());
         let s = schema::quoted(&self.cfg.schema);
         // The outbox is on (switched on before this): every change after s0 is in it.
-        let s0 = outbox::sink_state(sqlite)?.max_seq;
-        let tip0 = outbox::tip(sqlite, s0)?;
+        let s0 = sqlite.sink_state()?.max_seq;
+        let tip0 = sqlite.tip(s0)?;
         let started = Instant::now();
         {
             let mut tx = client.transaction().map_err(pg)?;
@@ -650,7 +627,7 @@ impl Sink {
                 if self.stopped() {
                     return Err(SessionError::Retry("stopping during the backfill".into()));
                 }
-                let page = outbox::mirror_page(sqlite, ty, after.as_ref(), self.cfg.batch_size)?;
+                let page = sqlite.mirror_page(ty, after.as_ref(), self.cfg.batch_size)?;
                 let Some(last) = page.last() else { break };
                 after = Some((last.tenant.clone(), last.id.clone()));
                 let mut tx = client.transaction().map_err(pg)?;
@@ -676,7 +653,7 @@ impl Sink {
             if self.stopped() {
                 return Err(SessionError::Retry("stopping during the backfill".into()));
             }
-            let page = outbox::history_page(sqlite, after, self.cfg.batch_size)?;
+            let page = sqlite.history_page(after, self.cfg.batch_size)?;
             let Some((last, _)) = page.last() else { break };
             after = *last;
             let rows: Vec<HistoryRow> = page.into_iter().map(|(_, h)| h).collect();
@@ -698,7 +675,7 @@ impl Sink {
             }
         }
         {
-            let max_run = outbox::max_run_id(sqlite)?;
+            let max_run = sqlite.max_run_id()?;
             let mut tx = client.transaction().map_err(pg)?;
             self.lock_cursor(&mut tx, database_id, None)?;
             let mut stale = 0u64;
@@ -982,11 +959,12 @@ impl Sink {
     /// The runs and queue figures, when they differ from the last copy.
     fn read_status(
         &self,
-        sqlite: &Connection,
+        sqlite: &ReadOnlyStore,
         last: &StatusCopy,
-    ) -> Result<(Vec<RunRow>, Vec<QueueRow>), SessionError> {
-        let runs = outbox::runs_since(sqlite, last.runs_floor)?;
-        let queue = outbox::queue_rows(sqlite)?;
+    ) -> Result<(Vec<RunRow>, Vec<StatusRow>), SessionError> {
+        let runs = sqlite.runs_since(last.runs_floor)?;
+        // The queue side of `sync_status` (what only SQLite knows).
+        let queue = sqlite.status_rows()?;
         Ok((runs, queue))
     }
 
@@ -994,8 +972,8 @@ impl Sink {
         &self,
         tx: &mut Transaction<'_>,
         runs: &[RunRow],
-        queue: &[QueueRow],
-        sqlite: &Connection,
+        queue: &[StatusRow],
+        sqlite: &ReadOnlyStore,
         copied_to: i64,
     ) -> Result<(), SessionError> {
         let s = schema::quoted(&self.cfg.schema);
@@ -1021,7 +999,7 @@ impl Sink {
             .map_err(pg)?;
         }
         // Changes not yet copied hold this copy's "complete as of" back.
-        let waiting: Option<String> = outbox::oldest_change_after(sqlite, copied_to)?;
+        let waiting: Option<String> = sqlite.oldest_change_after(copied_to)?;
         tx.execute(&format!("DELETE FROM {s}.source_queue"), &[])
             .map_err(pg)?;
         for q in queue {
@@ -1082,7 +1060,6 @@ fn timestamp(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::outbox::SinkState;
 
     fn state(acked: i64, max: i64) -> SinkState {
         SinkState {
@@ -1093,8 +1070,8 @@ mod tests {
         }
     }
 
-    fn cursor(seq: Option<i64>, tip: Option<&str>) -> Cursor {
-        Cursor {
+    fn cursor(seq: Option<i64>, tip: Option<&str>) -> PgCursor {
+        PgCursor {
             source_db: "db1".into(),
             seq,
             tip: tip.map(str::to_string),

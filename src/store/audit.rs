@@ -94,7 +94,7 @@ pub struct AuditRow {
 
 /// The latest finished audit of every tenant and type, on any connection. A
 /// database from before schema 8 has no `audits` table: no audits.
-pub fn last_audits(c: &Connection) -> Result<Vec<AuditRow>, StoreError> {
+pub(super) fn last_audits(c: &Connection) -> Result<Vec<AuditRow>, StoreError> {
     let exists: bool = c.query_row(
         "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'audits'",
         [],

@@ -62,7 +62,7 @@ fn is_stale(new: &FetchedDoc, old_modified: Option<&str>, old_version: Option<i6
 }
 
 /// Upserts one document; the heart of the mirror. Runs inside a write.
-pub(crate) fn upsert_document(
+pub(super) fn upsert_document(
     c: &Connection,
     key: &DocKey,
     doc: &FetchedDoc,
@@ -159,7 +159,7 @@ impl Store {
         // Any outbox row (a trigger: a new revision, or an undeletion even
         // when unchanged or stale) committed with the change: wake the PostgreSQL sink.
         if outcome.is_ok() {
-            self.inner.outbox_wake.notify();
+            self.inner.outbox_signal.notify();
         }
         outcome
     }
@@ -211,7 +211,7 @@ impl Store {
         })
         .await;
         if matches!(outcome, Ok(GoneOutcome::Marked)) {
-            self.inner.outbox_wake.notify();
+            self.inner.outbox_signal.notify();
         }
         outcome
     }

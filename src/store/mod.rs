@@ -18,18 +18,41 @@
 //! `outbox` (what feeds the PostgreSQL mirror), `retention` (pruning),
 //! `upgrade` (what opening a database would migrate or rebuild, read-only),
 //! `backup` (the online copy behind `skillsync backup`), `audit` (the
-//! accuracy audit's sample, refetches and `audits` rows).
+//! accuracy audit's sample, refetches and `audits` rows), `read_only`
+//! ([`ReadOnlyStore`], an existing database opened read-only for the
+//! read-only commands and the PostgreSQL sink's thread).
+//!
+//! The submodules are private and no `rusqlite` type leaves this module:
+//! callers get [`Store`] (its async methods, and the few blocking ones the
+//! sink's thread calls), [`ReadOnlyStore`] and the row and outcome types
+//! re-exported below. `Store::read` and `Store::write` take closures
+//! over a connection, so they stay private to the store.
 
-pub mod audit;
-pub mod backup;
-pub mod mirror;
-pub mod outbox;
-pub mod queue;
-pub mod report;
-pub mod retention;
-pub mod status;
-pub mod sync;
-pub mod upgrade;
+mod audit;
+mod backup;
+mod mirror;
+mod outbox;
+mod queue;
+mod read_only;
+mod report;
+mod retention;
+mod status;
+mod sync;
+mod upgrade;
+
+pub use audit::{AuditCounts, AuditRow, MirrorView, Sample, SamplePlan};
+pub use backup::{
+    Done as BackupDone, Progress as BackupProgress, backup, reporter as backup_reporter,
+};
+pub use mirror::{FetchedDoc, GoneOutcome, SampleRow, StoreOutcome, fill_synthetic_jobs};
+pub use outbox::{DocRow, HistoryRow, Lag, OutboxBatch, OutboxSignal, RunRow, SinkState};
+pub use queue::{FailureResult, FetchFailure, NewEvent};
+pub use read_only::ReadOnlyStore;
+pub use report::{RebuildReason, RebuildState, ReportRole, ReportWork};
+pub use retention::Aged;
+pub use status::{MetricsSnapshot, StatusRow, Throttling};
+pub use sync::{Finished, MirrorState, PageState, RunCounts, RunEnd, RunRef};
+pub use upgrade::{PlannedMigration, Rows, UpgradePlan, plan as upgrade_plan};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -172,7 +195,7 @@ struct Inner {
     /// whose `[reporting]` differs from the tables'; see [`report::ReportRole`]).
     report: ReportSlot,
     /// Wakes the PostgreSQL sink after a mirror change commits (see [`outbox`]).
-    outbox_wake: Arc<outbox::Wake>,
+    outbox_signal: Arc<outbox::OutboxSignal>,
     /// Dropped with the store, which stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
@@ -181,7 +204,7 @@ struct Inner {
 type ReportSlot = Arc<std::sync::RwLock<Option<Arc<crate::reporting::ReportSpec>>>>;
 
 /// The spec in `slot` now (a poisoned lock still holds a whole value).
-pub(crate) fn current_report(slot: &ReportSlot) -> Option<Arc<crate::reporting::ReportSpec>> {
+fn current_report(slot: &ReportSlot) -> Option<Arc<crate::reporting::ReportSpec>> {
     match slot.read() {
         Ok(g) => g.clone(),
         Err(p) => p.into_inner().clone(),
@@ -266,7 +289,7 @@ impl Store {
     }
 
     /// [`Store::open_with`], with the report views built for `report` (the
-    /// `[reporting]` config): see [`report`].
+    /// `[reporting]` config): see the store's `report` module.
     pub fn open_with_report(
         path: &Path,
         busy_timeout: Duration,
@@ -347,23 +370,10 @@ impl Store {
                 report: Arc::new(std::sync::RwLock::new(
                     record_values.then(|| Arc::new(report)),
                 )),
-                outbox_wake: Arc::default(),
+                outbox_signal: Arc::default(),
                 _checkpointer: checkpointer,
             }),
         })
-    }
-
-    /// Opens an existing database for reading only (used by `status`); never
-    /// creates the file or runs migrations, and refuses a too-new schema.
-    pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
-        let (conn, version) = open_read_only_versioned(path)?;
-        if version == 0 {
-            return Err(StoreError::Other(format!(
-                "{} is not a skillsync database (no schema)",
-                path.display()
-            )));
-        }
-        Ok(conn)
     }
 
     /// The database file's path.
@@ -373,7 +383,7 @@ impl Store {
 
     /// Runs `f` on the writer inside the current batch's transaction (in a
     /// savepoint of its own) and resolves once the batch is committed.
-    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -384,7 +394,7 @@ impl Store {
     /// [`Store::write`] for a write that is exactly one SQL statement: SQLite
     /// undoes a failed statement by itself, so it needs no savepoint (two
     /// statements of the writer's time per write, a third of an inbox insert).
-    pub(crate) async fn write_one<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn write_one<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -392,7 +402,36 @@ impl Store {
         self.submit(f, false).await
     }
 
+    /// [`Store::write`] for a plain thread outside the runtime (the
+    /// PostgreSQL sink's): it blocks that thread until the batch is
+    /// committed. Never call it on a runtime thread (tokio panics there).
+    fn write_blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.enqueue(f, true)?
+            .blocking_recv()
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
     async fn submit<R, F>(&self, f: F, savepoint: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.enqueue(f, savepoint)?
+            .await
+            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+    }
+
+    /// Hands `f` to the writer (refused at once when its queue is full);
+    /// the receiver yields `f`'s result once its batch committed.
+    fn enqueue<R, F>(
+        &self,
+        f: F,
+        savepoint: bool,
+    ) -> Result<oneshot::Receiver<Result<R, StoreError>>, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -421,12 +460,11 @@ impl Store {
                     StoreError::Unavailable("database writer has stopped".into())
                 }
             })?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("database writer has stopped".into()))?
+        Ok(rx)
     }
 
     /// Runs `f` with a pooled connection on a blocking thread.
-    pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
+    async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
@@ -758,7 +796,7 @@ impl<'c> Batch<'c> {
 /// Opens `path` read-only and reads its schema version, refusing one this
 /// binary cannot use ([`check_version`]); version 0 (a new or foreign file)
 /// is the caller's to judge.
-pub(crate) fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64), StoreError> {
+fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64), StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -774,7 +812,7 @@ pub(crate) fn open_read_only_versioned(path: &Path) -> Result<(Connection, i64),
 
 /// Refuses a schema this binary cannot use: newer than [`SCHEMA_VERSION`],
 /// or the reverted version 6 (an `inbox_cursor` table at user_version 6).
-pub(crate) fn check_version(conn: &Connection, found: i64) -> Result<(), StoreError> {
+fn check_version(conn: &Connection, found: i64) -> Result<(), StoreError> {
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
             found,

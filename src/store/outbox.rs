@@ -1,30 +1,54 @@
-//! The SQLite side of the PostgreSQL mirror: the outbox (`pg_outbox`, filled
-//! by triggers in the same transaction as every revision or `deleted_at`
-//! change, see migration 004), the sink's bookkeeping row (`pg_sink`), the
-//! database's identity, and the reads the sink and `postgres-check` make.
+//! The SQLite side of the PostgreSQL mirror: the outbox (`pg_outbox`), the
+//! sink's bookkeeping row (`pg_sink`), the database's identity, and the
+//! reads the sink and `postgres-check` make.
 //!
-//! The reads are plain functions over a [`Connection`] because their callers
-//! are blocking threads with their own read-only connection (the sink's
-//! thread, `postgres-check`); writes go through the store's writer.
-//! Nothing here knows about PostgreSQL.
+//! **The outbox is written by triggers, not by this code.** Migration 004
+//! created the four triggers named in [`OUTBOX_TRIGGERS`]: while `pg_sink`
+//! has its row (the sink was switched on), every insert into `jobs` /
+//! `projects`, and every update that changes a row's `revision` or
+//! `deleted_at`, appends `(doc_type, tenant, id, revision, changed_at)` to
+//! `pg_outbox` in the same transaction as the change. So no Rust code
+//! appends to the outbox: the mirror's writes (`store::mirror`, the
+//! reconciliation's deletions in `store::sync`) cannot forget to, and a
+//! change and its outbox row commit or roll back together. What the Rust
+//! code relies on: (1) a change is in the outbox once its commit returns
+//! (the writer then calls [`OutboxSignal::notify`]); (2) nothing is
+//! appended while the sink is off ([`Store::pg_switch_off`] deletes the
+//! `pg_sink` row); (3) `seq` (AUTOINCREMENT) is never given out twice, which
+//! the lineage check's fingerprints ([`ReadOnlyStore::tip`]) depend on. A
+//! test checks the triggers exist under these names on a new database.
+//!
+//! The reads are [`ReadOnlyStore`] methods because their callers are
+//! blocking threads with their own read-only connection (the sink's thread,
+//! `postgres-check`); writes go through the store's writer, the sink's in
+//! blocking form (its thread is not a runtime thread). Nothing here knows
+//! about PostgreSQL.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Store, StoreError};
+use super::{ReadOnlyStore, Store, StoreError};
 use crate::model::DocType;
+
+/// The triggers (migration 004) that append to `pg_outbox`: see the module doc.
+pub(crate) const OUTBOX_TRIGGERS: [&str; 4] = [
+    "jobs_pg_outbox_insert",
+    "jobs_pg_outbox_update",
+    "projects_pg_outbox_insert",
+    "projects_pg_outbox_update",
+];
 
 /// Wakes the sink after a commit that may have appended to the outbox.
 /// A counter under a mutex, so a wake-up between two waits is never lost.
 #[derive(Default)]
-pub struct Wake {
+pub struct OutboxSignal {
     changes: Mutex<u64>,
     signal: Condvar,
 }
 
-impl Wake {
+impl OutboxSignal {
     /// Says something was committed.
     pub fn notify(&self) {
         if let Ok(mut n) = self.changes.lock() {
@@ -33,7 +57,7 @@ impl Wake {
         }
     }
 
-    /// The current change count (pass it to [`Wake::wait`]).
+    /// The current change count (pass it to [`OutboxSignal::wait`]).
     pub fn seen(&self) -> u64 {
         self.changes.lock().map(|n| *n).unwrap_or(0)
     }
@@ -94,28 +118,13 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-/// The queue side of `sync_status` for one tenant and type (what only
-/// SQLite knows: events and fetches waiting).
-#[derive(Debug, Clone, PartialEq)]
-pub struct QueueRow {
-    pub tenant: String,
-    pub doc_type: String,
-    pub pending_events: i64,
-    pub queued_fetches: i64,
-    pub retrying_fetches: i64,
-    pub dead_events: i64,
-    pub dead_documents: i64,
-    pub oldest_pending_at: Option<String>,
-    pub complete_as_of: Option<String>,
-}
-
 /// Changes to send: the outbox rows after a cursor, collapsed to one current
 /// row per document, with the history rows they name.
 #[derive(Debug, Default)]
 pub struct OutboxBatch {
     /// The highest seq read (the cursor after this batch); 0 when empty.
     pub last_seq: i64,
-    /// The fingerprint of the outbox row at `last_seq` (see [`tip`]).
+    /// The fingerprint of the outbox row at `last_seq` (see [`ReadOnlyStore::tip`]).
     pub last_tip: Option<String>,
     /// Outbox rows read (before collapsing).
     pub changes: usize,
@@ -146,6 +155,18 @@ pub struct Lag {
     pub oldest_changed_at: Option<String>,
     /// What the sink writes to (host, database, schema).
     pub target: Option<String>,
+}
+
+impl Lag {
+    /// Seconds since the oldest change PostgreSQL has not acknowledged
+    /// (0 when none).
+    pub fn seconds(&self, now: chrono::DateTime<chrono::Utc>) -> f64 {
+        self.oldest_changed_at
+            .as_deref()
+            .and_then(crate::model::parse_upstream_ts)
+            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    }
 }
 
 const DOC_COLUMNS: &str = "tenant, id, document, number, name, modified_on, version, revision, first_seen_at, fetched_at, deleted_at";
@@ -182,7 +203,7 @@ fn read_rows<T>(
 }
 
 /// The sink's state: identity, switch-on point, acknowledged seq.
-pub fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
+fn sink_state(c: &Connection) -> Result<SinkState, StoreError> {
     let database_id: Option<String> = c
         .query_row(
             "SELECT value FROM daemon_state WHERE key = 'database_id'",
@@ -219,7 +240,7 @@ fn fingerprint(seq: i64, ty: &str, tenant: &str, id: &str, revision: i64, at: &s
 /// The fingerprint of the outbox row at `seq`; `{seq}:-` when it is not in
 /// the outbox (pruned after PostgreSQL acknowledged it, or never written: a
 /// seq is never given out twice, so its absence is as stable as a row).
-pub fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
+fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
     Ok(c.query_row(
         "SELECT doc_type, tenant, id, revision, changed_at FROM pg_outbox WHERE seq = ?1",
         [seq],
@@ -244,13 +265,30 @@ pub fn tip(c: &Connection, seq: i64) -> Result<String, StoreError> {
 const PROBLEM_KEY: &str = "pg_sink_problem";
 
 /// Why the PostgreSQL copy is not following, if the sink said so.
-pub fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
+fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
     Ok(c.query_row(
         "SELECT value FROM daemon_state WHERE key = ?1",
         [PROBLEM_KEY],
         |r| r.get(0),
     )
     .optional()?)
+}
+
+/// Refuses to switch the outbox on when its triggers are gone (a database
+/// edited by hand): the sink would follow an outbox that never fills.
+fn check_triggers(c: &Connection) -> Result<(), StoreError> {
+    let found: i64 = c.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN (?1, ?2, ?3, ?4)",
+        OUTBOX_TRIGGERS,
+        |r| r.get(0),
+    )?;
+    if found != OUTBOX_TRIGGERS.len() as i64 {
+        return Err(StoreError::Other(format!(
+            "the database lacks the triggers that fill the PostgreSQL outbox ({}; migration 004): no change would reach PostgreSQL",
+            OUTBOX_TRIGGERS.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn max_seq(c: &Connection) -> Result<i64, StoreError> {
@@ -265,7 +303,7 @@ fn max_seq(c: &Connection) -> Result<i64, StoreError> {
 
 /// Reads the outbox after `after` (up to `limit` rows) and the current rows
 /// and history they name, in one read transaction.
-pub fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+fn outbox_batch(c: &Connection, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
     c.execute_batch("BEGIN")?;
     let r = outbox_batch_in(c, after, limit);
     let _ = c.execute_batch("COMMIT");
@@ -330,7 +368,7 @@ fn outbox_batch_in(c: &Connection, after: i64, limit: usize) -> Result<OutboxBat
 
 /// Up to `limit` rows of a mirror table after `after` in (tenant, id) order
 /// (the backfill and `postgres-check` page through the tables with it).
-pub fn mirror_page(
+fn mirror_page(
     c: &Connection,
     ty: DocType,
     after: Option<&(String, String)>,
@@ -351,7 +389,7 @@ pub fn mirror_page(
 }
 
 /// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
-pub fn history_page(
+fn history_page(
     c: &Connection,
     after_rowid: i64,
     limit: usize,
@@ -382,7 +420,7 @@ pub fn history_page(
 }
 
 /// `sync_runs` rows with `id >= floor`.
-pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
+fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError> {
     read_rows(
         c,
         "SELECT id, tenant, doc_type, kind, started_at, finished_at, status, listed, enqueued,
@@ -410,7 +448,7 @@ pub fn runs_since(c: &Connection, floor: i64) -> Result<Vec<RunRow>, StoreError>
 }
 
 /// The highest `sync_runs` id (0 when none).
-pub fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
+fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
     Ok(
         c.query_row("SELECT coalesce(max(id), 0) FROM sync_runs", [], |r| {
             r.get(0)
@@ -418,32 +456,8 @@ pub fn max_run_id(c: &Connection) -> Result<i64, StoreError> {
     )
 }
 
-/// The queue figures of `sync_status`, per tenant and type.
-pub fn queue_rows(c: &Connection) -> Result<Vec<QueueRow>, StoreError> {
-    read_rows(
-        c,
-        "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
-                dead_documents, oldest_pending_at, complete_as_of
-         FROM sync_status ORDER BY tenant, doc_type",
-        [],
-        |r| {
-            Ok(QueueRow {
-                tenant: r.get(0)?,
-                doc_type: r.get(1)?,
-                pending_events: r.get(2)?,
-                queued_fetches: r.get(3)?,
-                retrying_fetches: r.get(4)?,
-                dead_events: r.get(5)?,
-                dead_documents: r.get(6)?,
-                oldest_pending_at: r.get(7)?,
-                complete_as_of: r.get(8)?,
-            })
-        },
-    )
-}
-
 /// When the oldest change after `seq` was written (`None` when none waits).
-pub fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
+fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, StoreError> {
     Ok(c.query_row(
         "SELECT changed_at FROM pg_outbox WHERE seq > ?1 ORDER BY seq LIMIT 1",
         [seq],
@@ -453,7 +467,7 @@ pub fn oldest_change_after(c: &Connection, seq: i64) -> Result<Option<String>, S
 }
 
 /// The sink's lag, or `None` when no sink was ever switched on for this database.
-pub fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
+fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
     let sink: Option<(i64, Option<String>)> = c
         .query_row(
             "SELECT acked_seq, target FROM pg_sink WHERE id = 1",
@@ -476,17 +490,85 @@ pub fn lag(c: &Connection) -> Result<Option<Lag>, StoreError> {
     }))
 }
 
+impl ReadOnlyStore {
+    /// The sink's state: identity, switch-on point, acknowledged seq.
+    pub fn sink_state(&self) -> Result<SinkState, StoreError> {
+        sink_state(&self.conn)
+    }
+
+    /// The fingerprint of the outbox change at `seq` (the lineage check's):
+    /// `{seq}:-` when it is not in the outbox (pruned after PostgreSQL
+    /// acknowledged it, or never written).
+    pub fn tip(&self, seq: i64) -> Result<String, StoreError> {
+        tip(&self.conn, seq)
+    }
+
+    /// Why the PostgreSQL copy is not following, if the sink said so.
+    pub fn sink_problem(&self) -> Result<Option<String>, StoreError> {
+        sink_problem(&self.conn)
+    }
+
+    /// The outbox after `after` (up to `limit` rows), collapsed to one
+    /// current row per document, with the history rows it names; read in
+    /// one read transaction.
+    pub fn outbox_batch(&self, after: i64, limit: usize) -> Result<OutboxBatch, StoreError> {
+        outbox_batch(&self.conn, after, limit)
+    }
+
+    /// Up to `limit` rows of a mirror table after `after` in (tenant, id)
+    /// order (the backfill and `postgres-check` page through the tables).
+    pub fn mirror_page(
+        &self,
+        ty: DocType,
+        after: Option<&(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<DocRow>, StoreError> {
+        mirror_page(&self.conn, ty, after, limit)
+    }
+
+    /// Up to `limit` `document_history` rows after `after_rowid`, with their rowids.
+    pub fn history_page(
+        &self,
+        after_rowid: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, HistoryRow)>, StoreError> {
+        history_page(&self.conn, after_rowid, limit)
+    }
+
+    /// `sync_runs` rows with `id >= floor`.
+    pub fn runs_since(&self, floor: i64) -> Result<Vec<RunRow>, StoreError> {
+        runs_since(&self.conn, floor)
+    }
+
+    /// The highest `sync_runs` id (0 when none).
+    pub fn max_run_id(&self) -> Result<i64, StoreError> {
+        max_run_id(&self.conn)
+    }
+
+    /// When the oldest change after `seq` was written (`None` when none waits).
+    pub fn oldest_change_after(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        oldest_change_after(&self.conn, seq)
+    }
+
+    /// The sink's lag, or `None` when no sink was ever switched on here.
+    pub fn lag(&self) -> Result<Option<Lag>, StoreError> {
+        lag(&self.conn)
+    }
+}
+
 impl Store {
     /// The commit signal the PostgreSQL sink waits on.
-    pub fn outbox_wake(&self) -> Arc<Wake> {
-        self.inner.outbox_wake.clone()
+    pub fn outbox_signal(&self) -> Arc<OutboxSignal> {
+        self.inner.outbox_signal.clone()
     }
 
     /// Switches the outbox on (idempotent): from the next change on, every
-    /// revision or `deleted_at` change appends a row. Records the target
-    /// (never a password) for `status`.
-    pub async fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
-        self.write(move |c| {
+    /// revision or `deleted_at` change appends a row (the triggers `OUTBOX_TRIGGERS` names).
+    /// Records the target (never a password) for `status`. Blocking, for
+    /// the sink's thread (never a runtime thread).
+    pub fn pg_switch_on(&self, target: String) -> Result<SinkState, StoreError> {
+        self.write_blocking(move |c| {
+            check_triggers(c)?;
             let next = max_seq(c)? + 1;
             c.execute(
                 "INSERT INTO pg_sink (id, since_seq, acked_seq, target) VALUES (1, ?1, ?2, ?3)
@@ -495,7 +577,6 @@ impl Store {
             )?;
             sink_state(c)
         })
-        .await
     }
 
     /// Switches the outbox off and empties it (`serve` without `[postgres]`),
@@ -512,9 +593,9 @@ impl Store {
     }
 
     /// Records that PostgreSQL holds every change up to `seq` and prunes
-    /// the outbox up to there (never further).
-    pub async fn pg_ack(&self, seq: i64, now: String) -> Result<(), StoreError> {
-        self.write(move |c| {
+    /// the outbox up to there (never further). Blocking, for the sink's thread.
+    pub fn pg_ack(&self, seq: i64, now: String) -> Result<(), StoreError> {
+        self.write_blocking(move |c| {
             c.prepare_cached(
                 "UPDATE pg_sink SET acked_seq = max(acked_seq, ?1), acked_at = ?2 WHERE id = 1",
             )?
@@ -525,13 +606,12 @@ impl Store {
             .execute([seq])?;
             Ok(())
         })
-        .await
     }
 
     /// Records why the PostgreSQL copy is not following (`None`: it follows
-    /// again), for `status`.
-    pub async fn pg_set_problem(&self, problem: Option<String>) -> Result<(), StoreError> {
-        self.write(move |c| {
+    /// again), for `status`. Blocking, for the sink's thread.
+    pub fn pg_set_problem(&self, problem: Option<String>) -> Result<(), StoreError> {
+        self.write_blocking(move |c| {
             match problem {
                 Some(p) => c.execute(
                     "INSERT INTO daemon_state (key, value) VALUES (?1, ?2)
@@ -542,11 +622,88 @@ impl Store {
             };
             Ok(())
         })
-        .await
     }
 
     /// The sink's lag (for `/metrics`).
     pub async fn pg_lag(&self) -> Result<Option<Lag>, StoreError> {
         self.read(lag).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The triggers that fill the outbox on a new database are exactly the
+    /// ones [`OUTBOX_TRIGGERS`] names (the Rust code relies on them).
+    #[test]
+    fn the_outbox_is_filled_by_the_named_triggers() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        drop(Store::open(&path, Duration::from_secs(5))?);
+        let c = Connection::open(&path)?;
+        let mut names: Vec<String> = c
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND sql LIKE '%INSERT INTO pg_outbox%' ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let mut want: Vec<String> = OUTBOX_TRIGGERS.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(names, want);
+        Ok(())
+    }
+
+    /// The sink's whole round (switch on, read a batch, acknowledge) works
+    /// from a plain thread with no tokio runtime anywhere: the reads through
+    /// a [`ReadOnlyStore`], the writes blocking on the writer.
+    #[test]
+    fn the_sink_round_needs_no_runtime() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, Duration::from_secs(5))?;
+        let state = store.pg_switch_on("pg.example/reports/skillsync".into())?;
+        assert_eq!(state.max_seq, 0);
+        // Three jobs written by another connection: the triggers fill the outbox.
+        super::super::fill_synthetic_jobs(&path, "acme", 3, 1)?;
+        let reader = ReadOnlyStore::of(&store)?;
+        let batch = reader.outbox_batch(0, 100)?;
+        assert_eq!((batch.changes, batch.docs.len()), (3, 3));
+        assert_eq!(batch.history.len(), 3);
+        assert_eq!(reader.lag()?.map(|l| l.rows), Some(3));
+        assert_eq!(
+            reader.tip(batch.last_seq)?,
+            batch.last_tip.clone().unwrap_or_default()
+        );
+        store.pg_ack(batch.last_seq, crate::model::now_ts())?;
+        assert_eq!(reader.lag()?.map(|l| l.rows), Some(0));
+        assert_eq!(reader.outbox_batch(batch.last_seq, 100)?.changes, 0);
+        // The change at the acknowledged seq is pruned: its fingerprint says so.
+        assert_eq!(reader.tip(batch.last_seq)?, format!("{}:-", batch.last_seq));
+        store.pg_set_problem(Some("copying".into()))?;
+        assert_eq!(reader.sink_problem()?.as_deref(), Some("copying"));
+        store.pg_set_problem(None)?;
+        assert_eq!(reader.sink_problem()?, None);
+        Ok(())
+    }
+
+    /// A database whose outbox triggers were dropped (edited by hand) is
+    /// refused at switch-on, naming the triggers, instead of feeding a sink
+    /// that would never see a change.
+    #[test]
+    fn switching_on_without_the_triggers_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path, Duration::from_secs(5))?;
+        Connection::open(&path)?.execute_batch("DROP TRIGGER jobs_pg_outbox_update")?;
+        let e = store
+            .pg_switch_on("t".into())
+            .err()
+            .ok_or("switched on without its triggers")?;
+        assert!(e.to_string().contains("jobs_pg_outbox_update"), "{e}");
+        let reader = ReadOnlyStore::of(&store)?;
+        assert_eq!(reader.lag()?, None, "the outbox was not switched on");
+        Ok(())
     }
 }

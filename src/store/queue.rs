@@ -34,7 +34,7 @@ pub struct NewEvent {
 
 /// How a failed fetch is to be settled.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub struct FetchFailure {
     pub class: ErrorClass,
     pub message: String,
     /// When to try again if the document is not dead.
@@ -494,7 +494,7 @@ impl Store {
     pub async fn finish_failed(
         &self,
         claim: Claim,
-        f: Failure,
+        f: FetchFailure,
         now: DateTime<Utc>,
     ) -> Result<FailureResult, StoreError> {
         self.write(move |c| {
@@ -603,7 +603,7 @@ impl Store {
 
 /// Whether the queue row still holds `claim`'s token: a settlement is
 /// written only then (fencing). Runs inside the caller's write.
-pub(crate) fn holds_lease(c: &Connection, claim: &Claim) -> rusqlite::Result<bool> {
+pub(super) fn holds_lease(c: &Connection, claim: &Claim) -> rusqlite::Result<bool> {
     c.prepare_cached(
         "SELECT 1 FROM fetch_queue WHERE tenant = ?1 AND doc_type = ?2 AND doc_id = ?3 AND lease_owner = ?4",
     )?
@@ -613,7 +613,7 @@ pub(crate) fn holds_lease(c: &Connection, claim: &Claim) -> rusqlite::Result<boo
 /// Settles the events and the queue row after a fetch that stored the
 /// document or found it gone, once [`holds_lease`] said the claim still
 /// holds the row. Runs inside the caller's write.
-pub(crate) fn settle_success(c: &Connection, claim: &Claim, now: &str) -> Result<(), StoreError> {
+pub(super) fn settle_success(c: &Connection, claim: &Claim, now: &str) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE events SET status = 'done', processed_at = ?1, next_attempt_at = NULL
          WHERE tenant = ?2 AND doc_type = ?3 AND doc_id = ?4 AND queued = 1 AND status IN ('pending', 'dead') AND id <= ?5",

@@ -21,7 +21,9 @@ use serde_json::{Map, Value};
 
 use super::StoreError;
 use crate::model::{DocKey, DocType};
-use crate::reporting::{ReportSpec, Typed, quote_ident};
+use crate::reporting::{
+    ReportSpec, SqlDialect, Typed, quote_ident, report_view_sql, stages_view_sql,
+};
 
 /// `daemon_state` key holding the hash of the extraction rules the derived tables were built with.
 const HASH_KEY: &str = "reporting_values_hash";
@@ -101,52 +103,13 @@ fn table_sql(spec: &ReportSpec) -> Vec<String> {
 fn view_sql(spec: &ReportSpec) -> Vec<(String, String)> {
     let mut out = vec![("sync_status".to_string(), SYNC_STATUS.trim().to_string())];
     for ty in DocType::ALL {
-        let cols = spec.view_select_list(ty);
-        let name = format!("{ty}_report");
         out.push((
-            name.clone(),
-            format!(
-                "CREATE VIEW {name} AS\nSELECT d.tenant AS tenant, d.id AS id,\n       {}\nFROM {} AS d\nLEFT JOIN {} AS v ON v.tenant = d.tenant AND v.id = d.id\nWHERE d.deleted_at IS NULL",
-                cols.join(",\n       "),
-                ty.table(),
-                values_table(ty)
-            ),
+            format!("{ty}_report"),
+            report_view_sql(spec, SqlDialect::Sqlite, ty, ""),
         ));
-        let name = format!("{ty}_stages");
         out.push((
-            name.clone(),
-            format!(
-                "CREATE VIEW {name} AS
-WITH revisions AS (
-    SELECT s.tenant, s.id, s.revision, s.stage, s.fetched_at,
-           lag(s.stage) OVER (PARTITION BY s.tenant, s.id ORDER BY s.revision) AS previous_stage,
-           row_number() OVER (PARTITION BY s.tenant, s.id ORDER BY s.revision) AS n
-    FROM document_stages AS s
-    WHERE s.doc_type = '{ty}'
-),
-entered AS (
-    -- a revision starts a stay when its stage differs from the one before (NULLs equal)
-    SELECT tenant, id, revision, stage, fetched_at AS entered_at
-    FROM revisions
-    WHERE n = 1
-       OR (CASE WHEN stage IS NULL AND previous_stage IS NULL THEN 0
-                WHEN stage IS NULL OR previous_stage IS NULL THEN 1
-                WHEN stage <> previous_stage THEN 1
-                ELSE 0 END) = 1
-),
-stays AS (
-    SELECT tenant, id, stage, entered_at,
-           lead(entered_at) OVER (PARTITION BY tenant, id ORDER BY revision) AS next_entered_at
-    FROM entered
-)
-SELECT t.tenant AS tenant, t.id AS id, d.number AS number, t.stage AS stage,
-       t.entered_at AS entered_at,
-       -- the next stay's start; for the current stay, when the document was deleted upstream (else NULL)
-       CASE WHEN t.next_entered_at IS NULL THEN d.deleted_at ELSE t.next_entered_at END AS left_at
-FROM stays AS t
-JOIN {} AS d ON d.tenant = t.tenant AND d.id = t.id",
-                ty.table()
-            ),
+            format!("{ty}_stages"),
+            stages_view_sql(SqlDialect::Sqlite, ty, ""),
         ));
     }
     out
@@ -178,7 +141,7 @@ fn stored_hash(conn: &Connection) -> Result<Option<String>, StoreError> {
 /// Idempotent and safe when two processes start at once. Returns whether
 /// this process should record report values for the revisions it stores
 /// (always for an owner; for a follower only when its config matches).
-pub(crate) fn ensure(
+pub(super) fn ensure(
     conn: &Connection,
     spec: &ReportSpec,
     role: ReportRole,
@@ -364,7 +327,7 @@ fn up_to_date(c: &Connection, spec: &ReportSpec) -> Result<bool, StoreError> {
 /// changed, the old tables are renamed aside (dropped later in batches) and
 /// new empty ones created; [`rebuild_step`] fills them after the daemon
 /// serves. Revisions stored meanwhile record their values at once.
-pub(crate) fn apply(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
+pub(super) fn apply(conn: &Connection, spec: &ReportSpec) -> Result<(), StoreError> {
     if up_to_date(conn, spec)? {
         return Ok(());
     }
@@ -526,7 +489,7 @@ fn table_exists(conn: &Connection, name: &str) -> Result<bool, StoreError> {
 }
 
 /// Documents plus history revisions: what a rebuild reads (on a reader).
-pub fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
+pub(super) fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
     let n: i64 = conn.query_row(
         "SELECT (SELECT count(*) FROM jobs) + (SELECT count(*) FROM projects)
               + (SELECT count(*) FROM document_history WHERE doc_type IN ('job', 'project'))",
@@ -537,7 +500,7 @@ pub fn rebuild_rows(conn: &Connection) -> Result<u64, StoreError> {
 }
 
 /// The rebuild in progress, if any (any connection, read-only too).
-pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
+pub(super) fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreError> {
     let text: Option<String> = conn
         .query_row(
             "SELECT value FROM daemon_state WHERE key = ?1",
@@ -551,7 +514,7 @@ pub fn rebuild_state(conn: &Connection) -> Result<Option<RebuildState>, StoreErr
 /// One batch of the rebuild in progress, inside the caller's write: at most
 /// `batch` rows. Returns the state after it, or `None` when no rebuild is
 /// in progress (or it just finished).
-pub(crate) fn rebuild_step(
+pub(super) fn rebuild_step(
     conn: &Connection,
     spec: &ReportSpec,
     batch: usize,
@@ -741,7 +704,7 @@ pub(crate) struct Revision<'a> {
 
 /// Records a stored revision's report values and stage (inside the write
 /// that stored it, so the views never lag the mirror).
-pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
+pub(super) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Result<(), StoreError> {
     let doc = parse(r.document);
     write_values(conn, spec, r.key, &doc)?;
     conn.prepare_cached(
@@ -761,7 +724,7 @@ pub(crate) fn record(conn: &Connection, spec: &ReportSpec, r: &Revision) -> Resu
 
 /// Calls `f` with every live document of a type (for `skillsync columns`),
 /// on a read-only connection.
-pub fn for_each_live_document(
+pub(super) fn for_each_live_document(
     conn: &Connection,
     ty: DocType,
     mut f: impl FnMut(&Map<String, Value>),

@@ -51,7 +51,7 @@ pub struct Throttling {
 }
 
 /// Every tenant's latest throttling, on any connection.
-pub fn throttling_rows(c: &Connection) -> Result<Vec<Throttling>, StoreError> {
+pub(super) fn throttling_rows(c: &Connection) -> Result<Vec<Throttling>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT tenant, throttled_at, allowed_rate, refusals_total FROM upstream_throttling ORDER BY tenant",
     )?;
@@ -76,7 +76,7 @@ pub struct MetricsSnapshot {
 }
 
 /// Reads the status rows on any connection (the pool, or a read-only one).
-pub fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
+pub(super) fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT s.tenant, s.doc_type, s.mirrored, s.deleted, s.pending_events, s.queued_fetches, s.retrying_fetches,
                 s.dead_events, s.dead_documents, s.oldest_pending_at, s.last_ok_started_at, s.last_ok_finished_at,

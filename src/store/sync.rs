@@ -55,7 +55,7 @@ pub struct RunRef {
 
 /// Whether `run.owner` still holds the run lock of its tenant and type
 /// (an expired lock nobody has taken over is still held).
-pub(crate) fn holds_lock(c: &rusqlite::Connection, run: &RunRef) -> rusqlite::Result<bool> {
+pub(super) fn holds_lock(c: &rusqlite::Connection, run: &RunRef) -> rusqlite::Result<bool> {
     c.prepare_cached(
         "SELECT 1 FROM sync_state WHERE tenant = ?1 AND doc_type = ?2 AND lock_owner = ?3",
     )?

@@ -107,7 +107,7 @@ async fn reconcile_jobs(config: &Config) {
 }
 
 async fn mirrored_jobs(config: &Config, tenant: &str) -> i64 {
-    let store = skillsync::app::open_store(config, skillsync::store::report::ReportRole::Follower)
+    let store = skillsync::app::open_store(config, skillsync::store::ReportRole::Follower)
         .await
         .expect("open store");
     let rows = store.status().await.expect("status");
@@ -225,7 +225,7 @@ async fn a_throttling_upstream_without_a_budget_sees_few_429s_and_status_says_so
     );
 
     // /metrics of this process: requests made, 429s, the allowed rate.
-    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Follower)
+    let store = skillsync::app::open_store(&config, skillsync::store::ReportRole::Follower)
         .await
         .expect("open store");
     let scrape = skillsync::metrics::Metrics::install().render(&store).await;

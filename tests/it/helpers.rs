@@ -492,8 +492,8 @@ pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
 }
 
 /// An `updated` webhook for job `id` of tenant acme, as the handler records it.
-pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::queue::NewEvent {
-    skillsync::store::queue::NewEvent {
+pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::NewEvent {
+    skillsync::store::NewEvent {
         tenant: "acme".into(),
         received_at: chrono::Utc::now(),
         action: "updated".into(),
@@ -505,7 +505,7 @@ pub fn recorded_event(sim: &Simulator, id: &str) -> skillsync::store::queue::New
 }
 
 /// Job `id` as the simulator serves it now, as a fetch would store it.
-pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::mirror::FetchedDoc {
+pub fn fetched_job(app: &TestApp, id: &str) -> skillsync::store::FetchedDoc {
     let d = app
         .sim
         .documents(DocType::Job)

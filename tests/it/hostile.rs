@@ -148,7 +148,7 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
     let store = rt
         .block_on(skillsync::app::open_store(
             &config,
-            skillsync::store::report::ReportRole::Owner,
+            skillsync::store::ReportRole::Owner,
         ))
         .unwrap();
     let state = WebhookState::new(WebhookParts {
@@ -164,12 +164,9 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
         failure_persistence: None,
         ..PtConfig::default()
     });
+    let reader = rusqlite::Connection::open(dir.path().join("p.db")).unwrap();
     let result = runner.run(&request(base), |req| {
-        let before: i64 = rt
-            .block_on(
-                store.read(|c| Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?)),
-            )
-            .unwrap();
+        let before = count(&reader, "SELECT count(*) FROM events");
         let mut r = warp::test::request()
             .method("POST")
             .path(&req.path)
@@ -182,11 +179,7 @@ fn property_every_request_gets_a_precise_status_and_only_200_writes() {
         }
         let resp = rt.block_on(r.reply(&filter));
         let status = resp.status().as_u16();
-        let after: i64 = rt
-            .block_on(
-                store.read(|c| Ok(c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?)),
-            )
-            .unwrap();
+        let after = count(&reader, "SELECT count(*) FROM events");
         let authed = req.secret.as_deref() == Some(SECRET_ACME)
             && (req.path == "/skillsevent" || req.path == "/skillsevent/acme");
         if req.path == "/elsewhere" {

@@ -10,8 +10,7 @@ use chrono::Utc;
 use skillsync::model::DocType;
 use skillsync::reconcile::{Kind, RunError};
 use skillsync::simulator::{Faults, Scripted};
-use skillsync::store::mirror::GoneOutcome;
-use skillsync::store::queue::{Failure, FailureResult};
+use skillsync::store::{FailureResult, FetchFailure, GoneOutcome};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
@@ -72,7 +71,7 @@ async fn a_claim_that_lost_its_lease_settles_nothing() {
     let failed = store
         .finish_failed(
             first.clone(),
-            Failure {
+            FetchFailure {
                 class: skillsync::model::ErrorClass::Server,
                 message: "late".into(),
                 retry_at: Utc::now() + chrono::Duration::hours(1),

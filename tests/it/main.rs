@@ -5,6 +5,7 @@
 mod application;
 mod audit;
 mod backup;
+mod boundary;
 mod budget;
 mod cli;
 mod config_keys;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use skillsync::config::{Config, PostgresConfig};
 use skillsync::model::DocType;
-use skillsync::pgmirror::check::{Report, compare};
+use skillsync::pgmirror::check::{Comparison, compare};
 use skillsync::pgmirror::sink;
 use skillsync::simulator::Simulator;
 use tokio::task::JoinHandle;
@@ -119,7 +119,7 @@ async fn on_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) ->
 }
 
 /// `postgres-check`'s comparison, with the default `[reporting]`.
-async fn check(db: &Path, pg: &PostgresConfig) -> Report {
+async fn check(db: &Path, pg: &PostgresConfig) -> Comparison {
     check_with(db, pg, &skillsync::reporting::ReportingConfig::default()).await
 }
 
@@ -127,14 +127,14 @@ async fn check_with(
     db: &Path,
     pg: &PostgresConfig,
     reporting: &skillsync::reporting::ReportingConfig,
-) -> Report {
+) -> Comparison {
     let (db, pg) = (db.to_path_buf(), pg.clone());
     let spec = skillsync::reporting::ReportSpec::new(reporting);
     on_thread(move || compare(&db, &pg, &spec).expect("postgres-check comparison ran")).await
 }
 
 /// Waits until PostgreSQL equals SQLite (by `postgres-check`'s comparison).
-async fn wait_equal(db: &Path, pg: &PostgresConfig, timeout: Duration) -> Report {
+async fn wait_equal(db: &Path, pg: &PostgresConfig, timeout: Duration) -> Comparison {
     let start = Instant::now();
     loop {
         let r = check(db, pg).await;
@@ -672,14 +672,81 @@ async fn changes(p: &Process, sim: &Simulator, ids: &mut Vec<String>, n: usize) 
     }
 }
 
-/// Waits for the whole copy to be started and held at the failpoint, checks
+/// A whole copy held at its first write, the way a busy PostgreSQL holds
+/// it: a session of the test's own locks the schema's `jobs` table in SHARE
+/// mode. Reads (the sink's schema and cursor checks, `postgres-check`) go
+/// through; the copy's first statement, which marks every `jobs` row stale,
+/// waits for the lock, after the sink has recorded for `status` that it is
+/// copying. The schema must exist. Released by [`HeldCopy::release`] or on drop.
+struct HeldCopy {
+    /// The quoted `jobs` table of the schema.
+    table: String,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeldCopy {
+    async fn hold(pg: &PostgresConfig, schema: &str) -> HeldCopy {
+        let table = format!("\"{schema}\".jobs");
+        let pg = pg.clone();
+        let locked_table = table.clone();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            let mut c = pg.connect().expect("connect");
+            let mut tx = c.transaction().expect("begin");
+            tx.batch_execute(&format!("LOCK TABLE {locked_table} IN SHARE MODE"))
+                .expect("lock");
+            let _ = locked.send(());
+            let _ = released.recv();
+            let _ = tx.rollback();
+        });
+        is_locked.await.expect("the lock is taken");
+        HeldCopy {
+            table,
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until a session waits for the lock: the copy has reached its
+    /// first write and is held there.
+    async fn reached(&self, pg: &PostgresConfig) {
+        let sql = format!(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = '{}'::regclass",
+            self.table
+        );
+        wait_until(
+            PATIENCE,
+            "the whole copy to wait for the held table",
+            || {
+                let (pg, sql) = (pg.clone(), sql.clone());
+                async move { pg_i64(&pg, sql).await > 0 }
+            },
+        )
+        .await;
+    }
+
+    fn release(self) {}
+}
+
+impl Drop for HeldCopy {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits for the whole copy to be started and held ([`HeldCopy`]), checks
 /// that `status` is degraded with `reason` and that the copy differs, then
 /// releases it.
 async fn held_copy_is_reported(
     p: &Process,
     db: &Path,
     pg: &PostgresConfig,
-    hold: &Path,
+    hold: HeldCopy,
     reason: &str,
 ) {
     wait_until(PATIENCE, "the whole copy to start (held)", || {
@@ -687,6 +754,7 @@ async fn held_copy_is_reported(
         async move { log.contains("copied whole again") }
     })
     .await;
+    hold.reached(pg).await;
     let (code, problem) = pg_problem(p);
     assert_eq!(
         code, 1,
@@ -695,7 +763,7 @@ async fn held_copy_is_reported(
     let problem = problem.expect("status names the PostgreSQL problem");
     assert!(problem.contains(reason), "{problem}");
     assert!(!check(db, pg).await.equal(), "the copy differs while held");
-    std::fs::remove_file(hold).expect("release the copy");
+    hold.release();
 }
 
 #[tokio::test]
@@ -726,21 +794,13 @@ async fn a_restored_sqlite_backup_is_copied_again_and_status_says_why() {
 
     // The disk fails; the backup comes back.
     restore_file(&backup, &db);
-    let hold = dir.path().join("hold-copy");
-    std::fs::write(&hold, "").expect("failpoint file");
-    let p = Process::spawn_env(
-        dir.path(),
-        &db,
-        &sim,
-        &section,
-        1,
-        &[("SKILLSYNC_FAILPOINT_HOLD_COPY", &hold)],
-    );
+    let hold = HeldCopy::hold(&pg, &schema).await;
+    let p = Process::spawn(dir.path(), &db, &sim, &section, 1);
     p.ready().await;
     // 50 new changes by webhook, some of them while the copy waits.
     let mut fresh: Vec<String> = ids[..20].to_vec();
     changes(&p, &sim, &mut fresh, 25).await;
-    held_copy_is_reported(&p, &db, &pg, &hold, "SQLite is behind PostgreSQL").await;
+    held_copy_is_reported(&p, &db, &pg, hold, "SQLite is behind PostgreSQL").await;
     changes(&p, &sim, &mut fresh, 25).await;
     drained(&db).await;
     let r = wait_equal(&db, &pg, PATIENCE).await;
@@ -891,18 +951,10 @@ async fn a_restored_postgres_dump_is_copied_again() {
     assert!(st.success());
     assert!(!check(&db, &pg).await.equal(), "the dump is behind SQLite");
 
-    let hold = dir.path().join("hold-copy");
-    std::fs::write(&hold, "").expect("failpoint file");
-    let p = Process::spawn_env(
-        dir.path(),
-        &db,
-        &sim,
-        &section,
-        1,
-        &[("SKILLSYNC_FAILPOINT_HOLD_COPY", &hold)],
-    );
+    let hold = HeldCopy::hold(&pg, &schema).await;
+    let p = Process::spawn(dir.path(), &db, &sim, &section, 1);
     p.ready().await;
-    held_copy_is_reported(&p, &db, &pg, &hold, "PostgreSQL is behind SQLite").await;
+    held_copy_is_reported(&p, &db, &pg, hold, "PostgreSQL is behind SQLite").await;
     changes(&p, &sim, &mut ids, 20).await;
     drained(&db).await;
     wait_equal(&db, &pg, PATIENCE).await;
@@ -942,21 +994,14 @@ async fn a_report_rebuild_killed_before_its_copy_is_filled_at_restart() {
     // killed (-9) before the copy that fills them.
     let reporting = "[reporting.job]\nclient_again = \"$.Client\"\n";
     let extra = format!("{section}{reporting}");
-    let hold = dir.path().join("hold-copy");
-    std::fs::write(&hold, "").expect("failpoint file");
-    let mut p = Process::spawn_env(
-        dir.path(),
-        &db,
-        &sim,
-        &extra,
-        1,
-        &[("SKILLSYNC_FAILPOINT_HOLD_COPY", &hold)],
-    );
+    let hold = HeldCopy::hold(&pg, &schema).await;
+    let mut p = Process::spawn(dir.path(), &db, &sim, &extra, 1);
     wait_until(PATIENCE, "the rebuild's copy to start (held)", || {
         let log = p.log();
         async move { log.contains("new shape") }
     })
     .await;
+    hold.reached(&pg).await;
     p.kill();
     let config = Config::from_toml(
         &std::fs::read_to_string(dir.path().join("serve-1.toml")).expect("config"),
@@ -986,7 +1031,7 @@ async fn a_report_rebuild_killed_before_its_copy_is_filled_at_restart() {
         "postgres-check shows the half-built report: {:?}",
         half.differences
     );
-    std::fs::remove_file(&hold).expect("release");
+    hold.release();
 
     let p = Process::spawn(dir.path(), &db, &sim, &extra, 2);
     p.ready().await;
@@ -1043,12 +1088,12 @@ async fn property_case(server: &Server, ops: Vec<Op>) {
     settings.postgres = Some(server.postgres(&server.direct(), &schema));
     let config = settings.config();
     let pg = config.postgres.clone().expect("postgres");
-    let store = skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+    let store = skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
         .await
         .expect("store");
     let spec = skillsync::reporting::ReportSpec::new(&config.reporting);
-    let handle = tokio::runtime::Handle::current();
-    let sink = on_thread(move || sink::start(pg, store, spec, handle).expect("sink")).await;
+    // Started from a runtime thread: the sink's thread needs no runtime.
+    let sink = sink::start(pg, store, spec).expect("sink");
     let pg = config.postgres.clone().expect("postgres");
     let ids: Vec<String> = (0..8).map(|_| sim.create(DocType::Job)).collect();
     let mut known = vec![false; ids.len()];

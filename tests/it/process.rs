@@ -42,7 +42,7 @@ impl Process {
         Process::spawn_full(dir, db, sim, extra, n, &[], edit)
     }
 
-    /// [`Process::spawn`] with extra environment (failpoints).
+    /// [`Process::spawn`] with extra environment.
     pub fn spawn_env(
         dir: &Path,
         db: &Path,

@@ -335,9 +335,9 @@ fn serve(config: &std::path::Path, log: &std::path::Path) -> Child {
         .expect("start serve")
 }
 
-fn rebuild_state(db: &std::path::Path) -> Option<skillsync::store::report::RebuildState> {
-    let c = skillsync::store::Store::open_read_only(db).expect("open read-only");
-    skillsync::store::report::rebuild_state(&c).expect("rebuild state")
+fn rebuild_state(db: &std::path::Path) -> Option<skillsync::store::RebuildState> {
+    let c = skillsync::store::ReadOnlyStore::open(db).expect("open read-only");
+    c.report_rebuild().expect("rebuild state")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +347,7 @@ async fn a_large_report_rebuild_runs_after_ready_and_resumes_after_kill_9() {
     let sim = start_sim(&token).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("skillsync.db");
-    skillsync::store::mirror::fill_synthetic_jobs(&db, "acme", JOBS, 2).expect("fill");
+    skillsync::store::fill_synthetic_jobs(&db, "acme", JOBS, 2).expect("fill");
     let port = free_port();
     let mut settings = TestConfig::new(&db, &sim.base_url()).on_port(port);
     settings.sections = REPORTING_CHANGE.into();

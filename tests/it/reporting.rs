@@ -250,7 +250,7 @@ async fn a_reporting_config_change_rebuilds_views_and_leaves_the_mirror_alone() 
             Duration::from_secs(5),
             true,
             skillsync::reporting::ReportSpec::new(&config.reporting),
-            skillsync::store::report::ReportRole::Owner,
+            skillsync::store::ReportRole::Owner,
         )
         .expect("open")
     };
@@ -384,7 +384,7 @@ async fn stage_history_outlives_pruned_history_through_a_column_change() {
     settings.sections = BUDGET_COLUMN.into();
     let config = settings.config();
     drop(
-        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+        skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
             .await
             .expect("open"),
     );
@@ -459,7 +459,7 @@ async fn columns_command_lists_fields_and_its_lines_make_working_columns() {
     );
     let config = pasted.config();
     drop(
-        skillsync::app::open_store(&config, skillsync::store::report::ReportRole::Owner)
+        skillsync::app::open_store(&config, skillsync::store::ReportRole::Owner)
             .await
             .expect("open"),
     );
