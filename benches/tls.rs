@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 use skillsync::config::Config;
 use skillsync::model::DocType;
-use skillsync::simulator::{SendReport, send_webhooks_with};
+use skillsync::simulator::{SendReport, WebhookBatch, send_webhooks_with};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -71,23 +71,21 @@ async fn trial(tls: bool, senders: usize, events: usize, cert: &(String, String)
             .collect()
     };
     // Warm-up opens the keep-alive connections (and TLS sessions).
-    let warm = send_webhooks_with(
-        client.clone(),
-        &url,
-        SECRET,
-        payloads(senders * 4),
-        senders,
-        None,
-    )
-    .await;
+    let batch = |payloads: Vec<Value>| WebhookBatch {
+        url: &url,
+        secret: SECRET,
+        payloads,
+        concurrency: senders,
+        rate: None,
+    };
+    let warm = send_webhooks_with(client.clone(), batch(payloads(senders * 4))).await;
     assert_eq!(
         warm.acked.len(),
         senders * 4,
         "warm-up: {:?}",
         warm.statuses
     );
-    let r: SendReport =
-        send_webhooks_with(client, &url, SECRET, payloads(events), senders, None).await;
+    let r: SendReport = send_webhooks_with(client, batch(payloads(events))).await;
     assert_eq!(r.acked.len(), events, "answers: {:?}", r.statuses);
     token.cancel();
     daemon.await.unwrap().unwrap();

@@ -351,9 +351,9 @@ struct Generation {
     stop: CancellationToken,
     /// Its fetch workers, retention, scheduled runs and audits.
     tasks: TaskTracker,
+    /// The tenants' reconciliation and audit schedules, in one scheduler
+    /// (reloaded with the rest on SIGHUP).
     scheduler: Option<tokio_cron_scheduler::JobScheduler>,
-    /// The tenants' `audit_schedule`s (reloaded with the rest on SIGHUP).
-    audit_scheduler: Option<tokio_cron_scheduler::JobScheduler>,
 }
 
 impl Generation {
@@ -363,25 +363,9 @@ impl Generation {
         // The schedules first: if they cannot start, nothing of this
         // generation runs. Scheduled runs stop only with the daemon: a
         // reload lets a run in progress finish under the config it started with.
-        let scheduler = p
-            .reconciler
-            .clone()
-            .start_schedules(shutdown.clone(), &tasks)
-            .await?;
-        let audit_scheduler = match p
-            .auditor
-            .clone()
-            .start_schedules(shutdown.clone(), &tasks)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(mut s) = scheduler {
-                    let _ = s.shutdown().await;
-                }
-                return Err(e);
-            }
-        };
+        let mut jobs = p.reconciler.scheduled_jobs(shutdown, &tasks)?;
+        jobs.extend(p.auditor.scheduled_jobs(shutdown, &tasks)?);
+        let scheduler = crate::reconcile::start_scheduler(jobs).await?;
         p.spawn_fetchers(
             &tasks,
             p.config.tenants.iter().map(|t| &t.name),
@@ -399,7 +383,6 @@ impl Generation {
             stop,
             tasks,
             scheduler,
-            audit_scheduler,
         })
     }
 
@@ -407,10 +390,7 @@ impl Generation {
     /// their drain deadline); runs in progress finish; then this
     /// generation's leases and run locks are released.
     async fn retire(&mut self) {
-        for mut s in [self.scheduler.take(), self.audit_scheduler.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(mut s) = self.scheduler.take() {
             let _ = s.shutdown().await;
         }
         self.stop.cancel();

@@ -389,11 +389,6 @@ impl Auditor {
         sample: Option<usize>,
         shutdown: &CancellationToken,
     ) -> Result<AuditReport, AuditError> {
-        let tcfg = self
-            .config
-            .tenant(tenant)
-            .ok_or_else(|| AuditError::UnknownTenant(tenant.to_string()))?
-            .clone();
         let key = (tenant.to_string(), doc_type);
         let _running = {
             let mut set = self
@@ -407,6 +402,9 @@ impl Auditor {
                 set: self.running.clone(),
                 key,
             }
+        };
+        let Some(tcfg) = self.config.tenant(tenant).cloned() else {
+            return Err(AuditError::UnknownTenant(tenant.to_string()));
         };
         let n = sample.unwrap_or(tcfg.audit_sample as usize);
         let started = Utc::now();
@@ -675,42 +673,51 @@ impl Auditor {
         (wrong, served_live)
     }
 
-    /// Registers `audit_schedule` of every tenant: each firing audits both
-    /// types in turn. Runs are tracked by `tasks` so a stop waits for them
-    /// (an audit stops early on `shutdown` and records what it checked).
-    pub async fn start_schedules(
-        self,
-        shutdown: CancellationToken,
+    /// The cron jobs of every tenant's `audit_schedule`, for
+    /// [`crate::reconcile::start_scheduler`]: each firing audits both types
+    /// in turn, at the tenant's offset after the tick (spread like
+    /// reconciliation: every tenant's default is one tick). Runs are tracked
+    /// by `tasks` so a stop waits for them (an audit stops early on
+    /// `shutdown` and records what it checked).
+    pub fn scheduled_jobs(
+        &self,
+        shutdown: &CancellationToken,
         tasks: &TaskTracker,
-    ) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
-        let mut jobs = Vec::new();
-        for t in &self.config.tenants {
-            let Some(schedule) = &t.audit_schedule else {
-                continue;
-            };
-            let me = self.clone();
-            let tenant = t.name.clone();
-            let token = shutdown.clone();
-            // Spread like reconciliation: every tenant's default is one tick.
-            let offset =
-                crate::reconcile::schedule_offset(schedule, &t.name, DocType::Job, Utc::now());
-            jobs.push(crate::reconcile::offset_job(schedule, offset, &shutdown, tasks, move || {
-                let (me, tenant, token) = (me.clone(), tenant.clone(), token.clone());
-                async move {
-                    for doc_type in DocType::ALL {
-                        if token.is_cancelled() {
-                            return;
-                        }
-                        match me.audit(&tenant, doc_type, None, &token).await {
-                            Ok(_) => {}
-                            Err(AuditError::Busy(..)) => tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), "scheduled audit skipped: the previous one is still running"),
-                            Err(e) => tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled audit failed"),
-                        }
-                    }
+    ) -> Result<Vec<tokio_cron_scheduler::Job>, tokio_cron_scheduler::JobSchedulerError> {
+        let audited = self
+            .config
+            .tenants
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), t.audit_schedule.as_deref()?)));
+        audited
+            .map(|(tenant, schedule)| {
+                let (me, token) = (self.clone(), shutdown.clone());
+                let offset =
+                    crate::reconcile::schedule_offset(schedule, &tenant, DocType::Job, Utc::now());
+                crate::reconcile::offset_job(schedule, offset, shutdown, tasks, move || {
+                    let (me, tenant, token) = (me.clone(), tenant.clone(), token.clone());
+                    async move { me.audit_both(&tenant, &token).await }
+                })
+            })
+            .collect()
+    }
+
+    /// A scheduled firing: both types in turn, each outcome logged.
+    async fn audit_both(&self, tenant: &str, token: &CancellationToken) {
+        for doc_type in DocType::ALL {
+            if token.is_cancelled() {
+                return;
+            }
+            match self.audit(tenant, doc_type, None, token).await {
+                Ok(_) => {}
+                Err(AuditError::Busy(..)) => {
+                    tracing::info!(tenant = %tenant, doc_type = doc_type.as_str(), "scheduled audit skipped: the previous one is still running")
                 }
-            })?);
+                Err(e) => {
+                    tracing::error!(tenant = %tenant, doc_type = doc_type.as_str(), error = %e, "scheduled audit failed")
+                }
+            }
         }
-        crate::reconcile::start_scheduler(jobs).await
     }
 }
 

@@ -826,13 +826,15 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Registers the cron jobs of every tenant and type; runs are tracked by
-    /// `tasks` so a stop waits for them (and marks them interrupted).
-    pub async fn start_schedules(
-        self,
-        shutdown: CancellationToken,
+    /// The cron jobs of every tenant's reconciliation schedules, each type at
+    /// its own offset ([`schedule_offset`]), for [`start_scheduler`]. Runs
+    /// are tracked by `tasks` so a stop waits for them (and marks them
+    /// interrupted).
+    pub fn scheduled_jobs(
+        &self,
+        shutdown: &CancellationToken,
         tasks: &TaskTracker,
-    ) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {
+    ) -> Result<Vec<tokio_cron_scheduler::Job>, tokio_cron_scheduler::JobSchedulerError> {
         let mut jobs = Vec::new();
         for t in &self.config.tenants {
             for (schedule, kind) in [
@@ -845,7 +847,7 @@ impl Reconciler {
                     let tenant = t.name.clone();
                     let token = shutdown.clone();
                     let offset = schedule_offset(schedule, &t.name, doc_type, Utc::now());
-                    jobs.push(offset_job(schedule, offset, &shutdown, tasks, move || {
+                    jobs.push(offset_job(schedule, offset, shutdown, tasks, move || {
                         let (me, tenant, token) = (me.clone(), tenant.clone(), token.clone());
                         async move {
                             match me.run(&tenant, doc_type, kind, false, &token).await {
@@ -858,7 +860,7 @@ impl Reconciler {
                 }
             }
         }
-        start_scheduler(jobs).await
+        Ok(jobs)
     }
 }
 
@@ -895,7 +897,8 @@ where
     })
 }
 
-/// Starts a scheduler holding `jobs`; none when there are none.
+/// Starts one scheduler holding `jobs` (a config generation's
+/// reconciliation and audit schedules); none when there are none.
 pub async fn start_scheduler(
     jobs: Vec<tokio_cron_scheduler::Job>,
 ) -> anyhow::Result<Option<tokio_cron_scheduler::JobScheduler>> {

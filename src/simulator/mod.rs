@@ -37,7 +37,7 @@ use warp::reply::Response;
 use crate::model::DocType;
 use crate::server::{self, Limits};
 
-pub use sender::{SendReport, send_webhooks, send_webhooks_with};
+pub use sender::{SendReport, WebhookBatch, send_webhooks, send_webhooks_with};
 use upstream::State;
 pub use upstream::{Faults, ListingHook, Scripted, SimCredentials, SimDoc, SimPaths, SimRequest};
 

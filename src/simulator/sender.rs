@@ -49,19 +49,37 @@ pub async fn send_webhooks(
         Ok(c) => c,
         Err(_) => return SendReport::default(),
     };
-    send_webhooks_with(client, url, secret, payloads, concurrency, rate).await
+    let batch = WebhookBatch {
+        url,
+        secret,
+        payloads,
+        concurrency,
+        rate,
+    };
+    send_webhooks_with(client, batch).await
+}
+
+/// What [`send_webhooks_with`] sends: `payloads` to `url` with `secret`,
+/// from `concurrency` senders, at most `rate` per second overall when given.
+#[derive(Debug, Clone)]
+pub struct WebhookBatch<'a> {
+    pub url: &'a str,
+    pub secret: &'a str,
+    pub payloads: Vec<Value>,
+    pub concurrency: usize,
+    pub rate: Option<f64>,
 }
 
 /// [`send_webhooks`] with a client of the caller's (e.g. one that trusts a
 /// test certificate for HTTPS).
-pub async fn send_webhooks_with(
-    client: reqwest::Client,
-    url: &str,
-    secret: &str,
-    payloads: Vec<Value>,
-    concurrency: usize,
-    rate: Option<f64>,
-) -> SendReport {
+pub async fn send_webhooks_with(client: reqwest::Client, batch: WebhookBatch<'_>) -> SendReport {
+    let WebhookBatch {
+        url,
+        secret,
+        payloads,
+        concurrency,
+        rate,
+    } = batch;
     let bodies: Vec<bytes::Bytes> = payloads
         .iter()
         .map(|p| bytes::Bytes::from(p.to_string()))
