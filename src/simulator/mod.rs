@@ -173,6 +173,7 @@ pub struct SimulateArgs {
     #[arg(
         long,
         env = "SKILLSYNC_SIM_APP_SECRET",
+        hide_env_values = true,
         default_value = "demo-app-secret"
     )]
     pub app_secret: String,
@@ -202,16 +203,17 @@ pub struct SimulateArgs {
     /// this many already accepted for its X-AppTenant in the last second.
     #[arg(long)]
     pub rate_limit_per_sec: Option<f64>,
-    /// Send a webhook for every generated document to this URL (e.g. http://127.0.0.1:8080/skillsevent).
-    #[arg(long)]
-    pub webhook_url: Option<String>,
     /// The X-Webhook-Secret to send.
     #[arg(
         long,
         env = "SKILLSYNC_SIM_WEBHOOK_SECRET",
+        hide_env_values = true,
         default_value = "demo-webhook-secret"
     )]
     pub webhook_secret: String,
+    /// Send a webhook for every generated document to this URL (e.g. http://127.0.0.1:8080/skillsevent).
+    #[arg(long)]
+    pub webhook_url: Option<String>,
     /// Concurrent webhook senders.
     #[arg(long, default_value_t = 4)]
     pub webhook_concurrency: usize,

@@ -267,6 +267,43 @@ fn an_empty_skillsync_config_counts_as_unset() {
     );
 }
 
+/// A secret the simulator reads from the environment never shows in
+/// `--help` or in the man pages generated from the same definitions (clap
+/// prints `[env: NAME=value]` unless told not to).
+#[test]
+fn secrets_from_the_environment_stay_out_of_help_and_man_pages() {
+    let secret = "env-secret-9f3c";
+    let with_secrets = |args: &[&str]| {
+        bin()
+            .env("SKILLSYNC_SIM_APP_SECRET", secret)
+            .env("SKILLSYNC_SIM_WEBHOOK_SECRET", secret)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = with_secrets(&["simulate", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(help.contains("SKILLSYNC_SIM_APP_SECRET"), "{help}");
+    assert!(help.contains("SKILLSYNC_SIM_WEBHOOK_SECRET"), "{help}");
+    assert!(!help.contains(secret), "{help}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = with_secrets(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pages = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains(secret));
+        pages += 1;
+    }
+    assert!(pages > 1, "{pages} pages");
+}
+
 fn write_config(dir: &Path, port: u16, sim_base: &str) -> std::path::PathBuf {
     let db = dir.join("skillsync.db");
     let path = dir.join("skillsync.toml");
