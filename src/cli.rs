@@ -435,7 +435,11 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             ..
         } => {
             let (path, config) = database_to_read(&cli.config, db)?;
-            Ok(crate::migrate::print_dry_run(&path, config.as_ref(), json))
+            Ok(migrate_exit(crate::migrate::print_dry_run(
+                &path,
+                config.as_ref(),
+                json,
+            )))
         }
         Command::Migrate { force, .. } => {
             let config = Config::load_without_secrets(&cli.config).map_err(|e| {
@@ -443,7 +447,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 ExitCode::from(2)
             })?;
             let rt = runtime()?;
-            Ok(rt.block_on(crate::migrate::apply(&config, force)))
+            Ok(migrate_exit(
+                rt.block_on(crate::migrate::apply(&config, force)),
+            ))
         }
         Command::Columns { r#type, db } => {
             let (path, config) = database_to_read(&cli.config, db)?;
@@ -674,4 +680,15 @@ pub async fn reconcile_now(
     let report = crate::app::oneshot::reconcile_once(config, what, token).await;
     print!("{report}");
     report.outcome()
+}
+
+/// `migrate`'s exit code: 0 up to date (or done), 1 work pending or failed,
+/// 2 refused.
+fn migrate_exit(outcome: crate::migrate::MigrateOutcome) -> ExitCode {
+    use crate::migrate::MigrateOutcome;
+    match outcome {
+        MigrateOutcome::UpToDate => ExitCode::SUCCESS,
+        MigrateOutcome::Pending | MigrateOutcome::Failed => ExitCode::from(1),
+        MigrateOutcome::Refused => ExitCode::from(2),
+    }
 }

@@ -14,7 +14,6 @@
 //! loaded, or (without `--dry-run`) a `serve` seems to be running on it.
 
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use serde_json::json;
@@ -287,21 +286,35 @@ fn round(secs: f64) -> f64 {
     (secs * 1000.0).round() / 1000.0
 }
 
-/// Why this binary cannot go on with the database, as the message and exit 2.
-fn refuse(e: &StoreError) -> ExitCode {
+/// How `migrate` ended; the CLI maps it to the exit code (0, 1, 2, 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateOutcome {
+    /// Nothing to do (dry run), or the work is done.
+    UpToDate,
+    /// Dry run: work is pending (or the database does not exist yet).
+    Pending,
+    /// This binary cannot go on with the database (too new, reverted,
+    /// unreadable), or a `serve` seems to be running on it.
+    Refused,
+    /// The migration or the rebuild failed.
+    Failed,
+}
+
+/// Why this binary cannot go on with the database: the message, refused.
+fn refuse(e: &StoreError) -> MigrateOutcome {
     match e {
         StoreError::TooNew { .. } | StoreError::Reverted => {
             eprintln!("skillsync: {e}; serve of this version would refuse to start on it");
         }
         _ => eprintln!("skillsync: {e}"),
     }
-    ExitCode::from(2)
+    MigrateOutcome::Refused
 }
 
 /// `skillsync migrate --dry-run`: prints the plan for `path` with the
 /// `[reporting]` rules of `config` (the default rules when it is `None`,
 /// said in the output). Exit 0 nothing to do, 1 work pending, 2 cannot.
-pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCode {
+pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> MigrateOutcome {
     if !path.exists() {
         if json {
             println!(
@@ -316,7 +329,7 @@ pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCo
                 crate::store::SCHEMA_VERSION
             );
         }
-        return ExitCode::from(1);
+        return MigrateOutcome::Pending;
     }
     let spec = config.map_or_else(ReportSpec::default, |c| ReportSpec::new(&c.reporting));
     let postgres = config.is_some_and(|c| c.postgres.is_some());
@@ -333,9 +346,9 @@ pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCo
         print!("{}", render(path, &plan, postgres, note));
     }
     if plan.is_empty() {
-        ExitCode::SUCCESS
+        MigrateOutcome::UpToDate
     } else {
-        ExitCode::from(1)
+        MigrateOutcome::Pending
     }
 }
 
@@ -343,7 +356,7 @@ pub fn print_dry_run(path: &Path, config: Option<&Config>, json: bool) -> ExitCo
 /// and says how long it took. Refuses (exit 2) while a `serve` seems to run
 /// on the database, unless `force`: the migrations would change the schema
 /// under an older binary, and a rebuild would replace the tables it writes.
-pub async fn apply(config: &Config, force: bool) -> ExitCode {
+pub async fn apply(config: &Config, force: bool) -> MigrateOutcome {
     let path = config.database.path.clone();
     let spec = ReportSpec::new(&config.reporting);
     let postgres = config.postgres.is_some();
@@ -358,7 +371,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
         };
         print!("{}", render(&path, &planned, postgres, None));
         if planned.is_empty() {
-            return ExitCode::SUCCESS;
+            return MigrateOutcome::UpToDate;
         }
         if let Some(at) = planned.last_probe.as_deref() {
             let fresh = crate::model::parse_upstream_ts(at)
@@ -368,7 +381,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
                     "skillsync: a serve wrote its health probe to this database at {at}: it seems to be running; \
                      stop it first (systemctl stop skillsync.service skillsync.socket), or pass --force if it is not running"
                 );
-                return ExitCode::from(2);
+                return MigrateOutcome::Refused;
             }
         }
     }
@@ -383,7 +396,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
                     Ok(None) => break,
                     Err(e) => {
                         eprintln!("skillsync: report rebuild: {e}");
-                        return ExitCode::FAILURE;
+                        return MigrateOutcome::Failed;
                     }
                 }
             }
@@ -393,7 +406,7 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
                 started.elapsed().as_secs_f64(),
                 crate::store::SCHEMA_VERSION
             );
-            ExitCode::SUCCESS
+            MigrateOutcome::UpToDate
         }
         Err(e) => {
             eprintln!("skillsync: {e:#}");
@@ -404,9 +417,9 @@ pub async fn apply(config: &Config, force: bool) -> ExitCode {
                 )
             });
             if too_new {
-                ExitCode::from(2)
+                MigrateOutcome::Refused
             } else {
-                ExitCode::FAILURE
+                MigrateOutcome::Failed
             }
         }
     }
