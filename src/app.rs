@@ -236,10 +236,18 @@ impl Application {
             config_path,
         } = self;
         let tasks = TaskTracker::new();
-        let generation = Generation::start(&pipeline, &shutdown).await?;
+        let mut generation = Generation::start(&pipeline, &shutdown).await?;
         let (config, store) = (pipeline.config.clone(), pipeline.store.clone());
 
-        let pg_sink = crate::pgmirror::sink::serve_start(&config, &store).await?;
+        let pg_sink = match crate::pgmirror::sink::serve_start(&config, &store).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                // Nothing is served yet: stop what the generation started
+                // (schedules, fetch workers, retention) before giving up.
+                generation.retire().await;
+                return Err(e);
+            }
+        };
 
         // One probe before serving, so `/healthz` is right from the first request.
         health.probe(&store).await;

@@ -128,7 +128,10 @@ pub struct Upstream {
 /// (reqwest is built without a provider of its own to keep the build small;
 /// the PostgreSQL client's TLS uses the default too). Called where a process
 /// starts: [`crate::cli::main`], [`crate::app::Application`]'s build (so
-/// [`crate::run`]), and the tests' shared set-up; a second call does nothing.
+/// [`crate::run`]), and the tests' shared set-up; and by the two builders of
+/// an HTTPS client ([`Upstream::with_budgets`], the simulator's
+/// `send_webhooks`), so a library caller that skipped those gets no panic
+/// from rustls. A second call does nothing.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
@@ -179,6 +182,7 @@ impl Upstream {
     /// the request budgets (and what they learned from 429s) of the old one,
     /// and while the old one drains both draw from the same buckets.
     pub fn with_budgets(config: &Config, budgets: Budgets) -> anyhow::Result<Upstream> {
+        install_crypto();
         let timeout = Duration::from_secs(config.fetch.timeout_secs);
         let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())

@@ -376,6 +376,11 @@ impl Sink {
             r
         };
         let sqlite = ReadOnlyStore::of(&self.store)?;
+        // Nothing an operator has not done by hand: refused (status says
+        // why, retried slowly), not retried as if the database were busy.
+        if let Some(why) = sqlite.outbox_unfed()? {
+            return Err(SessionError::Refused(why));
+        }
         let state = self.store.pg_switch_on(self.cfg.target.clone())?;
         let cursor: Option<PgCursor> = client
             .query_opt(
@@ -964,7 +969,7 @@ impl Sink {
     ) -> Result<(Vec<RunRow>, Vec<StatusRow>), SessionError> {
         let runs = sqlite.runs_since(last.runs_floor)?;
         // The queue side of `sync_status` (what only SQLite knows).
-        let queue = sqlite.status_rows()?;
+        let queue = sqlite.queue_rows()?;
         Ok((runs, queue))
     }
 

@@ -42,6 +42,7 @@ pub async fn send_webhooks(
     concurrency: usize,
     rate: Option<f64>,
 ) -> SendReport {
+    crate::upstream::install_crypto();
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

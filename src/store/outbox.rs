@@ -276,19 +276,27 @@ fn sink_problem(c: &Connection) -> Result<Option<String>, StoreError> {
 
 /// Refuses to switch the outbox on when its triggers are gone (a database
 /// edited by hand): the sink would follow an outbox that never fills.
-fn check_triggers(c: &Connection) -> Result<(), StoreError> {
+/// Why the outbox would never fill (its triggers are gone: a database
+/// edited by hand), or `None` when every trigger of [`OUTBOX_TRIGGERS`] is there.
+fn outbox_unfed(c: &Connection) -> Result<Option<String>, StoreError> {
     let found: i64 = c.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN (?1, ?2, ?3, ?4)",
         OUTBOX_TRIGGERS,
         |r| r.get(0),
     )?;
-    if found != OUTBOX_TRIGGERS.len() as i64 {
-        return Err(StoreError::Other(format!(
+    Ok((found != OUTBOX_TRIGGERS.len() as i64).then(|| {
+        format!(
             "the database lacks the triggers that fill the PostgreSQL outbox ({}; migration 004): no change would reach PostgreSQL",
             OUTBOX_TRIGGERS.join(", ")
-        )));
+        )
+    }))
+}
+
+fn check_triggers(c: &Connection) -> Result<(), StoreError> {
+    match outbox_unfed(c)? {
+        Some(why) => Err(StoreError::Other(why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn max_seq(c: &Connection) -> Result<i64, StoreError> {
@@ -508,6 +516,12 @@ impl ReadOnlyStore {
         sink_problem(&self.conn)
     }
 
+    /// Why the outbox would never fill (its triggers were dropped by hand),
+    /// or `None`: the sink refuses to switch on over such a database.
+    pub fn outbox_unfed(&self) -> Result<Option<String>, StoreError> {
+        outbox_unfed(&self.conn)
+    }
+
     /// The outbox after `after` (up to `limit` rows), collapsed to one
     /// current row per document, with the history rows it names; read in
     /// one read transaction.
@@ -696,7 +710,13 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("t.db");
         let store = Store::open(&path, Duration::from_secs(5))?;
+        assert_eq!(ReadOnlyStore::of(&store)?.outbox_unfed()?, None);
         Connection::open(&path)?.execute_batch("DROP TRIGGER jobs_pg_outbox_update")?;
+        // What the sink reads first, to refuse (and say why in `status`).
+        let why = ReadOnlyStore::of(&store)?
+            .outbox_unfed()?
+            .ok_or("the dropped trigger went unnoticed")?;
+        assert!(why.contains("jobs_pg_outbox_update"), "{why}");
         let e = store
             .pg_switch_on("t".into())
             .err()

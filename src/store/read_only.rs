@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::audit::{AuditRow, last_audits};
 use super::report::RebuildState;
-use super::status::{StatusRow, Throttling, status_rows, throttling_rows};
+use super::status::{StatusRow, Throttling, queue_rows, status_rows, throttling_rows};
 use super::{Store, StoreError, open_read_only_versioned};
 use crate::model::DocType;
 
@@ -58,6 +58,14 @@ impl ReadOnlyStore {
     /// Per tenant and type, what `status` reports (the `sync_status` view).
     pub fn status_rows(&self) -> Result<Vec<StatusRow>, StoreError> {
         status_rows(&self.conn)
+    }
+
+    /// The queue side of the status rows only (tenant, type, the pending,
+    /// queued, retrying and dead counts, `oldest_pending_at`,
+    /// `complete_as_of`); the rest at their defaults. What the PostgreSQL
+    /// sink copies every few seconds.
+    pub fn queue_rows(&self) -> Result<Vec<StatusRow>, StoreError> {
+        queue_rows(&self.conn)
     }
 
     /// Every tenant's latest recorded upstream throttling (429). A database
@@ -115,6 +123,44 @@ mod tests {
             .err()
             .ok_or("opened a foreign file")?;
         assert!(e.to_string().contains("not a skillsync database"), "{e}");
+        Ok(())
+    }
+
+    /// The sink's narrow read gives the same queue figures as `status`.
+    #[test]
+    fn queue_rows_are_the_queue_side_of_the_status_rows() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("q.db");
+        let store = Store::open(&path, std::time::Duration::from_secs(5))?;
+        super::super::fill_synthetic_jobs(&path, "acme", 3, 1)?;
+        Connection::open(&path)?.execute_batch(
+            "INSERT INTO events (tenant, received_at, action, doc_type, doc_id, status, payload, queued)
+             VALUES ('acme', '2026-01-01T00:00:00.000Z', 'updated', 'job', 'a', 'pending', '{}', 1);",
+        )?;
+        let db = ReadOnlyStore::of(&store)?;
+        let (full, queue) = (db.status_rows()?, db.queue_rows()?);
+        assert!(!full.is_empty());
+        assert!(full.iter().any(|r| r.pending_events == 1), "{full:?}");
+        let side = |r: &StatusRow| {
+            (
+                r.tenant.clone(),
+                r.doc_type.clone(),
+                [
+                    r.pending_events,
+                    r.queued_fetches,
+                    r.retrying_fetches,
+                    r.dead_events,
+                    r.dead_documents,
+                ],
+                r.oldest_pending_at.clone(),
+                r.complete_as_of.clone(),
+            )
+        };
+        assert_eq!(
+            full.iter().map(side).collect::<Vec<_>>(),
+            queue.iter().map(side).collect::<Vec<_>>()
+        );
         Ok(())
     }
 

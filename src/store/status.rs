@@ -115,6 +115,33 @@ pub(super) fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The queue side of the status rows only (what the PostgreSQL copy's
+/// `source_queue` needs, every few seconds while it copies): the other
+/// fields are left at their defaults, and none of `status`'s extra counts
+/// (over `fetch_queue` and every `sync_runs` row) is computed.
+pub(super) fn queue_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT tenant, doc_type, pending_events, queued_fetches, retrying_fetches, dead_events,
+                dead_documents, oldest_pending_at, complete_as_of
+         FROM sync_status ORDER BY tenant, doc_type",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(StatusRow {
+            tenant: r.get(0)?,
+            doc_type: r.get(1)?,
+            pending_events: r.get(2)?,
+            queued_fetches: r.get(3)?,
+            retrying_fetches: r.get(4)?,
+            dead_events: r.get(5)?,
+            dead_documents: r.get(6)?,
+            oldest_pending_at: r.get(7)?,
+            complete_as_of: r.get(8)?,
+            ..StatusRow::default()
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 impl Store {
     /// The status rows through the pool.
     pub async fn status(&self) -> Result<Vec<StatusRow>, StoreError> {
