@@ -91,7 +91,7 @@ fn count(
     f: impl Fn(&crate::store::StatusRow) -> i64,
 ) -> i64 {
     rows.iter()
-        .filter(|r| r.tenant == TENANT && r.doc_type == ty.as_str())
+        .filter(|r| r.tenant == TENANT && r.doc_type == ty)
         .map(f)
         .sum()
 }

@@ -148,7 +148,7 @@ impl Metrics {
                     let l = |extra: &'static str, v: &str| {
                         [
                             ("tenant", r.tenant.clone()),
-                            ("type", r.doc_type.clone()),
+                            ("type", r.doc_type.as_str().to_owned()),
                             (extra, v.to_string()),
                         ]
                     };
@@ -160,7 +160,10 @@ impl Metrics {
                         .set(r.retrying_fetches as f64);
                     gauge!("skillsync_queue_depth", &l("status", "dead_events"))
                         .set(r.dead_events as f64);
-                    let base = [("tenant", r.tenant.clone()), ("type", r.doc_type.clone())];
+                    let base = [
+                        ("tenant", r.tenant.clone()),
+                        ("type", r.doc_type.as_str().to_owned()),
+                    ];
                     gauge!("skillsync_mirrored_documents", &base).set(r.mirrored as f64);
                     gauge!("skillsync_deleted_documents", &base).set(r.deleted as f64);
                     gauge!("skillsync_upstream_auth_failing_documents", &base)
@@ -193,7 +196,10 @@ impl Metrics {
                     }
                 }
                 for a in &snap.audits {
-                    let base = [("tenant", a.tenant.clone()), ("type", a.doc_type.clone())];
+                    let base = [
+                        ("tenant", a.tenant.clone()),
+                        ("type", a.doc_type.as_str().to_owned()),
+                    ];
                     let c = &a.counts;
                     gauge!("skillsync_audit_mismatches", &base).set(c.wrong() as f64);
                     gauge!("skillsync_audit_sampled_documents", &base).set(c.sampled as f64);

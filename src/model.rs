@@ -42,9 +42,11 @@ macro_rules! text_enum {
             }
         }
 
+        // `pad`, not `write_str`: a width (`{:<8}` in `status` and the
+        // demo's tables) applies as it does to the string.
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                f.pad(self.as_str())
             }
         }
 
@@ -256,6 +258,18 @@ pub fn get_ci<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A width pads the name as it pads a string (`status` aligns its
+    /// columns with `{:<8}`).
+    #[test]
+    fn names_take_a_width_like_strings() {
+        assert_eq!(format!("[{:<8}]", DocType::Job), "[job     ]");
+        assert_eq!(
+            format!("[{:>8}]", RunKind::Full),
+            format!("[{:>8}]", RunKind::Full.as_str())
+        );
+        assert_eq!(DocType::Project.to_string(), "project");
+    }
 
     #[test]
     fn run_kinds_and_statuses_read_back_what_they_write() {

@@ -235,7 +235,7 @@ pub fn print_status(path: &Path, config: Option<&Config>, as_json: bool) -> Stat
             println!(
                 "{:<16} {:<8} {:>9} {:>8} {:>8} {:>9} {:>6} {:>12}  {}",
                 r.tenant,
-                r.doc_type,
+                r.doc_type.as_str(),
                 r.mirrored,
                 r.deleted,
                 r.pending_events,

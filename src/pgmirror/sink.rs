@@ -504,7 +504,7 @@ impl Sink {
             if let Some((runs, _)) = refresh {
                 status.runs_floor = runs
                     .iter()
-                    .filter(|r| r.status == RunStatus::Running.as_str())
+                    .filter(|r| r.status == RunStatus::Running)
                     .map(|r| r.id)
                     .min()
                     .or_else(|| runs.iter().map(|r| r.id + 1).max())
@@ -996,7 +996,7 @@ impl Sink {
                          missed = excluded.missed, candidates = excluded.candidates, error = excluded.error"
                 ),
                 &[
-                    &r.id, &r.tenant, &r.doc_type, &r.kind, &r.started_at, &r.finished_at, &r.status,
+                    &r.id, &r.tenant, &r.doc_type.as_str(), &r.kind.as_str(), &r.started_at, &r.finished_at, &r.status.as_str(),
                     &r.listed, &r.enqueued, &r.marked_deleted, &r.missed, &r.candidates,
                     &r.error.as_deref().map(text_safe),
                 ],
@@ -1019,7 +1019,7 @@ impl Sink {
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::timestamptz, $9::text::timestamptz)"
                 ),
                 &[
-                    &q.tenant, &q.doc_type, &q.pending_events, &q.queued_fetches, &q.retrying_fetches,
+                    &q.tenant, &q.doc_type.as_str(), &q.pending_events, &q.queued_fetches, &q.retrying_fetches,
                     &q.dead_events, &q.dead_documents, &q.oldest_pending_at, &complete,
                 ],
             )

@@ -83,7 +83,7 @@ impl AuditCounts {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AuditRow {
     pub tenant: String,
-    pub doc_type: String,
+    pub doc_type: DocType,
     pub started_at: String,
     pub finished_at: String,
     #[serde(flatten)]

@@ -30,7 +30,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ReadOnlyStore, Store, StoreError};
-use crate::model::DocType;
+use crate::model::{DocType, RunKind, RunStatus};
 
 /// The triggers (migration 004) that append to `pg_outbox`: see the module doc.
 pub(crate) const OUTBOX_TRIGGERS: [&str; 4] = [
@@ -105,11 +105,11 @@ pub struct HistoryRow {
 pub struct RunRow {
     pub id: i64,
     pub tenant: String,
-    pub doc_type: String,
-    pub kind: String,
+    pub doc_type: DocType,
+    pub kind: RunKind,
     pub started_at: String,
     pub finished_at: Option<String>,
-    pub status: String,
+    pub status: RunStatus,
     pub listed: i64,
     pub enqueued: i64,
     pub marked_deleted: i64,

@@ -145,7 +145,7 @@ mod tests {
         let side = |r: &StatusRow| {
             (
                 r.tenant.clone(),
-                r.doc_type.clone(),
+                r.doc_type,
                 [
                     r.pending_events,
                     r.queued_fetches,

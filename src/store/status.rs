@@ -6,13 +6,13 @@
 use rusqlite::Connection;
 
 use super::{Store, StoreError};
-use crate::model::{RunKind, RunStatus};
+use crate::model::{DocType, RunKind, RunStatus};
 
 /// Per tenant and type, as `status` and `/metrics` report it.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusRow {
     pub tenant: String,
-    pub doc_type: String,
+    pub doc_type: DocType,
     pub mirrored: i64,
     pub deleted: i64,
     pub pending_events: i64,
@@ -117,7 +117,7 @@ pub(super) fn status_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> 
 
 /// The queue side of the status rows only (what the PostgreSQL copy's
 /// `source_queue` needs, every few seconds while it copies): the other
-/// fields are left at their defaults, and none of `status`'s extra counts
+/// fields are left zero or `None`, and none of `status`'s extra counts
 /// (over `fetch_queue` and every `sync_runs` row) is computed.
 pub(super) fn queue_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
     let mut stmt = c.prepare(
@@ -136,7 +136,18 @@ pub(super) fn queue_rows(c: &Connection) -> Result<Vec<StatusRow>, StoreError> {
             dead_documents: r.get(6)?,
             oldest_pending_at: r.get(7)?,
             complete_as_of: r.get(8)?,
-            ..StatusRow::default()
+            mirrored: 0,
+            deleted: 0,
+            last_ok_started_at: None,
+            last_ok_finished_at: None,
+            last_run_kind: None,
+            last_run_status: None,
+            last_run_finished_at: None,
+            last_run_missed: None,
+            last_run_error: None,
+            auth_failing: 0,
+            missed_total: 0,
+            unconfirmed_gone: 0,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

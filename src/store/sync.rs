@@ -1,6 +1,6 @@
 //! Reconciliation state: run locks (one run per tenant and type, across
 //! processes), `sync_runs` rows (their `kind` and `status` read back as
-//! [`RunKind`] and [`RunStatus`]), the incremental watermark, the mirror
+//! [`RunKind`] and [`RunStatus`], a `doc_type` column as [`DocType`]), the incremental watermark, the mirror
 //! state a listing page is compared with, and deletion marks.
 
 use std::collections::{HashMap, HashSet};
@@ -21,6 +21,12 @@ fn from_text<T>(v: ValueRef<'_>, parse: fn(&str) -> Option<T>) -> FromSqlResult<
 impl FromSql for RunKind {
     fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
         from_text(v, RunKind::parse)
+    }
+}
+
+impl FromSql for DocType {
+    fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+        from_text(v, DocType::parse)
     }
 }
 

@@ -112,7 +112,7 @@ async fn mirrored_jobs(config: &Config, tenant: &str) -> i64 {
         .expect("open store");
     let rows = store.status().await.expect("status");
     rows.iter()
-        .filter(|r| r.tenant == tenant && r.doc_type == "job")
+        .filter(|r| r.tenant == tenant && r.doc_type == DocType::Job)
         .map(|r| r.mirrored)
         .sum()
 }

@@ -297,7 +297,7 @@ async fn authentication_failures_are_retried_loudly_and_end_dead() {
             .starts_with("auth:")
     );
     let rows = app.store.status().await.unwrap();
-    let job = rows.iter().find(|r| r.doc_type == "job").unwrap();
+    let job = rows.iter().find(|r| r.doc_type == DocType::Job).unwrap();
     assert!(job.auth_failing > 0, "status shows upstream auth failing");
     assert_eq!(job.dead_events, 1);
 }
