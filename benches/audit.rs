@@ -23,7 +23,7 @@
 //! Reproduce: `cargo bench --bench audit`.
 
 mod common;
-use common::{SECRET, cell, daemon_toml, env_usize, fsync_probe_ms, start_sim};
+use common::{cell, daemon_toml, env_usize, free_port, fsync_probe_ms, post_webhook, start_sim};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -52,14 +52,6 @@ impl Drop for Serve {
         }
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_serve(config: &Path, dir: &Path, port: u16) -> Serve {
@@ -119,13 +111,7 @@ fn send_forever(
             inflight.push(tokio::spawn(async move {
                 let at = Utc::now();
                 let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("x-webhook-secret", SECRET)
-                    .body(body)
-                    .send()
-                    .await;
+                let r = post_webhook(&client, &url, body).await;
                 let ok = matches!(&r, Ok(r) if r.status() == 200);
                 let ms = t.elapsed().as_secs_f64() * 1e3;
                 samples.lock().unwrap().push((at, ok.then_some(ms)));

@@ -19,7 +19,9 @@
 //! for the comparison). Needs ~3× BACKUP_BENCH_MB of free disk in the temp dir.
 
 mod common;
-use common::{SECRET, cell, daemon_toml, env_usize, fsync_probe_ms, start_sim, summary};
+use common::{
+    cell, daemon_toml, env_usize, free_port, fsync_probe_ms, post_webhook, start_sim, summary,
+};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -70,14 +72,6 @@ impl Drop for Serve {
             .status();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_serve(dir: &Path, db: &Path, sim: &Simulator) -> Serve {
@@ -150,13 +144,7 @@ async fn round(
                 let (client, url, samples) = (client.clone(), url.clone(), samples.clone());
                 inflight.push(tokio::spawn(async move {
                     let t = Instant::now();
-                    let r = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .header("x-webhook-secret", SECRET)
-                        .body(body)
-                        .send()
-                        .await;
+                    let r = post_webhook(&client, &url, body).await;
                     let ok = matches!(&r, Ok(r) if r.status() == 200);
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     samples.lock().unwrap().push((t, ok.then_some(ms)));

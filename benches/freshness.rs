@@ -34,16 +34,14 @@
 //! `pg_virtualenv -t -o fsync=off cargo bench --bench freshness`.
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize};
+use common::{Serve, cell, daemon_toml, env_usize, free_port, post_webhook, runtime, start_sim};
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use skillsync::model::{DocType, parse_upstream_ts};
 use skillsync::simulator::{Faults, Simulator};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -51,70 +49,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
 /// The daemon binary: this build's, or `SKILLSYNC_BIN` (another build).
 fn bin() -> String {
     std::env::var("SKILLSYNC_BIN").unwrap_or_else(|_| BIN.to_string())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// `skillsync serve` as a child; killed on drop if still running.
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Daemon {
-    fn start(dir: &Path, toml: String, port: u16) -> Daemon {
-        let cfg = dir.join(format!("daemon-{port}.toml"));
-        std::fs::write(&cfg, toml).expect("write config");
-        let log = std::fs::File::create(dir.join(format!("daemon-{port}.log"))).expect("log");
-        let mut child = Command::new(bin())
-            .arg("--config")
-            .arg(&cfg)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start skillsync serve");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("skillsync serve exited ({status}) before listening");
-            }
-            assert!(Instant::now() < deadline, "daemon not listening in 120 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            url: format!("http://127.0.0.1:{port}/skillsevent"),
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// Sends `n` webhooks at `rate` per second, round robin over `ids`, each
@@ -135,13 +69,7 @@ async fn send_paced(sim: &Simulator, url: &str, ids: &[String], n: usize, rate: 
         let body = sim.webhook_payload(DocType::Job, id, "updated").to_string();
         let (client, url, ok) = (client.clone(), url.to_string(), ok.clone());
         tasks.spawn(async move {
-            let r = client
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("x-webhook-secret", SECRET)
-                .body(body)
-                .send()
-                .await;
+            let r = post_webhook(&client, &url, body).await;
             match r {
                 Ok(r) if r.status().is_success() => {
                     ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -305,10 +233,12 @@ fn round(
         ),
     )
     .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let d = Daemon::start(dir, toml, port);
+    let cfg = dir.join(format!("daemon-{port}.toml"));
+    std::fs::write(&cfg, toml).expect("write config");
+    let d = Serve::start(&bin(), &cfg, &dir.join(format!("daemon-{port}.log")), port);
     std::thread::sleep(Duration::from_secs(1));
     let n = (rate * secs as f64) as usize;
-    let acked = rt.block_on(send_paced(sim, &d.url, ids, n, rate));
+    let acked = rt.block_on(send_paced(sim, &d.url(), ids, n, rate));
     if acked < n {
         eprintln!(
             "    {} of {n} webhooks not answered 200 (see above)",
@@ -357,20 +287,11 @@ fn main() {
     let concurrency = env_usize("FRESH_CONCURRENCY", 8);
     let slow_secs = env_usize("FRESH_SLOW_SECS", 20);
     let fast_secs = env_usize("FRESH_FAST_SECS", 10);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     skillsync::upstream::install_crypto();
     let token = CancellationToken::new();
-    let sim = Simulator::start(
-        rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind"),
-        creds(),
-        token.clone(),
-    )
-    .expect("simulator");
+    let sim = rt.block_on(start_sim(&token));
     sim.set_faults(Faults {
         latency: Duration::from_millis(latency),
         ..Faults::default()

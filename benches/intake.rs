@@ -55,10 +55,13 @@
 //! The in-process variant (`--bench intake_inprocess`) is a diagnostic.
 
 mod common;
-use common::{SECRET, cell, creds, daemon_toml, env_usize, fsync_probe_ms, summary};
+use common::{
+    SECRET, Serve, cell, creds, daemon_toml, env_usize, free_port, fsync_probe_ms, rss_mb, summary,
+    wrk_script,
+};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -131,32 +134,6 @@ fn ensure_wrk() {
         ok,
         "could not install wrk; install it (apt-get install wrk) and run again"
     );
-}
-
-/// The Lua script: 8 prebuilt requests, round robin per connection, paced
-/// to `delay_ms` per request per connection when given.
-fn lua_script(payloads: &[Value], delay_ms: Option<u64>) -> String {
-    let bodies: Vec<String> = payloads.iter().map(|p| format!("[==[{p}]==]")).collect();
-    let delay = match delay_ms {
-        Some(ms) => format!("function delay() return {ms} end\n"),
-        None => String::new(),
-    };
-    format!(
-        r#"local bodies = {{ {} }}
-local reqs = {{}}
-local n = 0
-function init(args)
-  for i, b in ipairs(bodies) do
-    reqs[i] = wrk.format("POST", nil, {{["Content-Type"] = "application/json", ["X-Webhook-Secret"] = "{SECRET}"}}, b)
-  end
-end
-function request()
-  n = n % #reqs + 1
-  return reqs[n]
-end
-{delay}"#,
-        bodies.join(", ")
-    )
 }
 
 /// Runs wrk for `secs` against `url`; parses rate, latency and failures.
@@ -243,113 +220,23 @@ fn thread_stat(pid: u32, name: &str) -> Option<String> {
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// RSS and peak RSS of `pid` in MB, from /proc.
-fn rss_mb(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
-}
-
-/// The daemon as its own process.
-struct Daemon {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path, db: &Path, sim_base: &str, group_commit: bool) -> Daemon {
-        let port = free_port();
-        let toml = daemon_toml(
-            db,
-            sim_base,
-            "",
-            &format!("group_commit = {group_commit}"),
-            "[fetch]\nconcurrency = 8\ntimeout_secs = 5",
-        )
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-        let cfg = dir.join(format!("daemon-{port}.toml"));
-        std::fs::write(&cfg, toml).expect("write config");
-        let log_path = dir.join(format!("daemon-{port}.log"));
-        let log = std::fs::File::create(&log_path).expect("log");
-        // INTAKE_BIN: another build of the daemon, to compare two versions
-        // against the same load generator.
-        let bin = std::env::var("INTAKE_BIN").unwrap_or_else(|_| BIN.to_string());
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(&cfg)
-            .arg("serve")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start skillsync serve");
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "skillsync serve exited ({status}) before listening; see {}",
-                    dir.join(format!("daemon-{port}.log")).display()
-                );
-            }
-            assert!(Instant::now() < deadline, "daemon not listening in 120 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon {
-            child,
-            url: format!("{base}/skillsevent"),
-            log: log_path,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM and wait (the daemon's clean stop).
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A bench that panics (say, events that never settle) must not leave its
-/// daemon running and loading the host for the next measurements.
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `skillsync serve` (this build, or `INTAKE_BIN`: another build of the
+/// daemon, to compare two versions against the same load generator) on an
+/// empty database at `db`, fetching from `sim_base`.
+fn start_daemon(dir: &Path, db: &Path, sim_base: &str, group_commit: bool) -> Serve {
+    let port = free_port();
+    let toml = daemon_toml(
+        db,
+        sim_base,
+        "",
+        &format!("group_commit = {group_commit}"),
+        "[fetch]\nconcurrency = 8\ntimeout_secs = 5",
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let cfg = dir.join(format!("daemon-{port}.toml"));
+    std::fs::write(&cfg, toml).expect("write config");
+    let bin = std::env::var("INTAKE_BIN").unwrap_or_else(|_| BIN.to_string());
+    Serve::start(&bin, &cfg, &dir.join(format!("daemon-{port}.log")), port)
 }
 
 fn pending_events(db: &Path) -> i64 {
@@ -636,7 +523,7 @@ fn main() {
     }
     .expect("tempdir");
     let script = dir.path().join("post.lua");
-    std::fs::write(&script, lua_script(&payloads, None)).expect("script");
+    std::fs::write(&script, wrk_script(&payloads, None)).expect("script");
     if std::env::var_os("INTAKE_STORM").is_some() {
         storm(&sim, dir.path(), &script, runs, secs);
         sim_token.cancel();
@@ -644,7 +531,7 @@ fn main() {
     }
     let paced = dir.path().join("paced.lua");
     let delay_ms = (CONNECTIONS as f64 / FIXED_RATE * 1e3).round() as u64;
-    std::fs::write(&paced, lua_script(&payloads, Some(delay_ms))).expect("script");
+    std::fs::write(&paced, wrk_script(&payloads, Some(delay_ms))).expect("script");
 
     // INTAKE_OLD_EVENTS=0: no 5M-event trial (e.g. with INTAKE_BIN set to a
     // build older than this database's schema).
@@ -719,7 +606,7 @@ fn main() {
                         dir.path().join(format!("t{round}-{ti}.db"))
                     };
                     let d =
-                        Daemon::start(dir.path(), &db, &sim.base_url(), trial != Trial::OneCommit);
+                        start_daemon(dir.path(), &db, &sim.base_url(), trial != Trial::OneCommit);
                     std::thread::sleep(Duration::from_secs(2));
                     let idle = rss_mb(d.pid()).0;
                     // INTAKE_PERF=DIR: a perf profile of the daemon during
@@ -748,7 +635,7 @@ fn main() {
                     let writer_stat = thread_stat(d.pid(), "skillsync-write");
                     let before = cpu_secs(&proc_stat);
                     let writer_before = writer_stat.as_deref().map(cpu_secs);
-                    let mut s = run_wrk(&d.url, &script, secs);
+                    let mut s = run_wrk(&d.url(), &script, secs);
                     let n = s.requests.max(1) as f64;
                     s.cpu_us = Some((cpu_secs(&proc_stat) - before) * 1e6 / n);
                     s.writer_cpu_us = writer_stat
@@ -807,9 +694,9 @@ fn main() {
             continue;
         }
         let db = dir.path().join(format!("fixed{round}.db"));
-        let d = Daemon::start(dir.path(), &db, &sim.base_url(), true);
+        let d = start_daemon(dir.path(), &db, &sim.base_url(), true);
         std::thread::sleep(Duration::from_secs(1));
-        let s = run_wrk(&d.url, &paced, secs);
+        let s = run_wrk(&d.url(), &paced, secs);
         d.stop();
         eprintln!(
             "  paced {FIXED_RATE:.0}/s: {:.0} req/s  p50 {:.2} ms  p99 {:.2} ms  non-2xx {}",
@@ -1011,10 +898,10 @@ fn storm(sim: &Simulator, dir: &Path, script: &Path, runs: usize, secs: u64) {
                 all_gone: gone,
                 ..healthy.clone()
             });
-            let d = Daemon::start(dir, &db, &sim.base_url(), true);
+            let d = start_daemon(dir, &db, &sim.base_url(), true);
             std::thread::sleep(Duration::from_secs(2));
-            let s = run_wrk(&d.url, script, secs);
-            let log = d.log.clone();
+            let s = run_wrk(&d.url(), script, secs);
+            let log = d.log().to_path_buf();
             d.stop();
             sim.set_faults(healthy.clone());
             let logged = std::fs::read_to_string(&log)

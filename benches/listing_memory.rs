@@ -18,7 +18,9 @@
 //! the same rounds, alternating, e.g. the previous release's binary).
 
 mod common;
-use common::{APP_SECRET, SECRET, cell, creds, daemon_toml, env_usize};
+use common::{
+    APP_SECRET, SECRET, cell, daemon_toml, env_usize, free_port, rss_mb, runtime, start_sim,
+};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -27,7 +29,6 @@ use std::time::{Duration, Instant};
 use chrono::Timelike;
 use skillsync::model::DocType;
 use skillsync::simulator::{Faults, Simulator};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -40,23 +41,6 @@ struct Trial {
     runs: Vec<String>,
     /// Seconds from the tick to the last run's end.
     secs: f64,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// The config: tenant acme and three more on the simulator, every one's
@@ -150,7 +134,7 @@ fn trial(
         }
     };
     let secs = fired.elapsed().as_secs_f64();
-    let peak_mb = peak_rss_mb(child.id());
+    let peak_mb = rss_mb(child.id()).1;
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
     Trial {
@@ -164,20 +148,11 @@ fn main() {
     let runs = env_usize("LISTING_RUNS", 3).max(1);
     let page_mib = env_usize("LISTING_PAGE_MIB", 60);
     let jobs = env_usize("LISTING_PAGE_SIZE", 500).clamp(1, 10_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     skillsync::upstream::install_crypto();
     let token = CancellationToken::new();
-    let sim = Simulator::start(
-        rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind"),
-        creds(),
-        token.clone(),
-    )
-    .expect("simulator");
+    let sim = rt.block_on(start_sim(&token));
     sim.seed(DocType::Job, jobs);
     // A row is {"JobId": "<uuid>", "ModifiedOn": "<time>", "Padding": "x…"}.
     let padding = ((page_mib << 20) / jobs).saturating_sub(100);

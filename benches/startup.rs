@@ -21,17 +21,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{SECRET, cell, daemon_toml, env_usize, start_sim};
+use common::{SECRET, cell, daemon_toml, env_usize, free_port, start_sim};
 use skillsync::model::DocType;
 use skillsync::simulator::Simulator;
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn serve(config: &Path, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_skillsync"))

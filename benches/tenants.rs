@@ -32,7 +32,7 @@
 //! concurrent listings) will move these figures.
 
 mod common;
-use common::{APP_SECRET, SECRET, creds};
+use common::{APP_SECRET, SECRET, Serve, free_port, rss_mb, runtime, start_sim, wrk_script};
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 use chrono::{Timelike, Utc};
 use skillsync::model::{DocType, parse_upstream_ts};
 use skillsync::simulator::{Faults, Simulator};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_skillsync");
@@ -53,13 +52,6 @@ fn bin() -> String {
 
 fn env_usize(name: &str, default: usize) -> usize {
     common::env_usize(name, default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// The config: `tenants` tenants against `base`; tenant `i`'s full sweep
@@ -94,36 +86,6 @@ fn config(
         ));
     }
     s
-}
-
-fn rss_mb(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb = |key: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn spawn(dir: &Path, cfg_text: &str, args: &[&str], tag: &str) -> Child {
@@ -250,20 +212,13 @@ fn run(
     };
     let text = config(db, base, port, tenants, &at);
     let since = skillsync::model::fmt_ts(Utc::now());
-    let d = Daemon(spawn(
-        dir,
-        &text,
-        &["serve"],
-        if herd { "herd" } else { "spread" },
-    ));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "daemon not listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let tag = if herd { "herd" } else { "spread" };
+    let cfg = dir.join(format!("{tag}.toml"));
+    std::fs::write(&cfg, &text).expect("config");
+    let d = Serve::start(&bin(), &cfg, &dir.join(format!("{tag}.log")), port);
     std::thread::sleep(Duration::from_secs(5));
-    let idle_rss = rss_mb(d.0.id()).0;
-    let url = format!("http://127.0.0.1:{port}/skillsevent");
+    let idle_rss = rss_mb(d.pid()).0;
+    let url = d.url();
     let idle_rate = wrk(&url, script, wrk_secs);
     assert!(
         Utc::now() < tick,
@@ -287,8 +242,8 @@ fn run(
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let peak_rss = rss_mb(d.0.id()).1;
-    drop(d);
+    let peak_rss = rss_mb(d.pid()).1;
+    d.stop();
     let first = done.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
     let last_start = done.iter().map(|r| r.0).fold(f64::NEG_INFINITY, f64::max);
     let end = done.iter().map(|r| r.1).fold(f64::NEG_INFINITY, f64::max);
@@ -365,19 +320,10 @@ fn main() {
     let docs = env_usize("TENANTS_DOCS", 5000);
     let latency = env_usize("TENANTS_LATENCY_MS", 50) as u64;
     let wrk_secs = env_usize("TENANTS_WRK_SECS", 10);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
     let token = CancellationToken::new();
-    let sim = Simulator::start(
-        rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind"),
-        creds(),
-        token.clone(),
-    )
-    .expect("simulator");
+    let sim = rt.block_on(start_sim(&token));
     let dir = tempfile::tempdir().expect("tempdir");
     // TENANTS_DB: keep the seeded database there (and reuse it when it exists
     // with the same tenants and documents: seeding takes minutes).
@@ -395,37 +341,13 @@ fn main() {
         ..Faults::default()
     });
 
-    let bodies: Vec<String> = ids
+    let payloads: Vec<serde_json::Value> = ids
         .iter()
         .take(8)
-        .map(|id| {
-            format!(
-                "[==[{}]==]",
-                sim.webhook_payload(DocType::Job, id, "updated")
-            )
-        })
+        .map(|id| sim.webhook_payload(DocType::Job, id, "updated"))
         .collect();
     let script = dir.path().join("post.lua");
-    std::fs::write(
-        &script,
-        format!(
-            r#"local bodies = {{ {} }}
-local reqs = {{}}
-local n = 0
-function init(args)
-  for i, b in ipairs(bodies) do
-    reqs[i] = wrk.format("POST", nil, {{["Content-Type"] = "application/json", ["X-Webhook-Secret"] = "{SECRET}"}}, b)
-  end
-end
-function request()
-  n = n % #reqs + 1
-  return reqs[n]
-end
-"#,
-            bodies.join(", ")
-        ),
-    )
-    .expect("script");
+    std::fs::write(&script, wrk_script(&payloads, None)).expect("script");
 
     let mut out = Vec::new();
     for herd in [true, false] {

@@ -115,3 +115,158 @@ pub fn fsync_probe_ms(dir: &Path) -> f64 {
     let _ = std::fs::remove_file(&path);
     summary(&v).0
 }
+
+/// The benches' tokio runtime: two workers, as many as the machine's cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A loopback port free now (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// RSS and peak RSS (`VmHWM`) of process `pid` in MB, from `/proc`; NaN
+/// where it cannot be read.
+pub fn rss_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+}
+
+/// A wrk Lua script that posts `payloads` round robin, JSON with tenant
+/// acme's [`SECRET`]; with `delay_ms`, each connection waits that long
+/// between its requests (wrk's `delay()`).
+pub fn wrk_script(payloads: &[serde_json::Value], delay_ms: Option<u64>) -> String {
+    let bodies: Vec<String> = payloads.iter().map(|p| format!("[==[{p}]==]")).collect();
+    let delay = match delay_ms {
+        Some(ms) => format!("function delay() return {ms} end\n"),
+        None => String::new(),
+    };
+    format!(
+        r#"local bodies = {{ {} }}
+local reqs = {{}}
+local n = 0
+function init(args)
+  for i, b in ipairs(bodies) do
+    reqs[i] = wrk.format("POST", nil, {{["Content-Type"] = "application/json", ["X-Webhook-Secret"] = "{SECRET}"}}, b)
+  end
+end
+function request()
+  n = n % #reqs + 1
+  return reqs[n]
+end
+{delay}"#,
+        bodies.join(", ")
+    )
+}
+
+/// `skillsync serve` (the binary `bin`) as its own process with the config
+/// file `config`, stderr to `log`, listening on `port`. Stopped with
+/// SIGTERM by [`Serve::stop`]; killed on drop if still running, so a bench
+/// that panics leaves no daemon loading the host for the next measurement.
+pub struct Serve {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    /// Starts it and waits (up to 120 s) until it accepts connections.
+    pub fn start(bin: &str, config: &Path, log: &Path, port: u16) -> Serve {
+        use std::time::{Duration, Instant};
+        let file = std::fs::File::create(log).expect("log file");
+        let mut child = std::process::Command::new(bin)
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start skillsync serve");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "skillsync serve exited ({status}) before listening; see {}",
+                    log.display()
+                );
+            }
+            assert!(Instant::now() < deadline, "daemon not listening in 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve {
+            child,
+            port,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The webhook URL (the default `webhook_path`).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/skillsevent", self.port)
+    }
+
+    /// Its stderr log.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// SIGTERM (the daemon's clean stop) and up to 60 s to exit, then kill.
+    pub fn stop(mut self) {
+        use std::time::{Duration, Instant};
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// POSTs one webhook `body` to `url` as JSON with tenant acme's [`SECRET`].
+pub async fn post_webhook(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-webhook-secret", SECRET)
+        .body(body)
+        .send()
+        .await
+}

@@ -148,11 +148,7 @@ fn each_config_error_names_its_key() {
         .arg(&ok)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
 }
 
 #[test]
@@ -250,21 +246,13 @@ fn an_empty_skillsync_config_counts_as_unset() {
         .args(["--config", path.to_str().unwrap(), "check-config"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let out = bin()
         .env("SKILLSYNC_CONFIG", &path)
         .arg("check-config")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
 }
 
 /// A secret the simulator reads from the environment never shows in
@@ -290,11 +278,7 @@ fn secrets_from_the_environment_stay_out_of_help_and_man_pages() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = with_secrets(&["man", "--dir", dir.path().to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let mut pages = 0;
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();

@@ -246,11 +246,7 @@ async fn server_errors_are_retried_then_dead_then_retry_puts_them_back() {
         .arg(&app.config_path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 event put back"));
     wait_status(&app, ev, "done").await;
     assert_eq!(count(&app.sql(), "SELECT count(*) FROM jobs"), 1);

@@ -563,3 +563,13 @@ pub fn kill(args: [&str; 2]) -> std::io::Result<std::process::ExitStatus> {
         1 << 8
     }))
 }
+
+/// Asserts that a command exited 0, showing its stderr when it did not.
+#[track_caller]
+pub fn assert_succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
+use crate::helpers::assert_succeeded;
 use skillsync::config::{Config, EXAMPLE_CONFIG, defaults};
 
 fn bin() -> Command {
@@ -268,11 +269,7 @@ fn completions_generate_for_bash_zsh_and_fish() {
         let f = dir.path().join("skillsync");
         std::fs::write(&f, stdout_of(&["completions", "bash"])).unwrap();
         let out = Command::new("bash").arg("-n").arg(&f).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_succeeded(&out);
     }
 }
 
